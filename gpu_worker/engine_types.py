@@ -1,0 +1,48 @@
+"""Values passed between the GPU worker's process loop and the engine's scheduler."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+
+
+@dataclass
+class ImageInput:
+    crops: np.ndarray  # uint8 (n_crops, 378, 378, 3): global crop first, then row-major local crops
+    tiling: tuple[int, int]  # (rows, cols) of the local crops
+    key: str = ""  # hash of the decoded pixels; same key = same image = reuse its encoded prefix
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    skill: str  # "caption" | "query" | "detect" | "point"
+    params: dict  # caption: {"length"}; query: {"question", "reasoning", "spatial_refs"}; detect/point: {"object"}
+    settings: dict = field(default_factory=dict)  # temperature, top_p, max_tokens, max_objects; missing = model defaults
+    image: Optional[ImageInput] = None  # None only for a text-only query
+    seed: Optional[int] = None  # sampling seed; None = random
+
+
+@dataclass
+class TextChunk:
+    request_id: str
+    text: str
+
+
+@dataclass
+class Finished:
+    request_id: str
+    output: dict  # API body: {"caption"} | {"answer", "reasoning"?} | {"objects"} | {"points"}
+    finish_reason: Optional[str]  # "stop" | "length" for caption/query, None for detect/point
+    metrics: dict  # input_tokens, output_tokens, prefill_time_ms, decode_time_ms, ttft_ms, image_cache_hit
+
+
+@dataclass
+class Failed:
+    request_id: str
+    message: str
+    status: int = 500
+
+
+EngineEvent = Union[TextChunk, Finished, Failed]

@@ -1,0 +1,175 @@
+"""Every message that crosses a ZeroMQ socket in this system, in one place.
+
+Wire format: a multipart ZeroMQ message whose first payload frame is a msgpack
+encoding of one of the tagged structs below, optionally followed by one raw
+binary frame (image bytes, or uint8 crops) that is never pickled or copied into
+the msgpack part.  ROUTER sockets add identity frames in front; the helpers
+`encode`/`decode` only deal with the payload frames.
+
+Flow of one request (request_id is the key everywhere):
+
+    front end --Submit(+image bytes)--> broker --PreprocessJob(+image bytes)--> preprocess worker
+    preprocess worker --Preprocessed(+crops)--> broker --Generate(+crops)--> GPU worker
+    GPU worker --Chunk* then Result | Error--> broker --same--> the front end that asked
+
+Workers announce themselves with Ready, then send Heartbeat; the broker sends
+Heartbeat back (Paranoid Pirate: any traffic counts as a heartbeat).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# Worker kinds, as announced in Ready.
+PREPROCESS = "preprocess"
+GPU = "gpu"
+
+
+class Message(msgspec.Struct, tag=True, omit_defaults=True, array_like=False):
+    """Base class; the class name is the msgpack tag."""
+
+
+# ---------------------------------------------------------------- front end -> broker
+class Submit(Message):
+    """A validated API request.  The image (if any) travels as the next frame,
+    still encoded (JPEG/PNG/...); decoding happens in a preprocess worker."""
+
+    request_id: str
+    skill: str  # "caption" | "query" | "detect" | "point"
+    params: dict  # caption: length; query: question, reasoning, spatial_refs; detect/point: object
+    settings: dict  # temperature, top_p, max_tokens, max_objects (validated, defaults filled)
+    stream: bool = False
+    has_image: bool = False
+    deadline: float = 0.0  # absolute time.time(); 0 = none
+
+
+class Cancel(Message):
+    """Client went away or gave up: stop work on request_id (idempotent)."""
+
+    request_id: str
+
+
+class StatusQuery(Message):
+    """Asks the broker for a Status reply (used by /health)."""
+
+    request_id: str
+
+
+# ---------------------------------------------------------------- broker -> front end
+class Status(Message):
+    request_id: str
+    preprocess_workers: int
+    gpu_workers: int
+    gpu_ready: bool
+    model: dict = {}  # from the GPU worker's Ready: name, revision, device, dtype, test_model
+    queued: int = 0
+    in_flight: int = 0
+
+
+# ---------------------------------------------------------------- workers <-> broker
+class Ready(Message):
+    """First message of a worker on (re)connect."""
+
+    kind: str  # PREPROCESS | GPU
+    worker_id: str
+    capacity: int = 1  # how many jobs it can hold at once
+    model: dict = {}
+    secret: str = ""  # shared secret for workers joining over tcp (empty = none configured)
+
+
+class Heartbeat(Message):
+    worker_id: str = ""
+    free: int = -1  # GPU worker: free capacity now; -1 = unknown / not a worker
+
+
+class PreprocessJob(Message):
+    """Decode and tile; image bytes follow as the next frame."""
+
+    request_id: str
+    deadline: float = 0.0
+
+
+class Preprocessed(Message):
+    """Crops follow as one raw frame: uint8, shape (n_crops, 378, 378, 3), C order."""
+
+    request_id: str
+    n_crops: int
+    tiling: tuple[int, int]
+    image_key: str  # sha256 of the decoded RGB pixels: the GPU worker's image-cache key
+    size_wh: tuple[int, int]
+    preprocess_ms: float = 0.0
+
+
+class Generate(Message):
+    """A request ready for the GPU; crops (if has_image) follow as one raw frame."""
+
+    request_id: str
+    skill: str
+    params: dict
+    settings: dict
+    stream: bool = False
+    has_image: bool = False
+    n_crops: int = 0
+    tiling: tuple[int, int] = (1, 1)
+    image_key: str = ""
+    deadline: float = 0.0
+
+
+# ---------------------------------------------------------------- replies (GPU/preprocess -> broker -> front end)
+class Chunk(Message):
+    """A piece of streamed text."""
+
+    request_id: str
+    text: str
+
+
+class Result(Message):
+    """The final answer.  output is the API body without request_id/metrics
+    ({"caption": ..} / {"answer": .., "reasoning": ..} / {"objects": [..]} / {"points": [..]})."""
+
+    request_id: str
+    output: dict
+    finish_reason: Optional[str] = None  # "stop" | "length" for text skills
+    metrics: dict = {}  # input_tokens, output_tokens, prefill_time_ms, decode_time_ms, ttft_ms, ...
+
+
+class Error(Message):
+    """The request failed; status is the HTTP status the client should get."""
+
+    request_id: str
+    status: int
+    code: str  # short machine-readable reason, e.g. "invalid_image", "worker_died", "timeout"
+    message: str
+
+
+AnyMessage = Union[
+    Submit, Cancel, StatusQuery, Status, Ready, Heartbeat, PreprocessJob,
+    Preprocessed, Generate, Chunk, Result, Error,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
+
+
+def encode(msg: Message, blob: Optional[bytes | memoryview] = None) -> list:
+    """Payload frames for a message: [msgpack] or [msgpack, blob]."""
+    frames = [_encoder.encode(msg)]
+    if blob is not None:
+        frames.append(blob)
+    return frames
+
+
+def decode(frames: list) -> tuple[AnyMessage, Optional[bytes | memoryview]]:
+    """Inverse of encode.  Raises msgspec.DecodeError on garbage."""
+    if not frames or len(frames) > 2:
+        raise msgspec.DecodeError(f"expected 1 or 2 payload frames, got {len(frames)}")
+    head = frames[0]
+    msg = _decoder.decode(head.bytes if hasattr(head, "bytes") else head)
+    blob = None
+    if len(frames) == 2:
+        b = frames[1]
+        blob = b.buffer if hasattr(b, "buffer") else b
+    return msg, blob
