@@ -1,0 +1,80 @@
+"""All configuration, read from environment variables in one place.
+
+Every process calls `load_config()` once at start-up.  Names follow the seed
+(VLM_API_KEY, HF_TOKEN, PREPROCESS_WORKERS, BATCH_SIZE, BATCH_TIMEOUT) where
+they exist.  `describe()` feeds the README's configuration table.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+
+def _env(name: str, default, cast=str):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if cast is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return cast(raw)
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- model / GPU worker
+    model: str = field(default="vikhyatk/moondream2", metadata={"env": "MOONDREAM_MODEL", "help": "hub id, local checkpoint directory, or random:full / random:tiny for benchmarks"})
+    revision: str = field(default="2025-06-21", metadata={"env": "MOONDREAM_REVISION", "help": "hub revision to pin (2025-06-21 or 2025-04-14)"})
+    device: str = field(default="auto", metadata={"env": "MOONDREAM_DEVICE", "help": "auto, cuda, cuda:N or cpu"})
+    dtype: str = field(default="auto", metadata={"env": "MOONDREAM_DTYPE", "help": "auto (bf16 on CUDA, float32 on CPU), bfloat16, float16, float32"})
+    engine: str = field(default="native", metadata={"env": "MOONDREAM_ENGINE", "help": "native (our batched engine) or transformers (official remote code, one request at a time)"})
+    hf_token: str = field(default="", metadata={"env": "HF_TOKEN", "help": "Hugging Face token (optional)", "secret": True})
+    batch_size: int = field(default=32, metadata={"env": "BATCH_SIZE", "help": "max sequences decoding together in the GPU worker"})
+    batch_timeout: float = field(default=0.005, metadata={"env": "BATCH_TIMEOUT", "help": "seconds the GPU worker waits to gather new requests when idle"})
+    image_cache_mb: int = field(default=2048, metadata={"env": "IMAGE_CACHE_MB", "help": "bytes budget (MiB) of encoded-image KV prefixes kept for reuse"})
+
+    # --- processes
+    preprocess_workers: int = field(default=2, metadata={"env": "PREPROCESS_WORKERS", "help": "number of image-decode processes (supervisord numprocs)"})
+    port: int = field(default=5000, metadata={"env": "PORT", "help": "HTTP port of the front end"})
+    host: str = field(default="0.0.0.0", metadata={"env": "HOST", "help": "HTTP listen address"})
+    http_threads: int = field(default=32, metadata={"env": "HTTP_THREADS", "help": "waitress threads (each open stream holds one)"})
+
+    # --- ZeroMQ addresses (front ends and workers connect; the broker binds)
+    broker_frontend_bind: str = field(default="tcp://127.0.0.1:5555", metadata={"env": "BROKER_FRONTEND_BIND", "help": "where the broker listens for front ends"})
+    broker_backend_bind: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "BROKER_BACKEND_BIND", "help": "where the broker listens for workers (use tcp://0.0.0.0:5556 for remote workers)"})
+    broker_frontend_addr: str = field(default="tcp://127.0.0.1:5555", metadata={"env": "BROKER_FRONTEND_ADDR", "help": "address front ends connect to"})
+    broker_backend_addr: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "BROKER_BACKEND_ADDR", "help": "address workers connect to"})
+    worker_secret: str = field(default="", metadata={"env": "WORKER_SECRET", "help": "shared secret workers must present to join (set it when workers join over a network)", "secret": True})
+    heartbeat_interval: float = field(default=1.0, metadata={"env": "HEARTBEAT_INTERVAL", "help": "seconds between heartbeats"})
+    heartbeat_liveness: int = field(default=3, metadata={"env": "HEARTBEAT_LIVENESS", "help": "missed heartbeats before a peer counts as dead"})
+
+    # --- API and limits
+    api_key: str = field(default="", metadata={"env": "VLM_API_KEY", "help": "when set, /v1 routes require X-Moondream-Auth", "secret": True})
+    max_body_bytes: int = field(default=20 * 1024 * 1024, metadata={"env": "MAX_BODY_BYTES", "help": "largest request body accepted (413 above)"})
+    max_image_pixels: int = field(default=50_000_000, metadata={"env": "MAX_IMAGE_PIXELS", "help": "largest decoded image, width x height"})
+    max_image_side: int = field(default=16384, metadata={"env": "MAX_IMAGE_SIDE", "help": "largest image width or height"})
+    max_text_chars: int = field(default=4000, metadata={"env": "MAX_TEXT_CHARS", "help": "longest question or object"})
+    max_tokens_limit: int = field(default=2048, metadata={"env": "MAX_TOKENS_LIMIT", "help": "largest max_tokens a request may ask for"})
+    max_objects_limit: int = field(default=200, metadata={"env": "MAX_OBJECTS_LIMIT", "help": "largest max_objects a request may ask for"})
+    request_timeout: float = field(default=120.0, metadata={"env": "REQUEST_TIMEOUT", "help": "seconds before an unanswered request gets 504"})
+    max_queue: int = field(default=256, metadata={"env": "MAX_QUEUE", "help": "requests waiting in the broker before 429"})
+
+    # --- logging
+    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "DEBUG, INFO, WARNING"})
+    log_format: str = field(default="text", metadata={"env": "LOG_FORMAT", "help": "text or json (one object per line)"})
+
+    @property
+    def heartbeat_expiry(self) -> float:
+        return self.heartbeat_interval * self.heartbeat_liveness
+
+
+def load_config() -> Config:
+    values = {}
+    for f in fields(Config):
+        cast = type(f.default) if not isinstance(f.default, bool) else bool
+        values[f.name] = _env(f.metadata["env"], f.default, cast)
+    return Config(**values)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(env var, default, help) for every setting."""
+    return [(f.metadata["env"], "" if f.metadata.get("secret") else str(f.default), f.metadata["help"]) for f in fields(Config)]
