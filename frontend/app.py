@@ -1,0 +1,404 @@
+"""The HTTP front end: a Falcon WSGI app that speaks Moondream's cloud API.
+
+Each /v1 request is validated here (auth, content type, size, JSON shape,
+values), turned into a `protocol.Submit` and handed to the broker through a
+`BrokerClient`; the replies come back as a `ReplyStream` of Chunk events ending
+in one Result or Error.  The app answers either one JSON body or, with
+`"stream": true`, server-sent events.
+
+Every error is JSON: ``{"error": {"code", "message"}, "request_id"}``.
+
+Routes:
+    POST /v1/caption, /v1/query, /v1/detect, /v1/point
+    GET  /health       readiness, model and worker counts (503 until a GPU worker is ready)
+    GET  /health/live  the process is alive (always 200)
+    GET  /             a page to try the model (static/index.html)
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import re
+import time
+import uuid
+from itertools import chain
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import falcon
+import msgspec
+
+from frontend import schemas
+from shared import protocol
+from shared.config import Config
+
+log = logging.getLogger("frontend")
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+# A client-chosen X-Request-ID ends up in logs and headers: keep it boring.
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+# The metrics the API promises; Result.metrics may carry more (internal ones).
+METRIC_KEYS = ("input_tokens", "output_tokens", "prefill_time_ms", "decode_time_ms", "ttft_ms")
+TEXT_SKILLS = ("caption", "query")
+
+TEST_MODEL_NOTE = "random-weight test model: answers are gibberish"
+
+# How often a waiting request looks whether its HTTP client has gone away.
+DISCONNECT_POLL_S = 0.5
+# The broker answers 504 itself at the deadline; this only covers a broker that
+# never answers at all.
+DEADLINE_GRACE_S = 2.0
+
+
+class ApiError(falcon.HTTPError):
+    """An error with our JSON body: status, a short machine-readable code, a message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Optional[dict] = None):
+        reason = "499 Client Closed Request" if status == 499 else falcon.code_to_http_status(status)
+        super().__init__(reason, code=code, description=message, headers=headers)
+
+
+# ---------------------------------------------------------------- middleware
+class RequestIdMiddleware:
+    """Gives every request an id (the client's X-Request-ID if sane), echoes it
+    in the response, and writes one access-log line."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        given = req.get_header("X-Request-ID")
+        req.context.client_request_id = bool(given and SAFE_REQUEST_ID.fullmatch(given))
+        req.context.request_id = given if req.context.client_request_id else uuid.uuid4().hex
+        req.context.started = time.monotonic()
+
+    def process_response(self, req, resp, resource, req_succeeded) -> None:
+        resp.set_header("X-Request-ID", req.context.request_id)
+        elapsed_ms = (time.monotonic() - req.context.started) * 1000
+        log.info("%s %s %s %.1fms request_id=%s", req.method, req.path, resp.status_code,
+                 elapsed_ms, req.context.request_id)
+
+
+class AuthMiddleware:
+    """When an API key is configured, /v1 routes need X-Moondream-Auth equal to it."""
+
+    def __init__(self, api_key: str):
+        self._key = api_key.encode()
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not self._key or not (req.path == "/v1" or req.path.startswith("/v1/")):
+            return
+        given = (req.get_header("X-Moondream-Auth") or "").encode()
+        # compare_digest: the time taken must not tell how much of the key matched.
+        if not hmac.compare_digest(given, self._key):
+            raise ApiError(401, "unauthorized", "missing or invalid X-Moondream-Auth header")
+
+
+# ---------------------------------------------------------------- error handlers
+def _error_body(req: falcon.Request, code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message},
+            "request_id": getattr(req.context, "request_id", None)}
+
+
+def handle_http_error(req, resp, ex: falcon.HTTPError, params) -> None:
+    """Our ApiErrors and Falcon's own (404, 405, bad headers) in one JSON shape."""
+    resp.status = ex.status
+    if ex.headers:
+        resp.set_headers(ex.headers)  # e.g. Allow on a 405
+    reason = ex.title.split(" ", 1)[-1]  # Falcon's titles read "404 Not Found"
+    code = ex.code or reason.lower().replace(" ", "_")
+    resp.media = _error_body(req, code, ex.description or reason)
+
+
+def handle_unexpected(req, resp, ex: Exception, params) -> None:
+    """A bug: log it with its traceback, answer a plain JSON 500."""
+    log.exception("unhandled error in %s %s request_id=%s", req.method, req.path,
+                  getattr(req.context, "request_id", None))
+    resp.status = falcon.HTTP_500
+    resp.media = _error_body(req, "internal_error", "internal server error")
+
+
+# ---------------------------------------------------------------- request helpers
+def read_json_body(req: falcon.Request, limit: int) -> bytes:
+    media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)")
+    too_large = ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
+    if req.content_length is not None and req.content_length > limit:
+        raise too_large
+    # Read one byte past the limit to learn whether the body (chunked, say) is too big.
+    body = req.bounded_stream.read(limit + 1)
+    if len(body) > limit:
+        raise too_large
+    if not body:
+        raise ApiError(400, "invalid_json", "the request body is empty")
+    return body
+
+
+def parse_request(body: bytes, schema: type[msgspec.Struct]) -> msgspec.Struct:
+    try:
+        return schemas.decode_body(body, schema)
+    except msgspec.ValidationError as ex:  # before DecodeError: it is a subclass
+        raise ApiError(400, "invalid_request", str(ex)) from None
+    except msgspec.DecodeError as ex:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {ex}") from None
+
+
+def decode_image_url(url: str) -> bytes:
+    """data:image/...;base64,<data> -> the encoded image bytes (still JPEG/PNG/...).
+
+    The bytes are decoded into pixels by a preprocess worker, which answers
+    400/413/415/422 for images it cannot or will not read."""
+    scheme = url.split(":", 1)[0].strip().lower()
+    if scheme in ("http", "https"):
+        raise ApiError(400, "remote_image_disabled",
+                       "remote image URLs are disabled: send the image as a base64 data URL")
+    if scheme != "data":
+        raise ApiError(400, "invalid_image_url", "image_url must be a data:image/...;base64, URL")
+    header, comma, data = url.partition(",")
+    mime_type, *params = header[len("data:"):].split(";")
+    if not comma or "base64" not in (p.strip().lower() for p in params):
+        raise ApiError(400, "invalid_image_url", "image_url must be a data:image/...;base64, URL")
+    if not mime_type.strip().lower().startswith("image/"):
+        raise ApiError(415, "unsupported_media_type", f"image_url holds {mime_type or 'no media type'}, not an image")
+    try:
+        image = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        try:  # base64 tools often wrap lines; whitespace is harmless
+            image = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "invalid_base64", "image_url does not hold valid base64 data") from None
+    if not image:
+        raise ApiError(400, "invalid_image", "the image is empty")
+    return image
+
+
+def broker_error(event: protocol.Error) -> ApiError:
+    headers = {"Retry-After": "1"} if event.status in (429, 503) else None
+    return ApiError(event.status, event.code, event.message, headers)
+
+
+def wait_events(stream, deadline: float, client_gone: Optional[Callable[[], bool]]) -> Iterator:
+    """Yield a request's events up to and including its Result or Error.
+
+    Waits in short slices so that a client that hung up (waitress tells us via
+    `client_gone`) stops the work; ends with an Error 499 in that case and an
+    Error 504 when the broker stays silent past the deadline."""
+    while True:
+        remaining = deadline + DEADLINE_GRACE_S - time.time()
+        if remaining <= 0:
+            stream.cancel()
+            yield protocol.Error(request_id=stream.request_id, status=504, code="timeout",
+                                 message="the request took longer than the server allows")
+            return
+        try:
+            event = stream.next_event(timeout=min(DISCONNECT_POLL_S, remaining))
+        except TimeoutError:
+            if client_gone is not None and client_gone():
+                stream.cancel()
+                yield protocol.Error(request_id=stream.request_id, status=499,
+                                     code="client_disconnected", message="the client went away")
+                return
+            continue
+        yield event
+        if isinstance(event, (protocol.Result, protocol.Error)):
+            return
+
+
+def result_extras(result: protocol.Result) -> dict:
+    """What a caption or query answer carries besides its text."""
+    extras = {"metrics": {k: result.metrics[k] for k in METRIC_KEYS if k in result.metrics},
+              "finish_reason": result.finish_reason}
+    if result.output.get("reasoning") is not None:
+        extras["reasoning"] = result.output["reasoning"]
+    return extras
+
+
+def result_body(request_id: str, skill: str, result: protocol.Result) -> dict:
+    body = {"request_id": request_id, **result.output}
+    if skill in TEXT_SKILLS:
+        body.pop("reasoning", None)  # put back by result_extras unless it is None
+        body.update(result_extras(result))
+    return body
+
+
+# ---------------------------------------------------------------- server-sent events
+def sse(data: dict) -> bytes:
+    # msgspec escapes newlines inside strings, so one event is one data line.
+    return b"data: " + msgspec.json.encode(data) + b"\n\n"
+
+
+class EventStreamBody:
+    """The WSGI body of a streamed reply: one SSE event per Chunk, then a final
+    event for the Result or Error.
+
+    close() is called by the server when the response ends, finished or not; if
+    the request had not finished (client gone, write failed) it is cancelled so
+    the GPU stops working for nobody.  A class rather than a generator because
+    a generator closed before its first step never runs its `finally` block."""
+
+    def __init__(self, events: Iterator, stream, request_id: str):
+        self._events = events
+        self._stream = stream
+        self._request_id = request_id
+        self._finished = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        if self._finished:
+            raise StopIteration
+        event = next(self._events)
+        if isinstance(event, protocol.Chunk):
+            return sse({"chunk": event.text, "completed": False})
+        self._finished = True
+        if isinstance(event, protocol.Result):
+            return sse({"chunk": "", "completed": True, "request_id": self._request_id,
+                        **result_extras(event)})
+        if event.status == 499:  # the client went away: nobody to tell
+            raise StopIteration
+        return sse({"error": {"code": event.code, "message": event.message, "status": event.status},
+                    "completed": True, "request_id": self._request_id})
+
+    def close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._stream.cancel()
+
+
+# ---------------------------------------------------------------- resources
+class SkillResource:
+    """POST /v1/<skill>: validate, submit to the broker, answer JSON or SSE."""
+
+    def __init__(self, skill: str, schema: type[msgspec.Struct], config: Config, client):
+        self._skill = skill
+        self._schema = schema
+        self._config = config
+        self._client = client
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        request = parse_request(read_json_body(req, self._config.max_body_bytes), self._schema)
+        try:
+            params, settings = request.check(self._config)
+        except schemas.InvalidValue as ex:
+            raise ApiError(422, "invalid_value", str(ex)) from None
+        image_url = getattr(request, "image_url", None)
+        image = decode_image_url(image_url) if image_url is not None else None
+        streaming = bool(getattr(request, "stream", False)) and self._skill in TEXT_SKILLS
+
+        request_id = req.context.request_id
+        deadline = time.time() + self._config.request_timeout
+        submit = protocol.Submit(
+            request_id=self._routing_id(req),
+            skill=self._skill,
+            params=params,
+            settings=settings,
+            stream=streaming,
+            has_image=image is not None,
+            deadline=deadline,
+        )
+        stream = self._client.submit(submit, image)
+        events = wait_events(stream, deadline, req.env.get("waitress.client_disconnected"))
+
+        try:
+            # Non-streaming: wait for the final event.  Streaming: wait for the
+            # first one before committing to 200, so that an error that comes
+            # before any text (bad image, queue full) gets its real status.
+            first = next(event for event in events if streaming or not isinstance(event, protocol.Chunk))
+        except BaseException:
+            stream.cancel()  # a bug or shutdown: don't leave the work running
+            raise
+        if isinstance(first, protocol.Error):
+            raise broker_error(first)
+        if not streaming:
+            resp.media = result_body(request_id, self._skill, first)
+            return
+        resp.content_type = "text/event-stream"
+        resp.set_header("Cache-Control", "no-cache")
+        resp.set_header("X-Accel-Buffering", "no")  # tell reverse proxies not to buffer
+        resp.stream = EventStreamBody(chain([first], events), stream, request_id)
+
+    @staticmethod
+    def _routing_id(req: falcon.Request) -> str:
+        """The id the broker routes replies by.  It must be unique, and a
+        client-chosen X-Request-ID need not be, so that one gets a suffix; it
+        still starts with the client's id, so logs can be matched up."""
+        if req.context.client_request_id:
+            return f"{req.context.request_id}.{uuid.uuid4().hex[:12]}"
+        return req.context.request_id
+
+
+class HealthResource:
+    """GET /health: is a GPU worker ready?  200 if so, 503 otherwise."""
+
+    def __init__(self, config: Config, client):
+        self._config = config
+        self._client = client
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        status = self._client.status(timeout=1.0)
+        model = {"name": self._config.model, "revision": self._config.revision}
+        if status is None:
+            state, ready, workers, queue = "unavailable", False, {"preprocess": 0, "gpu": 0}, None
+        else:
+            ready = status.gpu_ready
+            state = "ok" if ready else "loading"
+            workers = {"preprocess": status.preprocess_workers, "gpu": status.gpu_workers}
+            queue = {"queued": status.queued, "in_flight": status.in_flight}
+            model.update(status.model)
+        body = {
+            "status": state,
+            "ready": ready,
+            "model": model,
+            "auth_required": bool(self._config.api_key),
+            "workers": workers,
+        }
+        if queue is not None:
+            body["queue"] = queue
+        if model.get("test_model"):
+            body["note"] = TEST_MODEL_NOTE
+        resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
+        resp.media = body
+
+
+class LiveResource:
+    """GET /health/live: answers while the process can serve HTTP at all."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "alive"}
+
+
+class IndexResource:
+    """GET /: the try-it page."""
+
+    def __init__(self):
+        self._html = (STATIC_DIR / "index.html").read_bytes()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_HTML
+        resp.data = self._html
+
+
+# ---------------------------------------------------------------- the app
+def create_app(config: Config, client=None) -> falcon.App:
+    """Build the WSGI app.  `client` is a BrokerClient (or anything with its
+    submit/status API); by default one is created from `config`."""
+    if client is None:
+        from frontend.broker_client import BrokerClient  # imported late: it starts a thread
+        client = BrokerClient(config)
+
+    app = falcon.App(middleware=[RequestIdMiddleware(), AuthMiddleware(config.api_key)])
+    # Registration order matters only for equally specific types; Falcon picks
+    # the most specific handler, so HTTPErrors never reach the catch-all.
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(falcon.HTTPError, handle_http_error)
+
+    for path, (skill, schema) in schemas.ROUTES.items():
+        app.add_route(path, SkillResource(skill, schema, config, client))
+    app.add_route("/health", HealthResource(config, client))
+    app.add_route("/health/live", LiveResource())
+    app.add_route("/", IndexResource())
+    app.add_static_route("/static", str(STATIC_DIR))
+    return app
