@@ -1,0 +1,361 @@
+"""Finding and loading a Moondream 2 checkpoint: config, tokenizer, weights.
+
+Sources:
+- a local directory with config.json, model.safetensors, tokenizer.json (the
+  conformance fixtures use this form; a top-level "revision" in config.json
+  selects revision behaviour);
+- the hub id `vikhyatk/moondream2` at a pinned revision, fetched with
+  huggingface_hub (honours HF_TOKEN, HF_HOME, HF_HUB_OFFLINE);
+- `random:full` / `random:tiny`: seeded random weights with the real (or tiny)
+  geometry, for benchmarks without the checkpoint.
+
+Every failure is a `ModelLoadError` with a one-line message saying what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+HUB_REPO = "vikhyatk/moondream2"
+KNOWN_REVISIONS = ("2025-06-21", "2025-04-14")
+# Where each revision's tokenizer lives on the hub (the checkpoint repo does not ship it).
+TOKENIZER_SOURCES = {
+    "2025-06-21": ("moondream/starmie-v1", None),
+    "2025-04-14": ("vikhyatk/moondream2", "2025-01-09"),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint could not be loaded; str(err) is one line naming the cause."""
+
+
+# Prompt templates and special ids of the real checkpoints, per revision.
+_TOKENIZER_2025_06_21 = {
+    "bos_id": 0, "eos_id": 0, "answer_id": 3, "thinking_id": 4, "coord_id": 5, "size_id": 6,
+    "start_ground_points_id": 7, "end_ground_id": 9,
+    "templates": {
+        "caption": {"short": [1, 32708, 2, 12492, 3], "normal": [1, 32708, 2, 6382, 3], "long": [1, 32708, 2, 4059, 3]},
+        "query": {"prefix": [1, 15381, 2], "suffix": [3]},
+        "detect": {"prefix": [1, 7235, 476, 2], "suffix": [3]},
+        "point": {"prefix": [1, 2581, 2], "suffix": [3]},
+    },
+}
+_TOKENIZER_2025_04_14 = {
+    "bos_id": 50256, "eos_id": 50256,
+    "templates": {
+        "caption": {"short": [198, 198, 16438, 8305, 25], "normal": [198, 198, 24334, 1159, 25], "long": [198, 198, 14617, 8305, 25]},
+        "query": {"prefix": [198, 198, 24361, 25], "suffix": [198, 198, 33706, 25]},
+        "detect": {"prefix": [198, 198, 47504, 25], "suffix": [628]},
+        "point": {"prefix": [198, 198, 12727, 25], "suffix": [628]},
+    },
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    revision: str = "2025-06-21"
+    # text
+    dim: int = 2048
+    ff_dim: int = 8192
+    n_layers: int = 24
+    vocab_size: int = 51200
+    max_context: int = 2048
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    prefix_attn: int = 730
+    # vision
+    enc_dim: int = 1152
+    patch_size: int = 14
+    enc_n_layers: int = 27
+    enc_ff_dim: int = 4304
+    enc_n_heads: int = 16
+    proj_inner_dim: int = 8192
+    crop_size: int = 378
+    max_crops: int = 12
+    overlap_margin: int = 4
+    # region
+    coord_feat_dim: int = 256
+    size_feat_dim: int = 512
+    region_inner_dim: int = 8192
+    coord_out_dim: int = 1024
+    size_out_dim: int = 2048
+    # tokenizer ids and prompt templates
+    tokenizer: dict = field(default_factory=lambda: _TOKENIZER_2025_06_21)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def reasoning_supported(self) -> bool:
+        return self.revision != "2025-04-14"
+
+    @classmethod
+    def from_json(cls, raw: dict, revision: str) -> "ModelConfig":
+        """Moondream's config.json layout: {"text": {..}, "vision": {..}, "region": {..},
+        "tokenizer": {..}}; the hub's files carry {"config": {}} = all defaults."""
+        revision = raw.get("revision", revision)
+        inner = raw.get("config", raw)
+        text, vision, region = inner.get("text", {}), inner.get("vision", {}), inner.get("region", {})
+        default_tok = _TOKENIZER_2025_04_14 if revision == "2025-04-14" else _TOKENIZER_2025_06_21
+        d = cls()
+        return cls(
+            revision=revision,
+            dim=text.get("dim", d.dim), ff_dim=text.get("ff_dim", d.ff_dim),
+            n_layers=text.get("n_layers", d.n_layers), vocab_size=text.get("vocab_size", d.vocab_size),
+            max_context=text.get("max_context", d.max_context), n_heads=text.get("n_heads", d.n_heads),
+            n_kv_heads=text.get("n_kv_heads", d.n_kv_heads), prefix_attn=text.get("prefix_attn", d.prefix_attn),
+            enc_dim=vision.get("enc_dim", d.enc_dim), patch_size=vision.get("enc_patch_size", d.patch_size),
+            enc_n_layers=vision.get("enc_n_layers", d.enc_n_layers), enc_ff_dim=vision.get("enc_ff_dim", d.enc_ff_dim),
+            enc_n_heads=vision.get("enc_n_heads", d.enc_n_heads), proj_inner_dim=vision.get("proj_inner_dim", d.proj_inner_dim),
+            crop_size=vision.get("crop_size", d.crop_size), max_crops=vision.get("max_crops", d.max_crops),
+            overlap_margin=vision.get("overlap_margin", d.overlap_margin),
+            coord_feat_dim=region.get("coord_feat_dim", d.coord_feat_dim), size_feat_dim=region.get("size_feat_dim", d.size_feat_dim),
+            region_inner_dim=region.get("inner_dim", d.region_inner_dim),
+            coord_out_dim=region.get("coord_out_dim", d.coord_out_dim), size_out_dim=region.get("size_out_dim", d.size_out_dim),
+            tokenizer=inner.get("tokenizer", default_tok),
+        )
+
+    def weight_shapes(self) -> dict[str, tuple]:
+        """Every expected weight (checkpoint key minus "model.") and its shape."""
+        s: dict[str, tuple] = {}
+
+        def lin(name, out_f, in_f):
+            s[name + ".weight"] = (out_f, in_f)
+            s[name + ".bias"] = (out_f,)
+
+        def norm(name, n):
+            s[name + ".weight"] = (n,)
+            s[name + ".bias"] = (n,)
+
+        e = self.enc_dim
+        lin("vision.patch_emb", e, 3 * self.patch_size ** 2)
+        s["vision.pos_emb"] = (1, (self.crop_size // self.patch_size) ** 2, e)
+        for i in range(self.enc_n_layers):
+            b = f"vision.blocks.{i}"
+            norm(b + ".ln1", e)
+            norm(b + ".ln2", e)
+            lin(b + ".attn.qkv", 3 * e, e)
+            lin(b + ".attn.proj", e, e)
+            lin(b + ".mlp.fc1", self.enc_ff_dim, e)
+            lin(b + ".mlp.fc2", e, self.enc_ff_dim)
+        norm("vision.post_ln", e)
+        lin("vision.proj_mlp.fc1", self.proj_inner_dim, 2 * e)
+        lin("vision.proj_mlp.fc2", self.dim, self.proj_inner_dim)
+
+        d, hd = self.dim, self.head_dim
+        s["text.wte"] = (self.vocab_size, d)
+        for i in range(self.n_layers):
+            b = f"text.blocks.{i}"
+            norm(b + ".ln", d)
+            lin(b + ".attn.qkv", (self.n_heads + 2 * self.n_kv_heads) * hd, d)
+            lin(b + ".attn.proj", d, d)
+            lin(b + ".mlp.fc1", self.ff_dim, d)
+            lin(b + ".mlp.fc2", d, self.ff_dim)
+        norm("text.post_ln", d)
+        lin("text.lm_head", self.vocab_size, d)
+
+        s["region.coord_features"] = (1, self.coord_feat_dim // 2)
+        lin("region.coord_encoder", d, self.coord_feat_dim)
+        lin("region.coord_decoder.fc1", self.region_inner_dim, d)
+        lin("region.coord_decoder.fc2", self.coord_out_dim, self.region_inner_dim)
+        s["region.size_features"] = (2, self.size_feat_dim // 2)
+        lin("region.size_encoder", d, self.size_feat_dim)
+        lin("region.size_decoder.fc1", self.region_inner_dim, d)
+        lin("region.size_decoder.fc2", self.size_out_dim, self.region_inner_dim)
+        return s
+
+
+TINY_CONFIG = {
+    "text": {"dim": 128, "ff_dim": 256, "n_layers": 3, "vocab_size": 512, "n_heads": 2, "n_kv_heads": 2},
+    "vision": {"enc_dim": 32, "enc_ff_dim": 64, "enc_n_heads": 2, "proj_inner_dim": 128},
+    "region": {"inner_dim": 128},
+}
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: dict  # name -> tensor on the target device, in the serving dtype
+    tokenizer: object  # tokenizers.Tokenizer
+    source: str  # what was loaded, for /health
+    test_model: bool  # random or fixture weights: answers are gibberish
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"MOONDREAM_DEVICE={device} but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, revision: str) -> torch.dtype:
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if dtype in ("", "auto"):
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float16 if revision == "2025-04-14" else torch.bfloat16
+    if dtype not in names:
+        raise ModelLoadError(f"MOONDREAM_DTYPE={dtype} is not one of auto, {', '.join(sorted(names))}")
+    return names[dtype]
+
+
+def load_checkpoint(model: str, revision: str, device: str = "auto", dtype: str = "auto",
+                    hf_token: str = "") -> Checkpoint:
+    """Load from a local directory, the hub, or random weights (see module doc)."""
+    if model.startswith("random:"):
+        return _random_checkpoint(model, revision, device, dtype)
+    if os.path.isdir(model):
+        return _load_directory(model, revision, device, dtype, source=model)
+    if os.path.sep in model and not model.count("/") == 1:
+        raise ModelLoadError(f"MOONDREAM_MODEL={model} is neither a directory nor a hub id")
+    directory = _download(model, revision, hf_token)
+    return _load_directory(directory, revision, device, dtype, source=f"{model}@{revision}")
+
+
+def _download(repo: str, revision: str, hf_token: str) -> str:
+    """Fetch config, weights and the revision's tokenizer into the HF cache; returns a
+    directory laid out like a local checkpoint."""
+    if revision not in KNOWN_REVISIONS:
+        raise ModelLoadError(f"revision {revision!r} is not supported (known: {', '.join(KNOWN_REVISIONS)})")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as err:  # pragma: no cover - it is a dependency
+        raise ModelLoadError(f"huggingface_hub is not installed: {err}") from None
+    token = hf_token or None
+    try:
+        weights = hf_hub_download(repo, "model.safetensors", revision=revision, token=token)
+        config = hf_hub_download(repo, "config.json", revision=revision, token=token)
+        tok_repo, tok_rev = TOKENIZER_SOURCES[revision]
+        tokenizer = hf_hub_download(tok_repo, "tokenizer.json", revision=tok_rev, token=token)
+    except Exception as err:  # network, auth, offline mode, missing file: all one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"could not fetch {repo}@{revision} from the Hugging Face hub ({type(err).__name__}: {reason}); "
+            "check network access and HF_TOKEN, or set MOONDREAM_MODEL to a local checkpoint directory"
+        ) from None
+    return _assemble_directory(config, weights, tokenizer, revision)
+
+
+def _assemble_directory(config_path: str, weights_path: str, tokenizer_path: str, revision: str) -> str:
+    """Link the three cached files into one directory (the hub keeps them in different repos)."""
+    base = os.path.join(os.path.dirname(os.path.dirname(weights_path)), f"moondream-serving-{revision}")
+    os.makedirs(base, exist_ok=True)
+    for name, src in (("config.json", config_path), ("model.safetensors", weights_path), ("tokenizer.json", tokenizer_path)):
+        dst = os.path.join(base, name)
+        if os.path.lexists(dst):
+            os.remove(dst)
+        os.symlink(os.path.realpath(src), dst)
+    with open(config_path) as f:
+        raw = json.load(f)
+    if "revision" not in raw:
+        raw = {"revision": revision, **raw}
+        os.remove(os.path.join(base, "config.json"))
+        with open(os.path.join(base, "config.json"), "w") as f:
+            json.dump(raw, f)
+    return base
+
+
+def _load_directory(path: str, revision: str, device: str, dtype: str, source: str) -> Checkpoint:
+    files = {name: os.path.join(path, name) for name in ("config.json", "model.safetensors", "tokenizer.json")}
+    for name, full in files.items():
+        if not os.path.isfile(full):
+            raise ModelLoadError(f"checkpoint directory {path} has no {name}")
+    try:
+        with open(files["config.json"]) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{files['config.json']} is not valid JSON: {err}") from None
+    config = ModelConfig.from_json(raw, revision)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, config.revision)
+    weights = _read_weights(files["model.safetensors"], config, dev, dt)
+    tokenizer = _read_tokenizer(files["tokenizer.json"])
+    test_model = config.dim < 2048 or "conformance" in os.path.abspath(path)
+    return Checkpoint(config, weights, tokenizer, source, test_model)
+
+
+def _read_weights(path: str, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensor by tensor from safetensors straight to the device in the serving dtype,
+    so the host never holds a float32 copy of the whole model."""
+    from safetensors import safe_open
+
+    expected = config.weight_shapes()
+    weights = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for name, shape in expected.items():
+                key = "model." + name
+                if key not in keys:
+                    raise ModelLoadError(f"{path}: missing weight {key}")
+                actual = tuple(f.get_slice(key).get_shape())
+                if actual != shape:
+                    raise ModelLoadError(f"{path}: weight {key} has shape {actual}, expected {shape}")
+                weights[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {err}") from None
+    return weights
+
+
+def _read_tokenizer(path: str):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as err:
+        raise ModelLoadError(f"{path} is not a valid tokenizer.json: {err}") from None
+
+
+def _random_checkpoint(model: str, revision: str, device: str, dtype: str) -> Checkpoint:
+    """Seeded random weights with the full (or tiny) geometry, built directly on the device."""
+    size = model.split(":", 1)[1]
+    if size not in ("full", "tiny"):
+        raise ModelLoadError(f"MOONDREAM_MODEL={model}: use random:full or random:tiny")
+    raw = {"revision": revision, **(TINY_CONFIG if size == "tiny" else {})}
+    config = ModelConfig.from_json(raw, revision)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, config.revision)
+    gen = torch.Generator(device=dev).manual_seed(1234)
+    weights = {}
+    for name, shape in config.weight_shapes().items():
+        if name.endswith(".weight") and (".ln" in name or "post_ln" in name):
+            t = torch.ones(shape, device=dev, dtype=dt)
+        elif name.endswith(".bias") and (".ln" in name or "post_ln" in name):
+            t = torch.zeros(shape, device=dev, dtype=dt)
+        else:
+            fan_in = shape[-1] if len(shape) > 1 else 1
+            std = 0.02 if len(shape) == 1 else min(0.02, 1.0 / math_sqrt(fan_in))
+            t = torch.empty(shape, device=dev, dtype=dt)
+            t.normal_(0.0, std, generator=gen)
+        weights[name] = t
+    tokenizer = _byte_level_tokenizer(config.vocab_size)
+    return Checkpoint(config, weights, tokenizer, model, test_model=True)
+
+
+def math_sqrt(x: float) -> float:
+    return float(x) ** 0.5
+
+
+def _byte_level_tokenizer(vocab_size: int):
+    """A stand-in tokenizer for random weights: byte-level BPE with an empty merge
+    list, padded to the vocabulary size.  Ids decode to bytes; enough for benchmarks."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok

@@ -1,0 +1,103 @@
+"""The loaded model and the batched operations the scheduler calls.
+
+`load_model(config)` returns an `Engine` for MOONDREAM_ENGINE=native (ours) or a
+`TransformersEngine` (the official remote code, see transformers_engine.py)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from gpu_worker import model as M
+from gpu_worker.checkpoint import Checkpoint, ModelLoadError, load_checkpoint  # noqa: F401  (re-exported)
+
+
+class Engine:
+    """Weights plus the batched forward passes, on one device."""
+
+    kind = "native"
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.config = checkpoint.config
+        self.weights = checkpoint.weights
+        self.tokenizer = checkpoint.tokenizer
+        first = next(iter(self.weights.values()))
+        self.device, self.dtype = first.device, first.dtype
+        self.rope = M.rotary_table(self.config.max_context, self.device)
+        self.info = {
+            "name": checkpoint.source,
+            "revision": self.config.revision,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "engine": self.kind,
+            "test_model": checkpoint.test_model,
+        }
+
+    # -- tokens
+    def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
+        return self.weights["text.wte"][torch.tensor(list(ids), device=self.device)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # -- images
+    @torch.inference_mode()
+    def encode_images(self, images: list) -> list[M.PrefixKV]:
+        """Vision encoder over all crops of all images in one forward, then the
+        [BOS, image] prefix prefill of all images in one batch."""
+        crops = [M.crops_to_input(torch.from_numpy(np.ascontiguousarray(im.crops)).to(self.device), self.dtype)
+                 for im in images]
+        embeddings = M.encode_crops(crops, [tuple(im.tiling) for im in images], self.weights, self.config)
+        bos = self.embed_tokens([self.config.tokenizer["bos_id"]])
+        prefix = torch.stack([torch.cat([bos, e], dim=0) for e in embeddings])
+        _, prefixes = M.prefill_prefixes(prefix, self.weights, self.config, self.rope)
+        return [M.PrefixKV(k=[t.contiguous() for t in p.k], v=[t.contiguous() for t in p.v], length=p.length)
+                for p in prefixes]
+
+    def image_embeddings(self, images: list) -> list[torch.Tensor]:
+        """Only the vision half (for tests and benchmarks)."""
+        with torch.inference_mode():
+            crops = [M.crops_to_input(torch.from_numpy(np.ascontiguousarray(im.crops)).to(self.device), self.dtype)
+                     for im in images]
+            return M.encode_crops(crops, [tuple(im.tiling) for im in images], self.weights, self.config)
+
+    # -- text
+    def new_cache(self, n_slots: int, context: int | None = None) -> M.KVCache:
+        return M.KVCache(self.config, n_slots, context or self.config.max_context, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, embeds: torch.Tensor, start_pos: list[int], slots: list[int], cache: M.KVCache) -> torch.Tensor:
+        """(B, T, C) new inputs -> (B, C) raw hidden state of each sequence's last position."""
+        hidden = M.text_forward(embeds, torch.tensor(start_pos, device=self.device),
+                                torch.tensor(slots, device=self.device), cache, self.weights, self.config, self.rope)
+        return hidden[:, -1]
+
+    def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        return M.lm_logits(hidden_last, self.weights)
+
+    # -- region heads
+    def encode_coordinates(self, values: Sequence[float]) -> torch.Tensor:
+        return M.encode_coordinates(torch.tensor(list(values), device=self.device, dtype=self.dtype), self.weights)
+
+    def encode_sizes(self, sizes: Sequence[Sequence[float]]) -> torch.Tensor:
+        return M.encode_sizes(torch.tensor(sizes, device=self.device, dtype=self.dtype), self.weights)
+
+    def decode_coordinates(self, hidden: torch.Tensor) -> list[float]:
+        bins = M.decode_coordinate_bins(hidden, self.weights)
+        return [b / self.config.coord_out_dim for b in bins.tolist()]
+
+    def decode_sizes(self, hidden: torch.Tensor) -> list[tuple[float, float]]:
+        bins = M.decode_size_bins(hidden, self.weights)
+        return [(M.size_from_bin(w), M.size_from_bin(h)) for w, h in bins.tolist()]
+
+
+def load_model(config) -> Engine:
+    """Build the engine the config asks for.  Raises ModelLoadError (one line)."""
+    if config.engine == "transformers":
+        from gpu_worker.transformers_engine import TransformersEngine
+
+        return TransformersEngine.load(config)
+    if config.engine != "native":
+        raise ModelLoadError(f"MOONDREAM_ENGINE={config.engine} is not one of native, transformers")
+    return Engine(load_checkpoint(config.model, config.revision, config.device, config.dtype, config.hf_token))

@@ -1,0 +1,276 @@
+"""Moondream 2's arithmetic: vision encoder, projection, text decoder, region heads.
+
+Plain functions over a dict of weight tensors (keys as in the checkpoint, minus
+the leading "model."), written from ../shared/docs/moondream2-model.md and checked
+against the conformance fixtures.  Everything here takes batches:
+
+- `encode_crops` runs the crops of several images through the vision encoder in
+  one forward and returns one 729-token embedding per image;
+- `text_forward` runs B sequences of T new positions each against a slot-based KV
+  cache (`KVCache`), each sequence at its own position.
+
+No sampling, prompts or control flow here: that is `programs.py` and `scheduler.py`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gpu_worker.checkpoint import ModelConfig
+
+PREFIX_LEN = 730  # BOS + 729 image tokens: attends bidirectionally within itself
+ROTARY_DIMS = 32  # rotary embedding covers the first 32 dims of each head
+
+
+def _linear(x, w, name):
+    return F.linear(x, w[name + ".weight"], w[name + ".bias"])
+
+
+def _layer_norm(x, w, name):
+    return F.layer_norm(x, (x.shape[-1],), w[name + ".weight"], w[name + ".bias"], eps=1e-5)
+
+
+def _mlp(x, w, name):
+    h = F.gelu(_linear(x, w, name + ".fc1"), approximate="tanh")
+    return _linear(h, w, name + ".fc2")
+
+
+# ------------------------------------------------------------------------- vision
+def crops_to_input(crops_uint8: torch.Tensor, dtype) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> model input (N, 3, H, W) in [-1, 1]."""
+    x = crops_uint8.permute(0, 3, 1, 2).to(torch.float32)
+    x = (x / 255.0 - 0.5) / 0.5
+    return x.to(dtype)
+
+
+def _patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, patches, C*patch*patch), channel-major inside a patch."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // patch, patch, w // patch, patch)
+    x = x.permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // patch) * (w // patch), c * patch * patch)
+
+
+def _bidirectional_attention(x, w, name, n_heads):
+    n, t, d = x.shape
+    q, k, v = _linear(x, w, name + ".qkv").chunk(3, dim=-1)
+    q, k, v = (z.view(n, t, n_heads, d // n_heads).transpose(1, 2) for z in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return _linear(out.transpose(1, 2).reshape(n, t, d), w, name + ".proj")
+
+
+def vision_encoder(x: torch.Tensor, w: dict, cfg: ModelConfig) -> torch.Tensor:
+    """(N, 3, 378, 378) -> (N, 729, enc_dim) after post_ln."""
+    h = _linear(_patchify(x, cfg.patch_size), w, "vision.patch_emb") + w["vision.pos_emb"]
+    for i in range(cfg.enc_n_layers):
+        b = f"vision.blocks.{i}"
+        h = h + _bidirectional_attention(_layer_norm(h, w, b + ".ln1"), w, b + ".attn", cfg.enc_n_heads)
+        h = h + _mlp(_layer_norm(h, w, b + ".ln2"), w, b + ".mlp")
+    return _layer_norm(h, w, "vision.post_ln")
+
+
+def _stitch_local_features(local: torch.Tensor, tiling: tuple[int, int], margin: int) -> torch.Tensor:
+    """Local crops' (rows*cols, g, g, C) feature grids -> one grid, dropping each crop's
+    overlap margin except on sides that are image borders."""
+    rows, cols = tiling
+    g = local.shape[1]
+    step = g - 2 * margin
+    out = local.new_zeros(rows * step + 2 * margin, cols * step + 2 * margin, local.shape[-1])
+    for i in range(rows):
+        for j in range(cols):
+            y0 = 0 if i == 0 else margin
+            y1 = g if i == rows - 1 else g - margin
+            x0 = 0 if j == 0 else margin
+            x1 = g if j == cols - 1 else g - margin
+            out[i * step + y0:i * step + y1, j * step + x0:j * step + x1] = local[i * cols + j, y0:y1, x0:x1]
+    return out
+
+
+def encode_crops(crop_batches: list[torch.Tensor], tilings: list[tuple[int, int]], w: dict, cfg: ModelConfig) -> list[torch.Tensor]:
+    """Several images' crops through one vision forward.  Returns, per image, its
+    (729, text_dim) image embedding (the projection's output)."""
+    counts = [c.shape[0] for c in crop_batches]
+    feats = vision_encoder(torch.cat(crop_batches), w, cfg)
+    g = cfg.crop_size // cfg.patch_size
+    out = []
+    for (start, n), tiling in zip(_spans(counts), tilings):
+        global_feats = feats[start]
+        local = feats[start + 1:start + n].view(n - 1, g, g, -1)
+        grid = _stitch_local_features(local, tiling, cfg.overlap_margin)
+        pooled = F.adaptive_avg_pool2d(grid.permute(2, 0, 1), (g, g)).permute(1, 2, 0).reshape(g * g, -1)
+        out.append(_mlp(torch.cat([global_feats, pooled], dim=-1), w, "vision.proj_mlp"))
+    return out
+
+
+def _spans(counts):
+    start = 0
+    for n in counts:
+        yield start, n
+        start += n
+
+
+# ------------------------------------------------------------------------- text
+def rotary_table(max_context: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_context, ROTARY_DIMS // 2), computed in float32."""
+    half = ROTARY_DIMS // 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, ROTARY_DIMS, 2, dtype=torch.float32)[:half] / ROTARY_DIMS))
+    angles = torch.arange(max_context, dtype=torch.float32).unsqueeze(1) * inv_freq.unsqueeze(0)
+    rot = torch.polar(torch.ones_like(angles), angles)
+    return rot.real.contiguous().to(device), rot.imag.contiguous().to(device)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (B, 1, T, 16).  NeoX-style on the first 32 dims."""
+    half = ROTARY_DIMS // 2
+    x1, x2, rest = x[..., :half], x[..., half:ROTARY_DIMS], x[..., ROTARY_DIMS:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+class KVCache:
+    """Keys and values for `n_slots` sequences of up to `context` positions.
+
+    Layout per layer: (n_slots, kv_heads, context, head_dim).  A sequence owns one
+    slot for its life; its position p lives at [slot, :, p].  Image prefixes are
+    copied in at positions 0..729 (`load_prefix`)."""
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, context: int, device, dtype):
+        shape = (n_slots, cfg.n_kv_heads, context, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.n_slots = n_slots
+        self.context = context
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def load_prefix(self, slot: int, prefix: "PrefixKV") -> None:
+        n = prefix.length
+        for layer in range(len(self.k)):
+            self.k[layer][slot, :, :n] = prefix.k[layer]
+            self.v[layer][slot, :, :n] = prefix.v[layer]
+
+
+@dataclass
+class PrefixKV:
+    """An encoded image: the KV of [BOS, 729 image tokens] for every layer."""
+
+    k: list  # per layer (kv_heads, 730, head_dim)
+    v: list
+    length: int = PREFIX_LEN
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def _text_attention(x, w, name, cfg, cos, sin, attend):
+    """x (B, T, C). `attend(k_new, v_new) -> (k_all, v_all, mask)` stores the new keys
+    and returns what the queries attend to."""
+    b, t, _ = x.shape
+    qkv = _linear(x, w, name + ".qkv")
+    q_dim = cfg.n_heads * cfg.head_dim
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+    q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    q = _apply_rotary(q, cos, sin)
+    k = _apply_rotary(k, cos, sin)
+    k_all, v_all, mask = attend(k, v)
+    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
+                                         enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+    return _linear(out.transpose(1, 2).reshape(b, t, q_dim), w, name + ".proj")
+
+
+def _text_blocks(x, w, cfg, cos, sin, attend_for_layer):
+    for i in range(cfg.n_layers):
+        b = f"text.blocks.{i}"
+        h = _layer_norm(x, w, b + ".ln")
+        attn = _text_attention(h, w, b + ".attn", cfg, cos, sin, attend_for_layer(i))
+        x = x + attn + _mlp(h, w, b + ".mlp")
+    return x
+
+
+def prefill_prefixes(embeds: torch.Tensor, w: dict, cfg: ModelConfig, rope) -> tuple[torch.Tensor, list[PrefixKV]]:
+    """[BOS, image tokens] for B images at positions 0..729, attending bidirectionally.
+    Returns the hidden states and each image's PrefixKV."""
+    b, t, _ = embeds.shape
+    positions = torch.arange(t, device=embeds.device)
+    cos = rope[0][positions].view(1, 1, t, -1)
+    sin = rope[1][positions].view(1, 1, t, -1)
+    ks, vs = [], []
+
+    def attend_for_layer(_layer):
+        def attend(k, v):
+            ks.append(k)
+            vs.append(v)
+            return k, v, None  # no mask: full bidirectional attention within the prefix
+        return attend
+
+    hidden = _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer)
+    prefixes = [PrefixKV(k=[k[i] for k in ks], v=[v[i] for v in vs], length=t) for i in range(b)]
+    return hidden, prefixes
+
+
+def text_forward(embeds: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor,
+                 cache: KVCache, w: dict, cfg: ModelConfig, rope) -> torch.Tensor:
+    """B sequences, each feeding T new positions start_pos[i] .. start_pos[i]+T-1,
+    attending causally to everything at or before each position in their slot.
+    Writes the new keys/values into the cache.  Returns hidden (B, T, C) before post_ln."""
+    b, t, _ = embeds.shape
+    device = embeds.device
+    offsets = torch.arange(t, device=device)
+    positions = start_pos.view(b, 1) + offsets.view(1, t)  # (B, T)
+    cos = rope[0][positions].unsqueeze(1)  # (B, 1, T, 16)
+    sin = rope[1][positions].unsqueeze(1)
+    live = int(start_pos.max().item()) + t  # attend over the first `live` positions of each slot
+    key_pos = torch.arange(live, device=device)
+    mask = (key_pos.view(1, 1, 1, live) <= positions.view(b, 1, t, 1))  # (B, 1, T, live)
+    slot_index = slots.view(b, 1)
+
+    def attend_for_layer(layer):
+        def attend(k, v):
+            # store the new positions, then read back this batch's slots up to `live`
+            cache.k[layer][slot_index, :, positions] = k.permute(0, 2, 1, 3)
+            cache.v[layer][slot_index, :, positions] = v.permute(0, 2, 1, 3)
+            return cache.k[layer][slots, :, :live], cache.v[layer][slots, :, :live], mask
+        return attend
+
+    return _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer)
+
+
+def lm_logits(hidden_last: torch.Tensor, w: dict) -> torch.Tensor:
+    """(B, C) raw hidden of the last position -> (B, vocab) logits."""
+    return _linear(_layer_norm(hidden_last, w, "text.post_ln"), w, "text.lm_head")
+
+
+# ------------------------------------------------------------------------- region heads
+def encode_coordinates(values: torch.Tensor, w: dict) -> torch.Tensor:
+    """(N,) coordinates in [0, 1] -> (N, text_dim) embeddings."""
+    f = 2 * math.pi * values.view(-1, 1).to(w["region.coord_features"].dtype) @ w["region.coord_features"]
+    return _linear(torch.cat([f.cos(), f.sin()], dim=-1), w, "region.coord_encoder")
+
+
+def encode_sizes(sizes: torch.Tensor, w: dict) -> torch.Tensor:
+    """(N, 2) (width, height) -> (N, text_dim) embeddings."""
+    f = 2 * math.pi * sizes.to(w["region.size_features"].dtype) @ w["region.size_features"]
+    return _linear(torch.cat([f.cos(), f.sin()], dim=-1), w, "region.size_encoder")
+
+
+def decode_coordinate_bins(hidden: torch.Tensor, w: dict) -> torch.Tensor:
+    """(N, C) raw hidden -> (N,) argmax coordinate bins (value = bin / 1024)."""
+    return _mlp(hidden, w, "region.coord_decoder").argmax(dim=-1)
+
+
+def decode_size_bins(hidden: torch.Tensor, w: dict) -> torch.Tensor:
+    """(N, C) raw hidden -> (N, 2) argmax (width, height) bins."""
+    logits = _mlp(hidden, w, "region.size_decoder")
+    return logits.view(hidden.shape[0], 2, -1).argmax(dim=-1)
+
+
+def size_from_bin(bin_index: int) -> float:
+    """Size bins are log-scale: 2^(bin/1023 * 10 - 10)."""
+    return float(torch.pow(torch.tensor(2.0), torch.tensor(bin_index, dtype=torch.float32) / 1023.0 * 10.0 - 10.0))

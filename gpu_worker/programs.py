@@ -1,0 +1,276 @@
+"""What each skill does, step by step, written as a Python generator per request.
+
+A program yields `Feed`s (inputs for its next positions, plus what it wants back
+from that step: a sampled token, a coordinate, a size) and receives a
+`StepResult`.  The scheduler runs the feeds of many programs as one batch, so a
+program reads like the single-request algorithm in the model spec while the GPU
+sees a batch.  A program returns (output dict, finish_reason).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Generator, Optional
+
+import torch
+
+DEFAULT_SETTINGS = {"temperature": 0.5, "top_p": 0.3, "max_tokens": 768, "max_objects": 50}
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    temperature: float
+    top_p: float
+    suppress: tuple[int, ...] = ()  # token ids whose logit is set to -inf first
+
+
+@dataclass
+class Feed:
+    tokens: Optional[list[int]] = None  # token ids for the next positions, or
+    embeds: Optional[torch.Tensor] = None  # (T, C) ready embeddings
+    sample: Optional[SampleSpec] = None
+    coord: bool = False  # decode a coordinate from the last position's hidden state
+    size: bool = False  # decode a (width, height) from it
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens) if self.tokens is not None else self.embeds.shape[0]
+
+
+@dataclass
+class StepResult:
+    token: Optional[int] = None
+    coord: Optional[float] = None
+    size: Optional[tuple[float, float]] = None
+
+
+@dataclass
+class ProgramContext:
+    """What a program may use besides the step results."""
+
+    engine: object  # gpu_worker.engine.Engine
+    emit: Callable[[str], None]  # streams a text chunk to the client
+    position: int = 0  # next free position (kept current by the scheduler)
+    output_tokens: int = 0
+    counters: dict = field(default_factory=dict)
+
+    def room(self) -> int:
+        return self.engine.config.max_context - self.position
+
+
+Program = Generator[Feed, StepResult, tuple[dict, Optional[str]]]
+
+
+# ------------------------------------------------------------------------- streaming
+def _is_cjk(ch: str) -> bool:
+    c = ord(ch)
+    return 0x4E00 <= c <= 0x9FFF or 0x3400 <= c <= 0x4DBF or 0x2F800 <= c <= 0x2FA1F
+
+
+class TextStreamer:
+    """Turns tokens into printable chunks the way the reference segments them:
+    flush on newline, after a CJK ideograph, or up to the last space."""
+
+    def __init__(self, decode: Callable[[list[int]], str], emit: Callable[[str], None]):
+        self.decode = decode
+        self.emit = emit
+        self.pending: list[int] = []
+        self.printed = 0
+        self.text_parts: list[str] = []
+
+    def add(self, token: int) -> None:
+        self.pending.append(token)
+        text = self.decode(self.pending)
+        if text.endswith("\n"):
+            piece = text[self.printed:]
+            self.pending, self.printed = [], 0
+        elif text and _is_cjk(text[-1]):
+            piece = text[self.printed:]
+            self.printed += len(piece)
+        else:
+            piece = text[self.printed:text.rfind(" ") + 1]
+            self.printed += len(piece)
+        self._out(piece)
+
+    def finish(self) -> str:
+        if self.pending:
+            self._out(self.decode(self.pending)[self.printed:])
+        return "".join(self.text_parts)
+
+    def _out(self, piece: str) -> None:
+        if piece:
+            self.text_parts.append(piece)
+            self.emit(piece)
+
+
+# ------------------------------------------------------------------------- prompts
+def _tok(ctx: ProgramContext) -> dict:
+    return ctx.engine.config.tokenizer
+
+
+def encode_text(ctx: ProgramContext, text: str) -> list[int]:
+    return ctx.engine.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def caption_prompt(ctx, length: str) -> list[int]:
+    return list(_tok(ctx)["templates"]["caption"][length])
+
+
+def query_prompt(ctx, question: str, reasoning: bool, spatial_refs: list) -> list[int]:
+    tok = _tok(ctx)
+    t = tok["templates"]["query"]
+    if ctx.engine.config.revision == "2025-04-14":
+        return list(t["prefix"]) + encode_text(ctx, " " + question) + list(t["suffix"])
+    refs = []
+    for ref in spatial_refs or []:
+        refs += [tok["coord_id"], tok["coord_id"]] + ([tok["size_id"]] if len(ref) == 4 else [])
+    last = tok["thinking_id"] if reasoning else tok["answer_id"]
+    return list(t["prefix"]) + refs + encode_text(ctx, question) + list(t["suffix"]) + [last]
+
+
+def object_prompt(ctx, skill: str, obj: str) -> list[int]:
+    t = _tok(ctx)["templates"][skill]
+    return list(t["prefix"]) + encode_text(ctx, " " + obj) + list(t["suffix"])
+
+
+def spatial_ref_embeddings(ctx, prompt: list[int], spatial_refs: list) -> torch.Tensor:
+    """Prompt embeddings with coord/size positions replaced by the refs' encodings."""
+    engine = ctx.engine
+    tok = _tok(ctx)
+    coords, sizes = [], []
+    for ref in spatial_refs:
+        if len(ref) == 2:
+            coords += [ref[0], ref[1]]
+        else:
+            x0, y0, x1, y1 = ref
+            coords += [(x0 + x1) / 2, (y0 + y1) / 2]
+            sizes.append([x1 - x0, y1 - y0])
+    embeds = engine.embed_tokens(prompt)
+    ids = torch.tensor(prompt, device=embeds.device)
+    embeds[ids == tok["coord_id"]] = engine.encode_coordinates(coords)
+    if sizes:
+        embeds[ids == tok["size_id"]] = engine.encode_sizes(sizes)
+    return embeds
+
+
+# ------------------------------------------------------------------------- text generation
+def text_answer(ctx: ProgramContext, first: StepResult, spec_after: SampleSpec, stop_id: int,
+                max_tokens: int) -> Generator[Feed, StepResult, tuple[str, str]]:
+    """Sample until stop_id or max_tokens; `first` holds the token sampled from the
+    prefill logits (nothing suppressed there).  Returns (text, finish_reason)."""
+    engine = ctx.engine
+    streamer = TextStreamer(engine.decode, ctx.emit)
+    token, emitted = first.token, 0
+    finish = "stop"
+    while token != stop_id:
+        if emitted >= max_tokens or ctx.room() < 1:
+            finish = "length"
+            break
+        streamer.add(token)
+        emitted += 1
+        ctx.output_tokens += 1
+        token = (yield Feed(tokens=[token], sample=spec_after)).token
+    return streamer.finish(), finish
+
+
+def run_caption(ctx: ProgramContext, params: dict, settings: dict) -> Program:
+    prompt = caption_prompt(ctx, params.get("length", "normal"))
+    first = yield Feed(tokens=prompt, sample=_spec(settings))
+    text, finish = yield from text_answer(ctx, first, _spec(settings, _suppress_answer(ctx)),
+                                         _tok(ctx)["eos_id"], settings["max_tokens"])
+    return {"caption": text}, finish
+
+
+def run_query(ctx: ProgramContext, params: dict, settings: dict, has_image: bool) -> Program:
+    tok = _tok(ctx)
+    refs = params.get("spatial_refs") or []
+    reasoning = bool(params.get("reasoning"))
+    prompt = query_prompt(ctx, params["question"], reasoning, refs)
+    if not has_image:
+        prompt = [tok["bos_id"]] + prompt
+    feed = Feed(embeds=spatial_ref_embeddings(ctx, prompt, refs)) if refs else Feed(tokens=prompt)
+    feed.sample = _spec(settings)
+    feed.coord = reasoning  # a first reasoning token may be `coord`
+    first = yield feed
+    output = {}
+    if reasoning:
+        text, grounding = yield from reasoning_trace(ctx, first, settings)
+        output["reasoning"] = {"text": text, "grounding": grounding}
+        first = yield Feed(tokens=[tok["answer_id"]], sample=_spec(settings))
+    answer, finish = yield from text_answer(ctx, first, _spec(settings, _suppress_answer(ctx)),
+                                           tok["eos_id"], settings["max_tokens"])
+    return {"answer": answer, **output}, finish
+
+
+def reasoning_trace(ctx: ProgramContext, first: StepResult, settings: dict):
+    """Reasoning tokens until the answer token; `coord` tokens are fed back as the
+    coordinate they decode to and recorded as grounding points."""
+    tok = _tok(ctx)
+    spec = _spec(settings, (tok["eos_id"], tok["size_id"]))
+    chunks: list[list[int]] = [[]]
+    values: list[list[float]] = [[]]
+    result, emitted = first, 0
+    while result.token != tok["answer_id"] and emitted < settings["max_tokens"] and ctx.room() > 1:
+        token = result.token
+        if token in (tok["start_ground_points_id"], tok["end_ground_id"]):
+            chunks.append([])
+            values.append([])
+        chunks[-1].append(token)
+        if token == tok["coord_id"]:
+            values[-1].append(result.coord)
+            feed = Feed(embeds=ctx.engine.encode_coordinates([result.coord]))
+        else:
+            feed = Feed(tokens=[token])
+        feed.sample, feed.coord = spec, True
+        emitted += 1
+        ctx.output_tokens += 1
+        result = yield feed
+    texts = [ctx.engine.decode(c) for c in chunks]
+    grounding, start = [], 0
+    for text, vals in zip(texts, values):
+        if len(vals) > 1:
+            points = [[vals[i], vals[i + 1]] for i in range(0, len(vals) - 1, 2)]
+            grounding.append({"start_idx": start, "end_idx": start + len(text), "points": points})
+        start += len(text)
+    return "".join(texts), grounding
+
+
+def run_objects(ctx: ProgramContext, skill: str, params: dict, settings: dict) -> Program:
+    """detect (boxes) and point: coordinates decoded from hidden states, greedily."""
+    engine = ctx.engine
+    eos = _tok(ctx)["eos_id"]
+    greedy = SampleSpec(0.0, 0.0)
+    with_size = skill == "detect"
+    result = yield Feed(tokens=object_prompt(ctx, skill, params["object"]), sample=greedy, coord=True)
+    found: list[dict] = []
+    while result.token != eos and len(found) < settings["max_objects"] and ctx.room() > 3:
+        x = result.coord
+        y = (yield Feed(embeds=engine.encode_coordinates([x]), coord=True)).coord
+        if with_size:
+            w, h = (yield Feed(embeds=engine.encode_coordinates([y]), size=True)).size
+            found.append({"x_min": x - w / 2, "y_min": y - h / 2, "x_max": x + w / 2, "y_max": y + h / 2})
+            next_input = engine.encode_sizes([[w, h]])
+        else:
+            found.append({"x": x, "y": y})
+            next_input = engine.encode_coordinates([y])
+        ctx.output_tokens += 1
+        result = yield Feed(embeds=next_input, sample=greedy, coord=True)
+    return ({"objects": found} if with_size else {"points": found}), None
+
+
+def _spec(settings: dict, suppress: tuple = ()) -> SampleSpec:
+    return SampleSpec(float(settings["temperature"]), float(settings["top_p"]), tuple(suppress))
+
+
+def _suppress_answer(ctx) -> tuple:
+    """2025-06-21 never lets the answer token out after the prefill step."""
+    return () if ctx.engine.config.revision == "2025-04-14" else (_tok(ctx)["answer_id"],)
+
+
+def start_program(ctx: ProgramContext, skill: str, params: dict, settings: dict, has_image: bool) -> Program:
+    if skill == "caption":
+        return run_caption(ctx, params, settings)
+    if skill == "query":
+        return run_query(ctx, params, settings, has_image)
+    if skill in ("detect", "point"):
+        return run_objects(ctx, skill, params, settings)
+    raise ValueError(f"unknown skill {skill!r}")

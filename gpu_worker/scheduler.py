@@ -1,0 +1,358 @@
+"""Continuous batching over the engine.
+
+Each request becomes a `Sequence`: a KV-cache slot plus its skill's program
+(programs.py).  One `step()`:
+  1. admits waiting requests into free slots: images not in the image cache are
+     encoded together (one vision forward, one prefix prefill), cached prefixes
+     are copied into the slots;
+  2. runs every running sequence's pending feed: all single-position feeds
+     (decode steps) as one batch, longer feeds (prompt prefills) batched by length;
+  3. samples / decodes what each feed asked for, in one batch, with one host sync;
+  4. resumes each program, which yields its next feed or finishes.
+Requests join and leave at every step; nothing in a sequence's arithmetic
+depends on the others in its batch.
+"""
+from __future__ import annotations
+
+import collections
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from gpu_worker import programs as P
+from gpu_worker.engine_types import EngineRequest, Failed, Finished, TextChunk
+from gpu_worker.model import PrefixKV
+
+VALID_LENGTHS = ("short", "normal", "long")
+
+
+class ImageCache:
+    """Encoded image prefixes by pixel hash, least recently used first out, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: collections.OrderedDict[str, PrefixKV] = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> Optional[PrefixKV]:
+        prefix = self.entries.get(key) if key else None
+        if prefix is not None:
+            self.entries.move_to_end(key)
+        return prefix
+
+    def put(self, key: str, prefix: PrefixKV) -> None:
+        if not key or key in self.entries:
+            return
+        size = prefix.bytes()
+        if size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.bytes()
+        self.entries[key] = prefix
+        self.bytes += size
+
+
+@dataclass
+class Sequence:
+    request: EngineRequest
+    slot: int
+    ctx: P.ProgramContext
+    program: P.Program
+    feed: Optional[P.Feed] = None
+    settings: dict = field(default_factory=dict)
+    generator: Optional[torch.Generator] = None
+    input_tokens: int = 0
+    image_cache_hit: bool = False
+    t_added: float = 0.0
+    t_started: float = 0.0
+    t_first_output: float = 0.0
+    t_prefill_done: float = 0.0
+    chunks: list = field(default_factory=list)
+    recording: Optional[dict] = None  # tests: {"logits": first 8 lm_head rows, "feeds": token feeds}
+
+
+class Scheduler:
+    def __init__(self, engine, max_batch: int = 32, image_cache_bytes: int = 1 << 30,
+                 max_images_per_step: int = 8, context: Optional[int] = None):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.cache = engine.new_cache(max_batch, context)
+        self.free = list(range(max_batch - 1, -1, -1))
+        self.waiting: collections.deque[tuple[EngineRequest, float]] = collections.deque()
+        self.running: dict[str, Sequence] = {}
+        self.images = ImageCache(image_cache_bytes)
+        self.max_images_per_step = max_images_per_step
+        self.events: list = []
+        self.counters = collections.Counter()
+        self.record_for: set[str] = set()  # request ids whose logits and feeds tests want
+        self.recorded: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ public API
+    def add(self, req: EngineRequest) -> None:
+        """Queue a request.  Raises ValueError when its parameters are invalid."""
+        self._validate(req)
+        self.waiting.append((req, time.perf_counter()))
+
+    def abort(self, request_id: str) -> None:
+        for i, (req, _) in enumerate(self.waiting):
+            if req.request_id == request_id:
+                del self.waiting[i]
+                return
+        seq = self.running.pop(request_id, None)
+        if seq is not None:
+            seq.program.close()
+            self._release(seq)
+            self.counters["aborted"] += 1
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def free_slots(self) -> int:
+        return len(self.free) - len(self.waiting)
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.running), "waiting": len(self.waiting), "free_slots": len(self.free),
+            "image_cache_entries": len(self.images.entries), "image_cache_bytes": self.images.bytes,
+            "image_cache_hits": self.images.hits, "image_encodes": self.counters["image_encodes"],
+            "steps": self.counters["steps"], "last_batch": self.counters["last_batch"],
+        }
+
+    def step(self) -> list:
+        """One iteration; returns the TextChunk / Finished / Failed events it produced."""
+        self.events = []
+        self._admit()
+        if self.running:
+            self._run_feeds()
+        self.counters["steps"] += 1
+        return self.events
+
+    # ------------------------------------------------------------------ admission
+    def _validate(self, req: EngineRequest) -> None:
+        cfg = self.engine.config
+        s = dict(P.DEFAULT_SETTINGS)
+        s.update({k: v for k, v in (req.settings or {}).items() if v is not None})
+        if req.skill not in ("caption", "query", "detect", "point"):
+            raise ValueError(f"unknown skill {req.skill!r}")
+        if req.image is None and req.skill != "query":
+            raise ValueError(f"{req.skill} needs an image")
+        if req.skill == "caption" and req.params.get("length", "normal") not in VALID_LENGTHS:
+            raise ValueError("length must be one of short, normal, long")
+        if req.skill == "query":
+            if not isinstance(req.params.get("question"), str):
+                raise ValueError("question must be a string")
+            if req.params.get("reasoning") and not cfg.reasoning_supported:
+                raise ValueError(f"reasoning is not supported by revision {cfg.revision}")
+            refs = req.params.get("spatial_refs") or []
+            if refs and (req.image is None or not cfg.reasoning_supported):
+                raise ValueError("spatial_refs need an image and revision 2025-06-21")
+            for ref in refs:
+                if len(ref) not in (2, 4) or not all(0.0 <= float(v) <= 1.0 for v in ref):
+                    raise ValueError("each spatial ref is [x, y] or [x_min, y_min, x_max, y_max] in 0..1")
+            if req.image is None and not cfg.reasoning_supported:
+                raise ValueError(f"a query without an image is not supported by revision {cfg.revision}")
+        if req.skill in ("detect", "point") and not isinstance(req.params.get("object"), str):
+            raise ValueError("object must be a string")
+        if not (int(s["max_tokens"]) >= 1 and int(s["max_objects"]) >= 1):
+            raise ValueError("max_tokens and max_objects must be at least 1")
+        if float(s["temperature"]) < 0 or not (0.0 <= float(s["top_p"]) <= 1.0):
+            raise ValueError("temperature must be >= 0 and top_p in [0, 1]")
+        req.settings = s
+
+    def _admit(self) -> None:
+        batch: list[tuple[EngineRequest, float]] = []
+        while self.waiting and len(batch) < len(self.free):
+            batch.append(self.waiting.popleft())
+        if not batch:
+            return
+        prefixes, cache_hits = self._prefixes_for([req for req, _ in batch])
+        for req, t_added in batch:
+            prefix = prefixes.get(req.request_id)
+            if isinstance(prefix, Exception):
+                self._fail(req.request_id, f"image encoding failed: {prefix}")
+                continue
+            try:
+                self._start(req, prefix, t_added, req.request_id in cache_hits)
+            except Exception as err:  # a broken request must not take the batch down
+                self._fail(req.request_id, f"could not start: {err}")
+
+    def _prefixes_for(self, requests: list[EngineRequest]) -> tuple[dict, set]:
+        """Prefix per request id, from the image cache or encoded now (several images per
+        forward), and the ids that were cache hits."""
+        out, hits, to_encode = {}, set(), collections.OrderedDict()
+        for req in requests:
+            if req.image is None:
+                continue
+            cached = self.images.get(req.image.key)
+            if cached is not None:
+                self.images.hits += 1
+                hits.add(req.request_id)
+                out[req.request_id] = cached
+            else:
+                to_encode.setdefault(req.image.key or req.request_id, []).append(req)
+        groups = list(to_encode.items())
+        for start in range(0, len(groups), self.max_images_per_step):
+            chunk = groups[start:start + self.max_images_per_step]
+            try:
+                encoded = self.engine.encode_images([reqs[0].image for _, reqs in chunk])
+            except Exception as err:
+                encoded = [err] * len(chunk)
+            for (key, reqs), prefix in zip(chunk, encoded):
+                if not isinstance(prefix, Exception):
+                    self.counters["image_encodes"] += 1
+                    self.images.put(reqs[0].image.key, prefix)
+                for req in reqs:
+                    out[req.request_id] = prefix
+        return out, hits
+
+    def _start(self, req: EngineRequest, prefix: Optional[PrefixKV], t_added: float, cache_hit: bool) -> None:
+        slot = self.free.pop()
+        ctx = P.ProgramContext(engine=self.engine, emit=lambda text, rid=req.request_id: self._emit(rid, text))
+        if prefix is not None:
+            self.cache.load_prefix(slot, prefix)
+            ctx.position = prefix.length
+        program = P.start_program(ctx, req.skill, req.params, req.settings, req.image is not None)
+        seq = Sequence(request=req, slot=slot, ctx=ctx, program=program, settings=req.settings,
+                       t_added=t_added, t_started=time.perf_counter(), image_cache_hit=cache_hit)
+        seq.generator = torch.Generator(device="cpu")
+        seq.generator.manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
+        if req.request_id in self.record_for:
+            seq.recording = self.recorded.setdefault(req.request_id, {"logits": [], "feeds": []})
+        self.running[req.request_id] = seq
+        self._advance(seq, None)
+        if seq.feed is not None:
+            seq.input_tokens = seq.feed.length  # the prompt
+
+    # ------------------------------------------------------------------ running
+    def _run_feeds(self) -> None:
+        groups: dict[int, list[Sequence]] = collections.defaultdict(list)
+        for seq in self.running.values():
+            groups[seq.feed.length].append(seq)
+        results: list[tuple[Sequence, P.StepResult]] = []
+        for length, seqs in groups.items():
+            try:
+                results += self._run_group(seqs, length)
+            except Exception as err:
+                for seq in seqs:
+                    self._finish_failed(seq, f"generation failed: {err}")
+        for seq, result in results:
+            if seq.request.request_id in self.running:
+                self._advance(seq, result)
+
+    def _run_group(self, seqs: list[Sequence], length: int) -> list[tuple[Sequence, P.StepResult]]:
+        engine = self.engine
+        if all(s.feed.tokens is not None for s in seqs):
+            embeds = engine.embed_tokens([t for s in seqs for t in s.feed.tokens]).view(len(seqs), length, -1)
+        else:
+            embeds = torch.stack([s.feed.embeds if s.feed.embeds is not None else engine.embed_tokens(s.feed.tokens)
+                                  for s in seqs])
+        hidden = engine.forward(embeds, [s.ctx.position for s in seqs], [s.slot for s in seqs], self.cache)
+        self.counters["last_batch"] = len(seqs)
+        results = [P.StepResult() for _ in seqs]
+        self._sample(seqs, hidden, results)
+        self._decode_regions(seqs, hidden, results)
+        for s in seqs:
+            s.ctx.position += length
+            if length > 1 and not s.t_prefill_done:
+                s.t_prefill_done = time.perf_counter()
+        return list(zip(seqs, results))
+
+    def _sample(self, seqs, hidden, results) -> None:
+        rows = [i for i, s in enumerate(seqs) if s.feed.sample is not None]
+        if not rows:
+            return
+        with torch.inference_mode():
+            logits = self.engine.logits(hidden[rows]).float()
+            for j, i in enumerate(rows):
+                rec = seqs[i].recording
+                if rec is not None and len(rec["logits"]) < 8:
+                    rec["logits"].append(logits[j].clone().cpu())
+            for j, i in enumerate(rows):
+                suppress = seqs[i].feed.sample.suppress
+                if suppress:
+                    logits[j, list(suppress)] = float("-inf")
+            tokens = logits.argmax(dim=-1).tolist()  # greedy rows: done
+            for j, i in enumerate(rows):
+                spec = seqs[i].feed.sample
+                if spec.temperature > 0:
+                    probs = top_p_filter(torch.softmax(logits[j] / spec.temperature, dim=-1), spec.top_p)
+                    tokens[j] = int(torch.multinomial(probs.cpu(), 1, generator=seqs[i].generator).item())
+        for j, i in enumerate(rows):
+            results[i].token = tokens[j]
+
+    def _decode_regions(self, seqs, hidden, results) -> None:
+        with torch.inference_mode():
+            rows = [i for i, s in enumerate(seqs) if s.feed.coord]
+            if rows:
+                for i, value in zip(rows, self.engine.decode_coordinates(hidden[rows])):
+                    results[i].coord = value
+            rows = [i for i, s in enumerate(seqs) if s.feed.size]
+            if rows:
+                for i, value in zip(rows, self.engine.decode_sizes(hidden[rows])):
+                    results[i].size = value
+
+    def _advance(self, seq: Sequence, result: Optional[P.StepResult]) -> None:
+        """Resume the program with its step result; it yields its next feed or finishes."""
+        try:
+            seq.feed = seq.program.send(result)
+            if seq.recording is not None:
+                seq.recording["feeds"].append(seq.feed.tokens)
+            if seq.ctx.position + seq.feed.length > self.cache.context:
+                raise ValueError("the prompt does not fit in the model's context")
+        except StopIteration as stop:
+            output, finish = stop.value
+            self._finish_ok(seq, output, finish)
+        except Exception as err:
+            self._finish_failed(seq, f"{type(err).__name__}: {err}")
+
+    def _emit(self, request_id: str, text: str) -> None:
+        seq = self.running.get(request_id)
+        if seq is not None and not seq.t_first_output:
+            seq.t_first_output = time.perf_counter()
+        self.events.append(TextChunk(request_id, text))
+
+    def _finish_ok(self, seq: Sequence, output: dict, finish: Optional[str]) -> None:
+        now = time.perf_counter()
+        prefill_done = seq.t_prefill_done or now
+        first = seq.t_first_output or now
+        image_positions = 730 if seq.request.image is not None else 0
+        metrics = {
+            "input_tokens": image_positions + seq.input_tokens,
+            "output_tokens": seq.ctx.output_tokens,
+            "prefill_time_ms": round((prefill_done - seq.t_started) * 1000, 3),
+            "decode_time_ms": round((now - prefill_done) * 1000, 3),
+            "ttft_ms": round((first - seq.t_added) * 1000, 3),
+            "queue_time_ms": round((seq.t_started - seq.t_added) * 1000, 3),
+            "image_cache_hit": seq.image_cache_hit,
+        }
+        self.running.pop(seq.request.request_id, None)
+        self._release(seq)
+        self.events.append(Finished(seq.request.request_id, output, finish, metrics))
+
+    def _finish_failed(self, seq: Sequence, message: str) -> None:
+        self.running.pop(seq.request.request_id, None)
+        self._release(seq)
+        self.events.append(Failed(seq.request.request_id, message))
+
+    def _fail(self, request_id: str, message: str) -> None:
+        self.events.append(Failed(request_id, message))
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot not in self.free:
+            self.free.append(seq.slot)
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens whose cumulative probability before them is within
+    top_p, renormalised.  Works on (V,) or (B, V)."""
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+    sorted_p = sorted_p.masked_fill(before > top_p, 0.0)
+    sorted_p = sorted_p / sorted_p.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)

@@ -1,0 +1,78 @@
+"""Running the engine in-process on fixture images, shared by the engine tests,
+the end-to-end tests (as the expected answers) and the benchmarks."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import uuid
+
+from PIL import Image
+
+from gpu_worker.engine import load_model
+from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput, TextChunk
+from gpu_worker.scheduler import Scheduler
+from shared.config import Config
+from shared.image_tiling import pixels_key, tile_image
+
+CONFORMANCE = os.path.join(os.path.dirname(__file__), "conformance")
+SETS = ("main", "edge", "edge-reasoning", "edge-grounding", "rev-2025-04-14")
+
+
+@functools.lru_cache(maxsize=None)
+def fixture_engine(set_name: str = "main"):
+    cfg = Config(model=os.path.join(CONFORMANCE, set_name), device="cpu", dtype="float32")
+    return load_model(cfg)
+
+
+def image_input(image: Image.Image) -> ImageInput:
+    rgb = image.convert("RGB")
+    tiled = tile_image(rgb)
+    return ImageInput(crops=tiled.crops, tiling=tiled.tiling, key=pixels_key(rgb))
+
+
+@functools.lru_cache(maxsize=None)
+def fixture_image(set_name: str, name: str) -> ImageInput:
+    with Image.open(os.path.join(CONFORMANCE, set_name, "images", name)) as im:
+        return image_input(im)
+
+
+@dataclasses.dataclass
+class Outcome:
+    output: dict | None
+    finish_reason: str | None
+    chunks: list
+    metrics: dict
+    error: str | None = None
+    recording: dict | None = None
+
+
+def run_requests(scheduler: Scheduler, requests: list[EngineRequest], record: bool = False) -> dict[str, Outcome]:
+    """Add all requests, step until all are done, collect each one's outcome."""
+    outcomes = {r.request_id: Outcome(None, None, [], {}) for r in requests}
+    for r in requests:
+        if record:
+            scheduler.record_for.add(r.request_id)
+        scheduler.add(r)
+    pending = set(outcomes)
+    while pending:
+        for ev in scheduler.step():
+            out = outcomes[ev.request_id]
+            if isinstance(ev, TextChunk):
+                out.chunks.append(ev.text)
+            elif isinstance(ev, Finished):
+                out.output, out.finish_reason, out.metrics = ev.output, ev.finish_reason, ev.metrics
+                pending.discard(ev.request_id)
+            elif isinstance(ev, Failed):
+                out.error = ev.message
+                pending.discard(ev.request_id)
+    for rid, out in outcomes.items():
+        out.recording = scheduler.recorded.pop(rid, None)
+    return outcomes
+
+
+def request_from_case(case: dict, image: ImageInput | None, seed: int | None = None) -> EngineRequest:
+    args = dict(case["args"])
+    settings = args.pop("settings", {})
+    return EngineRequest(request_id=uuid.uuid4().hex, skill=case["skill"], params=args,
+                         settings=dict(settings), image=image, seed=seed)
