@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up (if needed) and runs the whole service under supervisord on $PORT (5000).
+# MOONDREAM_MODEL defaults to the hub's vikhyatk/moondream2; for the offline demo
+# use MOONDREAM_MODEL=tests/conformance/main (tiny random-weight test model).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export RUN_DIR=${RUN_DIR:-$PWD/run}
+mkdir -p "$RUN_DIR"
+exec .venv/bin/supervisord -n -c supervisord.conf

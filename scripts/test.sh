@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up (if needed) and runs the test suite.  The web-page test needs Debian's
+# chromium + chromium-driver; they are installed when apt-get is usable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --dev
+if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+    || echo "note: could not install chromium; the web-page test will be skipped"
+fi
+exec .venv/bin/python -m pytest "$@"
