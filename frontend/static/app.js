@@ -1,0 +1,300 @@
+// The try-it page: pick an image, ask the server, show the answer.
+// Plain browser JavaScript, no build step and nothing loaded from elsewhere.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  skill: "caption",
+  imageUrl: null,      // the image as a data: URL, sent as image_url
+  controller: null,    // AbortController of the request in flight
+};
+
+// ------------------------------------------------------------------ image
+function loadImageFile(file) {
+  if (!file || !file.type.startsWith("image/")) {
+    showError("That is not an image file.");
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => setImage(reader.result, `${file.name || "pasted image"}, ${Math.round(file.size / 1024)} KiB`);
+  reader.readAsDataURL(file);
+}
+
+function setImage(dataUrl, info) {
+  state.imageUrl = dataUrl;
+  const img = $("preview");
+  img.onload = () => {
+    // The canvas gets the image's own pixel size; CSS stretches both alike,
+    // so normalised coordinates map straight onto it.
+    const canvas = $("overlay");
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    clearOverlay();
+    $("image-info").textContent = `${info} — ${img.naturalWidth}×${img.naturalHeight}`;
+    $("image-stage").dataset.loaded = "true";
+  };
+  $("image-stage").dataset.loaded = "false";
+  img.src = dataUrl;
+  $("image-stage").hidden = false;
+  $("drop-hint").hidden = true;
+}
+
+function setupImageInput() {
+  const zone = $("drop-zone");
+  $("image-input").addEventListener("change", (e) => loadImageFile(e.target.files[0]));
+  zone.addEventListener("click", (e) => {
+    if (e.target.tagName !== "LABEL" && e.target.tagName !== "INPUT") $("image-input").click();
+  });
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("dragging"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("dragging");
+    loadImageFile(e.dataTransfer.files[0]);
+  });
+  document.addEventListener("paste", (e) => {
+    const item = [...e.clipboardData.items].find((it) => it.type.startsWith("image/"));
+    if (item) loadImageFile(item.getAsFile());
+  });
+}
+
+// ------------------------------------------------------------------ overlay
+function clearOverlay() {
+  const canvas = $("overlay");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  canvas.dataset.boxes = "0";
+  canvas.dataset.points = "0";
+}
+
+function drawBoxes(objects) {
+  const canvas = $("overlay");
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height;
+  ctx.lineWidth = Math.max(2, Math.round(Math.min(w, h) / 150));
+  ctx.strokeStyle = "#ff2d55";
+  ctx.fillStyle = "rgba(255, 45, 85, 0.12)";
+  for (const o of objects) {
+    const x = o.x_min * w, y = o.y_min * h;
+    const bw = (o.x_max - o.x_min) * w, bh = (o.y_max - o.y_min) * h;
+    ctx.fillRect(x, y, bw, bh);
+    ctx.strokeRect(x, y, bw, bh);
+  }
+  canvas.dataset.boxes = String(objects.length);
+}
+
+function drawPoints(points) {
+  const canvas = $("overlay");
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height;
+  const r = Math.max(4, Math.round(Math.min(w, h) / 60));
+  for (const p of points) {
+    ctx.beginPath();
+    ctx.arc(p.x * w, p.y * h, r, 0, 2 * Math.PI);
+    ctx.fillStyle = "#ff2d55";
+    ctx.fill();
+    ctx.lineWidth = Math.max(2, r / 3);
+    ctx.strokeStyle = "#ffffff";
+    ctx.stroke();
+  }
+  canvas.dataset.points = String(points.length);
+}
+
+// ------------------------------------------------------------------ tabs
+function selectSkill(skill) {
+  state.skill = skill;
+  for (const tab of document.querySelectorAll("#tabs button")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.skill === skill));
+  }
+  for (const panel of document.querySelectorAll(".panel")) {
+    panel.hidden = panel.dataset.skill !== skill;
+  }
+}
+
+// ------------------------------------------------------------------ requests
+function readSettings() {
+  const settings = {};
+  for (const name of ["temperature", "top_p", "max_tokens", "max_objects"]) {
+    const raw = $(`setting-${name}`).value.trim();
+    if (raw !== "") settings[name] = Number(raw);
+  }
+  return Object.keys(settings).length ? settings : undefined;
+}
+
+function buildRequest() {
+  const body = { settings: readSettings() };
+  switch (state.skill) {
+    case "caption":
+      Object.assign(body, { length: $("caption-length").value, stream: true });
+      break;
+    case "query":
+      Object.assign(body, {
+        question: $("query-question").value,
+        reasoning: $("query-reasoning").checked,
+        stream: true,
+      });
+      break;
+    default:
+      body.object = $(`${state.skill}-object`).value;
+  }
+  if (state.imageUrl) body.image_url = state.imageUrl;
+  else if (state.skill !== "query") return { error: "Choose an image first." };
+  return { body };
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["X-Moondream-Auth"] = key;
+  return h;
+}
+
+// Reads a text/event-stream body and calls onEvent with each parsed data line.
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of block.split("\n")) {
+        if (line.startsWith("data: ")) onEvent(JSON.parse(line.slice(6)));
+      }
+    }
+  }
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return `${response.status}: ${body.error.message}`;
+  } catch {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+function showMetrics(final) {
+  const m = final.metrics;
+  if (!m) return;
+  const parts = [];
+  if (m.input_tokens !== undefined) parts.push(`${m.input_tokens} in / ${m.output_tokens} out tokens`);
+  if (m.ttft_ms !== undefined) parts.push(`first token ${Math.round(m.ttft_ms)} ms`);
+  if (m.decode_time_ms !== undefined) parts.push(`decode ${Math.round(m.decode_time_ms)} ms`);
+  if (final.finish_reason) parts.push(`finish: ${final.finish_reason}`);
+  $("metrics").textContent = parts.join(" · ");
+}
+
+function showReasoning(reasoning) {
+  if (!reasoning) return;
+  $("reasoning").textContent = typeof reasoning === "string" ? reasoning : (reasoning.text ?? JSON.stringify(reasoning, null, 2));
+  $("reasoning-box").hidden = false;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+  $("result").dataset.state = "error";
+}
+
+function resetResult() {
+  $("error").hidden = true;
+  $("output").textContent = "";
+  $("result").dataset.chunks = "0";
+  $("metrics").textContent = "";
+  $("reasoning-box").hidden = true;
+  $("reasoning").textContent = "";
+  clearOverlay();
+}
+
+async function run(event) {
+  event.preventDefault();
+  if (state.controller) return;
+  resetResult();
+  const { body, error } = buildRequest();
+  if (error) { showError(error); return; }
+
+  const skill = state.skill;
+  state.controller = new AbortController();
+  $("run").disabled = true;
+  $("stop").disabled = false;
+  $("result").dataset.state = "running";
+  try {
+    const response = await fetch(`/v1/${skill}`, {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
+    });
+    if (!response.ok) { showError(await errorMessage(response)); return; }
+
+    if (response.headers.get("Content-Type").startsWith("text/event-stream")) {
+      let failed = false;
+      await readEvents(response, (e) => {
+        if (e.error) { showError(e.error.message); failed = true; return; }
+        if (e.chunk) {
+          $("output").textContent += e.chunk;
+          $("result").dataset.chunks = String(Number($("result").dataset.chunks) + 1);
+        }
+        if (e.completed) { showMetrics(e); showReasoning(e.reasoning); }
+      });
+      if (!failed) $("result").dataset.state = "done";
+      return;
+    }
+
+    const result = await response.json();
+    if (skill === "detect") {
+      drawBoxes(result.objects);
+      $("output").textContent = `${result.objects.length} object(s) found`;
+    } else if (skill === "point") {
+      drawPoints(result.points);
+      $("output").textContent = `${result.points.length} point(s) found`;
+    } else {
+      $("output").textContent = result.caption ?? result.answer;
+      showMetrics(result);
+      showReasoning(result.reasoning);
+    }
+    $("result").dataset.state = "done";
+  } catch (e) {
+    if (e.name === "AbortError") { $("result").dataset.state = "stopped"; }
+    else showError(`Request failed: ${e.message}`);
+  } finally {
+    state.controller = null;
+    $("run").disabled = false;
+    $("stop").disabled = true;
+  }
+}
+
+// ------------------------------------------------------------------ health
+async function refreshHealth() {
+  let ready = false;
+  try {
+    const response = await fetch("/health");
+    const h = await response.json();
+    ready = h.ready;
+    $("health").dataset.status = h.status;
+    $("health-status").textContent = h.status;
+    const m = h.model || {};
+    const where = [m.device, m.dtype].filter(Boolean).join(", ");
+    $("health-model").textContent = `${m.name ?? "?"} @ ${m.revision ?? "?"}${where ? ` (${where})` : ""}`;
+    $("test-model-banner").hidden = !m.test_model;
+    $("api-key-field").dataset.required = String(Boolean(h.auth_required));
+  } catch {
+    $("health").dataset.status = "unavailable";
+    $("health-status").textContent = "unreachable";
+  }
+  // Poll often while the model loads, rarely once it is up.
+  setTimeout(refreshHealth, ready ? 30000 : 3000);
+}
+
+// ------------------------------------------------------------------ start
+setupImageInput();
+for (const tab of document.querySelectorAll("#tabs button")) {
+  tab.addEventListener("click", () => selectSkill(tab.dataset.skill));
+}
+$("ask-form").addEventListener("submit", run);
+$("stop").addEventListener("click", () => state.controller && state.controller.abort());
+$("api-key").value = sessionStorage.getItem("moondream-api-key") || "";
+$("api-key").addEventListener("change", () => sessionStorage.setItem("moondream-api-key", $("api-key").value));
+refreshHealth();
