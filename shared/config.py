@@ -45,6 +45,7 @@ class Config:
     broker_backend_addr: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "BROKER_BACKEND_ADDR", "help": "address workers connect to"})
     worker_secret: str = field(default="", metadata={"env": "WORKER_SECRET", "help": "shared secret workers must present to join (set it when workers join over a network)", "secret": True})
     heartbeat_interval: float = field(default=1.0, metadata={"env": "HEARTBEAT_INTERVAL", "help": "seconds between heartbeats"})
+    no_gpu_grace: float = field(default=5.0, metadata={"env": "NO_GPU_GRACE", "help": "seconds a request waits for a GPU worker when none is registered, then 503"})
     heartbeat_liveness: int = field(default=3, metadata={"env": "HEARTBEAT_LIVENESS", "help": "missed heartbeats before a peer counts as dead"})
 
     # --- API and limits

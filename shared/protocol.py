@@ -67,6 +67,7 @@ class Status(Message):
     model: dict = {}  # from the GPU worker's Ready: name, revision, device, dtype, test_model
     queued: int = 0
     in_flight: int = 0
+    broker_id: str = ""  # changes when the broker restarts: clients fail what they had in flight
 
 
 # ---------------------------------------------------------------- workers <-> broker

@@ -1,0 +1,242 @@
+"""How the HTTP front end talks to the broker.
+
+Many waitress threads use one BrokerClient.  ZeroMQ sockets are not thread
+safe, so one background I/O thread owns the DEALER connected to the broker
+(the vLLM v1 client/EngineCore split):
+
+    request thread --(lock + inproc PUSH)--> I/O thread --DEALER--> broker
+    broker --DEALER--> I/O thread --(per-request queue.Queue)--> request thread
+
+The I/O thread also pings the broker (StatusQuery) every heartbeat interval.
+When the broker stops answering, or answers with a new broker_id (it
+restarted and forgot our requests), every open request ends with
+Error(503, "broker_unavailable") instead of hanging.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Iterator, Optional, Union
+
+import msgspec
+import zmq
+
+from shared import protocol
+from shared.protocol import Cancel, Chunk, Error, Result, Status, StatusQuery, Submit
+
+log = logging.getLogger("broker_client")
+
+Event = Union[Chunk, Result, Error]
+_PING_PREFIX = "ping-"
+_DEADLINE_GRACE = 1.0  # the broker answers 504 at the deadline; we give it this long before we do
+
+
+def _unavailable(request_id: str, why: str) -> Error:
+    return Error(request_id, 503, "broker_unavailable", why)
+
+
+class ReplyStream:
+    """The events of one request, in order, ending with one Result or Error."""
+
+    def __init__(self, client: "BrokerClient", request_id: str, replies: queue.Queue, deadline: float):
+        self.request_id = request_id
+        self._client = client
+        self._replies = replies
+        self._deadline = deadline  # time.time()
+        self._done = False
+
+    def next_event(self, timeout: float) -> Event:
+        """The next event; raises TimeoutError when none arrives within `timeout` seconds."""
+        try:
+            event = self._replies.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            raise TimeoutError(f"no reply for {self.request_id} within {timeout:.1f} s") from None
+        if isinstance(event, (Result, Error)):
+            self._done = True
+        return event
+
+    def __iter__(self) -> Iterator[Event]:
+        while not self._done:
+            remaining = self._deadline - time.time()
+            if remaining <= 0:
+                self.cancel()
+                yield Error(self.request_id, 504, "timeout", "request timed out")
+                return
+            try:
+                yield self.next_event(remaining)
+            except TimeoutError:
+                continue
+
+    def cancel(self) -> None:
+        """Tell the broker to stop this request (no-op once it has finished)."""
+        if self._done:
+            return
+        self._done = True
+        self._client._cancel(self.request_id)
+
+
+class BrokerClient:
+    def __init__(self, config, context: Optional[zmq.Context] = None):
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self._replies: dict[str, queue.Queue] = {}  # request_id -> its reply queue
+        self._replies_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._ids = itertools.count()
+
+        # Request threads hand outgoing messages to the I/O thread through an inproc pipe.
+        address = f"inproc://broker-client-{uuid.uuid4().hex}"
+        self._inbox = self.context.socket(zmq.PULL)  # used by the I/O thread only
+        self._inbox.bind(address)
+        self._outbox = self.context.socket(zmq.PUSH)  # used by request threads, under the lock
+        self._outbox.setsockopt(zmq.LINGER, 0)
+        self._outbox.connect(address)
+        self._outbox_lock = threading.Lock()
+
+        self._thread = threading.Thread(target=self._io_loop, name="broker-client-io", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API for request threads
+    def submit(self, msg: Submit, image: Optional[bytes] = None) -> ReplyStream:
+        replies: queue.Queue = queue.Queue()
+        with self._replies_lock:
+            self._replies[msg.request_id] = replies
+        deadline = (msg.deadline or time.time() + self.config.request_timeout) + _DEADLINE_GRACE
+        if self._closed.is_set():
+            replies.put(_unavailable(msg.request_id, "client closed"))
+        else:
+            self._hand_to_io(msg.request_id, protocol.encode(msg, image if msg.has_image else None))
+        return ReplyStream(self, msg.request_id, replies, deadline)
+
+    def status(self, timeout: float = 1.0) -> Optional[Status]:
+        """The broker's Status, or None when it does not answer within `timeout` seconds."""
+        request_id = f"status-{uuid.uuid4().hex}"
+        replies: queue.Queue = queue.Queue()
+        with self._replies_lock:
+            self._replies[request_id] = replies
+        try:
+            self._hand_to_io(request_id, protocol.encode(StatusQuery(request_id)))
+            reply = replies.get(timeout=timeout)
+            return reply if isinstance(reply, Status) else None
+        except queue.Empty:
+            return None
+        finally:
+            self._forget(request_id)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join(timeout=5)
+        with self._outbox_lock:
+            self._outbox.close()
+        self._fail_all("client closed")
+
+    # ------------------------------------------------------------------ internals
+    def _hand_to_io(self, request_id: str, frames: list) -> None:
+        with self._outbox_lock:
+            self._outbox.send_multipart([request_id.encode(), *frames], copy=False)
+
+    def _cancel(self, request_id: str) -> None:
+        if self._forget(request_id) is not None and not self._closed.is_set():
+            self._hand_to_io(request_id, protocol.encode(Cancel(request_id)))
+
+    def _forget(self, request_id: str) -> Optional[queue.Queue]:
+        with self._replies_lock:
+            return self._replies.pop(request_id, None)
+
+    def _deliver(self, request_id: str, event, final: bool) -> None:
+        with self._replies_lock:
+            replies = self._replies.pop(request_id, None) if final else self._replies.get(request_id)
+        if replies is not None:  # unknown or finished request ids are dropped
+            replies.put(event)
+
+    def _fail_all(self, why: str) -> None:
+        with self._replies_lock:
+            failing = [rid for rid in self._replies if not rid.startswith("status-")]
+            failing = [(rid, self._replies.pop(rid)) for rid in failing]
+        for request_id, replies in failing:
+            replies.put(_unavailable(request_id, why))
+
+    def _io_loop(self) -> None:
+        dealer = self.context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a broker we are not connected to
+        dealer.connect(self.config.broker_frontend_addr)
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(self._inbox, zmq.POLLIN)
+        interval = self.config.heartbeat_interval
+        expiry = self.config.heartbeat_expiry
+        unsent: list[tuple[float, str, list]] = []  # (first try, request_id, frames) waiting for a connection
+        broker_id = None
+        last_heard = time.monotonic()
+        next_ping = 0.0
+        try:
+            while not self._closed.is_set():
+                ready = dict(poller.poll(100))
+                now = time.monotonic()
+                if self._inbox in ready:
+                    while True:
+                        try:
+                            frames = self._inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        unsent.append((now, frames[0].bytes.decode(), frames[1:]))
+                unsent = self._send_waiting(dealer, unsent, now, expiry)
+                if dealer in ready:
+                    last_heard, broker_id = self._read_replies(dealer, last_heard, broker_id)
+                if now >= next_ping:
+                    next_ping = now + interval
+                    try:
+                        dealer.send_multipart(protocol.encode(StatusQuery(f"{_PING_PREFIX}{next(self._ids)}")), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass  # not connected; silence handles it
+                if now - last_heard > expiry:
+                    with self._replies_lock:
+                        waiting = any(not rid.startswith("status-") for rid in self._replies)
+                    if waiting:
+                        log.warning("broker silent for %.1f s: failing open requests", now - last_heard)
+                        self._fail_all("the broker is not answering")
+        finally:
+            dealer.close(linger=0)
+            self._inbox.close(linger=0)
+
+    def _send_waiting(self, dealer: zmq.Socket, unsent: list, now: float, expiry: float) -> list:
+        """Send what we can; fail what could not reach a broker for `expiry` seconds."""
+        still_waiting = []
+        for first_try, request_id, frames in unsent:
+            try:
+                dealer.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                if now - first_try > expiry:
+                    self._deliver(request_id, _unavailable(request_id, "cannot reach the broker"), final=True)
+                else:
+                    still_waiting.append((first_try, request_id, frames))
+        return still_waiting
+
+    def _read_replies(self, dealer: zmq.Socket, last_heard: float, broker_id):
+        while True:
+            try:
+                frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return last_heard, broker_id
+            last_heard = time.monotonic()
+            try:
+                msg, _ = protocol.decode(frames)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.warning("malformed reply from the broker dropped: %s", exc)
+                continue
+            if isinstance(msg, Status):
+                if broker_id is not None and msg.broker_id and msg.broker_id != broker_id:
+                    log.warning("broker restarted: failing the requests it forgot")
+                    self._fail_all("the broker restarted")
+                broker_id = msg.broker_id or broker_id
+                if not msg.request_id.startswith(_PING_PREFIX):
+                    self._deliver(msg.request_id, msg, final=True)
+            elif isinstance(msg, (Chunk, Result, Error)):
+                self._deliver(msg.request_id, msg, final=not isinstance(msg, Chunk))

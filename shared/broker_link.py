@@ -1,0 +1,108 @@
+"""A worker's connection to the broker (Paranoid Pirate, ZeroMQ Guide ch. 4).
+
+Used by the preprocess and GPU workers: a DEALER socket that announces the
+worker with Ready, sends a Heartbeat every interval, and treats the broker as
+gone when it hears nothing for `heartbeat_expiry` seconds.  Then it closes the
+socket, waits (1 s doubling to 32 s) and connects and registers again.  Any
+message from the broker counts as a sign of life.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Callable, Optional
+
+import msgspec
+import zmq
+
+from shared import protocol
+from shared.protocol import Heartbeat, Ready
+
+log = logging.getLogger("broker_link")
+
+MIN_BACKOFF = 1.0
+MAX_BACKOFF = 32.0
+
+
+def default_worker_id(kind: str) -> str:
+    return f"{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+class BrokerLink:
+    def __init__(self, config, kind: str, capacity: Callable[[], int], model: Optional[dict] = None,
+                 worker_id: Optional[str] = None, context: Optional[zmq.Context] = None):
+        self.config = config
+        self.kind = kind
+        self.capacity = capacity  # called for Ready and every Heartbeat
+        self.model = model or {}
+        self.worker_id = worker_id or default_worker_id(kind)
+        self.context = context or zmq.Context.instance()
+        self.socket: Optional[zmq.Socket] = None
+        self.backoff = MIN_BACKOFF
+        self.connect()
+
+    def connect(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.connect(self.config.broker_backend_addr)
+        now = time.monotonic()
+        self.last_heard = now
+        self.next_heartbeat = now + self.config.heartbeat_interval
+        self.send(Ready(kind=self.kind, worker_id=self.worker_id, capacity=max(1, self.capacity()),
+                        model=self.model, secret=self.config.worker_secret))
+        log.info("connecting to broker at %s as %s", self.config.broker_backend_addr, self.worker_id)
+
+    def send(self, msg: protocol.Message, blob=None) -> bool:
+        """Send without blocking; False when it could not go out (broker gone; we notice by silence)."""
+        try:
+            self.socket.send_multipart(protocol.encode(msg, blob), zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("could not send %s to the broker: %s", type(msg).__name__, exc.strerror)
+            return False
+
+    def receive(self, timeout: float) -> list:
+        """Wait up to `timeout` seconds for messages; return every (msg, blob) waiting, heartbeats left out."""
+        received = []
+        if not self.socket.poll(int(timeout * 1000), zmq.POLLIN):
+            return received
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return received
+            self.last_heard = time.monotonic()
+            self.backoff = MIN_BACKOFF  # the broker answers: next outage starts over at 1 s
+            try:
+                msg, blob = protocol.decode(frames)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.warning("malformed message from the broker dropped: %s", exc)
+                continue
+            if not isinstance(msg, Heartbeat):
+                received.append((msg, blob))
+
+    def keep_alive(self) -> bool:
+        """Heartbeat when due; reconnect when the broker went silent.  True after a
+        reconnect: the caller must drop the work it held (the broker has given up on it)."""
+        now = time.monotonic()
+        if now - self.last_heard > self.config.heartbeat_expiry:
+            log.warning("broker silent for %.1f s; reconnecting in %.0f s", now - self.last_heard, self.backoff)
+            self.socket.close(linger=0)
+            self.socket = None
+            time.sleep(self.backoff)
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+            self.connect()
+            return True
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.config.heartbeat_interval
+            self.send(Heartbeat(worker_id=self.worker_id, free=self.capacity()))
+        return False
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
