@@ -75,9 +75,11 @@ class RequestIdMiddleware:
 
     def process_response(self, req, resp, resource, req_succeeded) -> None:
         resp.set_header("X-Request-ID", req.context.request_id)
-        elapsed_ms = (time.monotonic() - req.context.started) * 1000
-        log.info("%s %s %s %.1fms request_id=%s", req.method, req.path, resp.status_code,
-                 elapsed_ms, req.context.request_id)
+        # For a stream this is the time to its first event, not to its end.
+        elapsed_ms = round((time.monotonic() - req.context.started) * 1000, 1)
+        log.info("%s %s %s", req.method, req.path, resp.status_code,
+                 extra={"request_id": req.context.request_id, "http_status": resp.status_code,
+                        "duration_ms": elapsed_ms})
 
 
 class AuthMiddleware:
