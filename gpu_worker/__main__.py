@@ -1,0 +1,42 @@
+"""Run the GPU worker: `python -m gpu_worker` (supervisord program "gpu_worker").
+
+Loads the model first and only then joins the broker, so the broker never
+routes work to a worker that cannot serve it.  A model that does not load is
+a configuration problem: log one line and exit non-zero (supervisord retries,
+then shows FATAL).
+"""
+import sys
+
+from gpu_worker.engine import ModelLoadError, load_model
+from shared.config import load_config
+from shared.logs import setup_logging
+
+
+def main() -> int:
+    config = load_config()
+    log = setup_logging("gpu_worker", config)
+    log.info("loading model %s (revision %s, device %s, dtype %s)", config.model, config.revision, config.device, config.dtype)
+    try:
+        model = load_model(config)
+    except ModelLoadError as exc:
+        log.error("model load failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return 2
+    except Exception as exc:
+        log.error("model load failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return 2
+    log.info("model ready: %s", model.info)
+
+    from gpu_worker.worker import GpuWorker  # after loading: import errors in the loop show up as such
+
+    try:
+        GpuWorker(config, model).run()
+    except KeyboardInterrupt:
+        pass
+    except Exception:
+        log.exception("GPU worker crashed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
