@@ -50,11 +50,12 @@ class ProgramContext:
     engine: object  # gpu_worker.engine.Engine
     emit: Callable[[str], None]  # streams a text chunk to the client
     position: int = 0  # next free position (kept current by the scheduler)
+    context: int = 2048  # positions available to this sequence (its KV slot's length)
     output_tokens: int = 0
     counters: dict = field(default_factory=dict)
 
     def room(self) -> int:
-        return self.engine.config.max_context - self.position
+        return self.context - self.position
 
 
 Program = Generator[Feed, StepResult, tuple[dict, Optional[str]]]

@@ -213,7 +213,8 @@ class Scheduler:
 
     def _start(self, req: EngineRequest, prefix: Optional[PrefixKV], t_added: float, cache_hit: bool) -> None:
         slot = self.free.pop()
-        ctx = P.ProgramContext(engine=self.engine, emit=lambda text, rid=req.request_id: self._emit(rid, text))
+        ctx = P.ProgramContext(engine=self.engine, emit=lambda text, rid=req.request_id: self._emit(rid, text),
+                               context=self.cache.context)
         if prefix is not None:
             self.cache.load_prefix(slot, prefix)
             ctx.position = prefix.length

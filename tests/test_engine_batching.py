@@ -1,0 +1,137 @@
+"""Batching must not change answers: several images and prompts decoded together
+give exactly what each gives alone, also when requests join a running batch."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from gpu_worker.engine_types import EngineRequest
+from gpu_worker.scheduler import Scheduler
+from tests.engine_helpers import fixture_engine, fixture_image, run_requests
+
+IMAGES = ["small_96x64.png", "landscape_800x600.png", "tall_300x1500.png", "photo_773x767.jpg", "wide_1920x1080.png"]
+
+
+def mixed_requests():
+    """Different skills, images, prompt lengths and settings (greedy and seeded sampling)."""
+    specs = [
+        ("caption", {"length": "short"}, {"temperature": 0, "max_tokens": 12}),
+        ("caption", {"length": "long"}, {"temperature": 0.7, "top_p": 0.9, "max_tokens": 20}),
+        ("query", {"question": "What is in the image?"}, {"temperature": 0, "max_tokens": 10}),
+        ("query", {"question": "How many?", "reasoning": True}, {"temperature": 0, "max_tokens": 8}),
+        ("query", {"question": "Where?", "spatial_refs": [[0.2, 0.3], [0.1, 0.1, 0.5, 0.6]]}, {"temperature": 1.0, "top_p": 0.5, "max_tokens": 9}),
+        ("detect", {"object": "cat"}, {"max_objects": 3}),
+        ("point", {"object": "red sofa"}, {"max_objects": 4}),
+        ("caption", {"length": "normal"}, {"temperature": 0, "max_tokens": 30}),
+    ]
+    reqs = []
+    for i, (skill, params, settings) in enumerate(specs):
+        image = fixture_image("main", IMAGES[i % len(IMAGES)])
+        reqs.append(EngineRequest(uuid.uuid4().hex, skill, dict(params), dict(settings), image, seed=1000 + i))
+    reqs.append(EngineRequest(uuid.uuid4().hex, "query", {"question": "Hello there"}, {"temperature": 0, "max_tokens": 7}, None, seed=7))
+    return reqs
+
+
+def clone(req: EngineRequest) -> EngineRequest:
+    return EngineRequest(uuid.uuid4().hex, req.skill, dict(req.params), dict(req.settings), req.image, req.seed)
+
+
+def summary(outcome):
+    return outcome.output, outcome.finish_reason, outcome.chunks, outcome.error
+
+
+@pytest.fixture(scope="module")
+def serial_answers():
+    engine = fixture_engine("main")
+    answers = []
+    for req in mixed_requests():
+        sched = Scheduler(engine, max_batch=1)
+        answers.append(summary(run_requests(sched, [req])[req.request_id]))
+    return answers
+
+
+def test_batched_equals_serial(serial_answers):
+    sched = Scheduler(fixture_engine("main"), max_batch=16)
+    reqs = mixed_requests()
+    outcomes = run_requests(sched, reqs)
+    assert [summary(outcomes[r.request_id]) for r in reqs] == serial_answers
+    assert all(a[3] is None for a in serial_answers)
+
+
+def test_requests_joining_a_running_batch_equal_serial(serial_answers):
+    """Continuous batching: add requests while others are mid-generation."""
+    sched = Scheduler(fixture_engine("main"), max_batch=4)  # fewer slots than requests: some wait
+    reqs = mixed_requests()
+    results = {}
+    pending = list(reqs)
+    chunks = {r.request_id: [] for r in reqs}
+    step = 0
+    while pending or sched.has_work():
+        if pending and step % 3 == 0:
+            sched.add(pending.pop(0))
+        for ev in sched.step():
+            if hasattr(ev, "text"):
+                chunks[ev.request_id].append(ev.text)
+            elif hasattr(ev, "output"):
+                results[ev.request_id] = (ev.output, ev.finish_reason, chunks[ev.request_id], None)
+            else:
+                results[ev.request_id] = (None, None, chunks[ev.request_id], ev.message)
+        step += 1
+    assert [results[r.request_id] for r in reqs] == serial_answers
+
+
+def test_three_questions_one_image_encode_it_once():
+    engine = fixture_engine("main")
+    sched = Scheduler(engine, max_batch=4)
+    image = fixture_image("main", "photo_773x767.jpg")
+    reqs = [EngineRequest(uuid.uuid4().hex, "query", {"question": q}, {"temperature": 0, "max_tokens": 5}, image)
+            for q in ("What is it?", "What colour?", "How many?")]
+    first = run_requests(sched, reqs[:1])
+    rest = run_requests(sched, reqs[1:])
+    assert sched.stats()["image_encodes"] == 1
+    assert first[reqs[0].request_id].metrics["image_cache_hit"] is False
+    assert all(rest[r.request_id].metrics["image_cache_hit"] for r in reqs[1:])
+
+
+def test_abort_frees_the_slot_and_others_continue():
+    sched = Scheduler(fixture_engine("main"), max_batch=2)
+    image = fixture_image("main", "small_96x64.png")
+    a = EngineRequest("a", "caption", {"length": "long"}, {"temperature": 0, "max_tokens": 50}, image)
+    b = EngineRequest("b", "caption", {"length": "short"}, {"temperature": 0, "max_tokens": 5}, image)
+    sched.add(a)
+    sched.add(b)
+    sched.step()
+    sched.step()
+    sched.abort("a")
+    assert sched.free_slots() == 1
+    finished = []
+    while sched.has_work():
+        finished += [ev.request_id for ev in sched.step() if hasattr(ev, "output")]
+    assert finished == ["b"]
+
+
+@pytest.mark.parametrize("bad", [
+    dict(skill="caption", params={"length": "huge"}),
+    dict(skill="detect", params={"object": "cat"}, image=None),
+    dict(skill="query", params={"question": "q"}, settings={"max_tokens": 0}),
+    dict(skill="query", params={"question": "q"}, settings={"top_p": 2}),
+    dict(skill="query", params={"question": "q", "spatial_refs": [[2, 2]]}),
+    dict(skill="paint", params={}),
+])
+def test_invalid_requests_are_refused(bad):
+    sched = Scheduler(fixture_engine("main"), max_batch=1)
+    req = EngineRequest("x", bad["skill"], bad["params"], bad.get("settings", {}),
+                        bad.get("image", fixture_image("main", "small_96x64.png")))
+    with pytest.raises(ValueError):
+        sched.add(req)
+
+
+def test_context_overflow_ends_with_length():
+    """A generation that would run past the cache's context stops cleanly."""
+    sched = Scheduler(fixture_engine("main"), max_batch=1, context=760)
+    image = fixture_image("main", "small_96x64.png")
+    req = EngineRequest("c", "caption", {"length": "short"}, {"temperature": 0, "max_tokens": 100}, image)
+    out = run_requests(sched, [req])["c"]
+    assert out.error is None and out.finish_reason == "length"
+    assert out.metrics["output_tokens"] <= 760 - 730
