@@ -1,0 +1,301 @@
+"""Malformed requests to the front end get the right 4xx, as JSON.
+
+Everything here is rejected before the broker would be asked, so the app runs
+with `RejectingBrokerStandIn`, which fails the test if it is called at all.
+The one fault-injection case (a broker client that raises) checks that a bug
+becomes a logged JSON 500 and not a crash.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+
+import falcon.testing
+import pytest
+from PIL import Image
+
+from frontend.app import create_app
+from frontend.schemas import MAX_SPATIAL_REFS
+from shared.config import load_config
+
+API_KEY = "test-key-123"
+
+
+class RejectingBrokerStandIn:
+    """Stands in for BrokerClient where no request may reach the broker."""
+
+    def __init__(self):
+        self.calls = []
+
+    def submit(self, msg, image):
+        self.calls.append(("submit", msg))
+        pytest.fail(f"request reached the broker: {msg}")  # BaseException: escapes Falcon's handlers
+
+    def status(self, timeout=1.0):
+        self.calls.append(("status", None))
+        pytest.fail("/health reached the broker")
+
+    def close(self):
+        pass
+
+
+class ExplodingBrokerStandIn(RejectingBrokerStandIn):
+    """Fault injection: the broker client raises as if it had a bug."""
+
+    def submit(self, msg, image):
+        self.calls.append(("submit", msg))
+        raise RuntimeError("injected fault")
+
+
+def png_data_url() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+IMAGE = png_data_url()
+
+
+@pytest.fixture(scope="module")
+def config():
+    # Small limits so the "too large" / "too long" cases stay cheap.
+    return dataclasses.replace(load_config(), api_key="", max_body_bytes=64 * 1024,
+                               max_text_chars=100, max_tokens_limit=512, max_objects_limit=20)
+
+
+@pytest.fixture
+def broker():
+    stand_in = RejectingBrokerStandIn()
+    yield stand_in
+    assert stand_in.calls == []
+
+
+@pytest.fixture
+def client(config, broker):
+    return falcon.testing.TestClient(create_app(config, broker))
+
+
+def post(client, path, body, headers=None):
+    return client.simulate_post(path, body=json.dumps(body), headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def assert_error(result, status, code=None, message_part=None):
+    assert result.status_code == status, result.text
+    assert result.headers["content-type"].startswith("application/json")
+    body = result.json
+    assert set(body) == {"error", "request_id"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["request_id"] == result.headers["x-request-id"]
+    if code is not None:
+        assert body["error"]["code"] == code
+    if message_part is not None:
+        assert message_part in body["error"]["message"]
+
+
+# ---------------------------------------------------------------- body, JSON, content type
+@pytest.mark.parametrize("raw", [b"{", b"not json", b'{"image_url": "x",}', b"\xff\xfe"])
+def test_bad_json_is_400(client, raw):
+    result = client.simulate_post("/v1/caption", body=raw, headers={"Content-Type": "application/json"})
+    assert_error(result, 400, "invalid_json")
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'"caption"', b"42", b"null"])
+def test_json_that_is_not_an_object_is_400(client, raw):
+    assert_error(client.simulate_post("/v1/caption", body=raw, headers={"Content-Type": "application/json"}),
+                 400, "invalid_request")
+
+
+def test_empty_body_is_400(client):
+    assert_error(client.simulate_post("/v1/caption", body=b"", headers={"Content-Type": "application/json"}), 400)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_non_json_content_type_is_415(client, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    result = client.simulate_post("/v1/caption", body=json.dumps({"image_url": IMAGE}), headers=headers)
+    assert_error(result, 415, "unsupported_media_type")
+
+
+def test_json_content_type_with_charset_is_accepted(client):
+    # Gets past the content-type check to the length check (422), so it was read as JSON.
+    result = client.simulate_post("/v1/caption", body=json.dumps({"image_url": IMAGE, "length": "huge"}),
+                                  headers={"Content-Type": "application/json; charset=utf-8"})
+    assert_error(result, 422)
+
+
+def test_oversized_body_is_413(client, config):
+    big = {"image_url": "data:image/png;base64," + "A" * config.max_body_bytes}
+    assert_error(post(client, "/v1/caption", big), 413, "payload_too_large")
+
+
+def test_body_at_the_limit_is_read(client, config):
+    # Exactly max_body_bytes: not too large; rejected later for its length value.
+    body = {"image_url": IMAGE, "length": "huge", "pad": ""}
+    body["pad"] = "x" * (config.max_body_bytes - len(json.dumps(body)))
+    assert len(json.dumps(body)) == config.max_body_bytes
+    assert_error(post(client, "/v1/caption", body), 422)
+
+
+# ---------------------------------------------------------------- missing and wrong-typed fields (400)
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/caption", {}, "image_url"),
+    ("/v1/caption", {"length": "short"}, "image_url"),
+    ("/v1/query", {"image_url": IMAGE}, "question"),
+    ("/v1/detect", {"image_url": IMAGE}, "object"),
+    ("/v1/detect", {"object": "face"}, "image_url"),
+    ("/v1/point", {"image_url": IMAGE}, "object"),
+])
+def test_missing_field_is_400(client, path, body, field):
+    assert_error(post(client, path, body), 400, "invalid_request", field)
+
+
+@pytest.mark.parametrize("path, body, where", [
+    ("/v1/caption", {"image_url": 5}, "$.image_url"),
+    ("/v1/caption", {"image_url": IMAGE, "length": 3}, "$.length"),
+    ("/v1/caption", {"image_url": IMAGE, "stream": "yes"}, "$.stream"),
+    ("/v1/caption", {"image_url": IMAGE, "settings": [0.5]}, "$.settings"),
+    ("/v1/caption", {"image_url": IMAGE, "settings": {"max_tokens": "100"}}, "$.settings.max_tokens"),
+    ("/v1/caption", {"image_url": IMAGE, "settings": {"max_tokens": 10.5}}, "$.settings.max_tokens"),
+    ("/v1/caption", {"image_url": IMAGE, "settings": {"temperature": True}}, "$.settings.temperature"),
+    ("/v1/query", {"question": ["why"]}, "$.question"),
+    ("/v1/query", {"question": "why?", "reasoning": "no"}, "$.reasoning"),
+    ("/v1/query", {"question": "why?", "image_url": IMAGE, "spatial_refs": [0.1, 0.2]}, "$.spatial_refs[0]"),
+    ("/v1/query", {"question": "why?", "image_url": IMAGE, "spatial_refs": [["a", "b"]]}, "$.spatial_refs[0][0]"),
+    ("/v1/detect", {"image_url": IMAGE, "object": None}, "$.object"),
+    ("/v1/point", {"image_url": IMAGE, "object": "x", "settings": {"max_objects": "3"}}, "$.settings.max_objects"),
+])
+def test_wrong_type_is_400_and_names_the_field(client, path, body, where):
+    assert_error(post(client, path, body), 400, "invalid_request", where)
+
+
+# ---------------------------------------------------------------- image_url (400 / 415)
+def test_remote_image_url_is_refused(client):
+    for url in ("http://example.com/cat.jpg", "https://example.com/cat.jpg", "HTTPS://example.com/a.png"):
+        assert_error(post(client, "/v1/caption", {"image_url": url}), 400, "remote_image_disabled",
+                     "remote image URLs are disabled")
+
+
+@pytest.mark.parametrize("url", [
+    "", "cat.jpg", "file:///etc/passwd", "ftp://example.com/cat.jpg",
+    "data:image/png,iVBORw0KGgo",        # not base64-flagged
+    "data:image/png;base64",             # no comma, no data
+])
+def test_malformed_image_url_is_400(client, url):
+    assert_error(post(client, "/v1/caption", {"image_url": url}), 400, "invalid_image_url")
+
+
+@pytest.mark.parametrize("url", [
+    "data:image/png;base64,@@@@",
+    "data:image/png;base64,iVBORw0KGgo=AAAA",   # data after padding
+    "data:image/png;base64,iVBORw0KGgo",        # length not a multiple of 4
+    "data:image/png;base64,iVBOR\u00e9w0KGgo=",  # non-ASCII
+])
+def test_bad_base64_is_400(client, url):
+    assert_error(post(client, "/v1/caption", {"image_url": url}), 400, "invalid_base64")
+
+
+def test_empty_image_is_400(client):
+    assert_error(post(client, "/v1/detect", {"image_url": "data:image/png;base64,", "object": "x"}), 400, "invalid_image")
+
+
+@pytest.mark.parametrize("url", ["data:text/plain;base64,aGVsbG8=", "data:application/pdf;base64,JVBERi0=", "data:;base64,aGVsbG8="])
+def test_data_url_that_is_not_an_image_is_415(client, url):
+    assert_error(post(client, "/v1/caption", {"image_url": url}), 415, "unsupported_media_type")
+
+
+# ---------------------------------------------------------------- values that make no sense (422)
+@pytest.mark.parametrize("path, body, message_part", [
+    ("/v1/caption", {"image_url": IMAGE, "length": "huge"}, "length"),
+    ("/v1/caption", {"image_url": IMAGE, "settings": {"max_tokens": 0}}, "max_tokens"),
+    ("/v1/caption", {"image_url": IMAGE, "settings": {"max_tokens": 513}}, "max_tokens"),
+    ("/v1/caption", {"image_url": IMAGE, "settings": {"temperature": -0.1}}, "temperature"),
+    ("/v1/caption", {"image_url": IMAGE, "settings": {"top_p": 1.5}}, "top_p"),
+    ("/v1/caption", {"image_url": IMAGE, "settings": {"top_p": -0.2}}, "top_p"),
+    ("/v1/detect", {"image_url": IMAGE, "object": "x", "settings": {"max_objects": 0}}, "max_objects"),
+    ("/v1/detect", {"image_url": IMAGE, "object": "x", "settings": {"max_objects": 21}}, "max_objects"),
+    ("/v1/query", {"question": ""}, "question"),
+    ("/v1/query", {"question": "   "}, "question"),
+    ("/v1/query", {"question": "q" * 101}, "question"),
+    ("/v1/detect", {"image_url": IMAGE, "object": ""}, "object"),
+    ("/v1/point", {"image_url": IMAGE, "object": "o" * 101}, "object"),
+    ("/v1/query", {"question": "what is here?", "spatial_refs": [[0.5, 0.5]]}, "need an image"),
+    ("/v1/query", {"question": "q", "image_url": IMAGE, "spatial_refs": [[0.5]]}, "spatial_refs[0]"),
+    ("/v1/query", {"question": "q", "image_url": IMAGE, "spatial_refs": [[0.1, 0.2, 0.3]]}, "spatial_refs[0]"),
+    ("/v1/query", {"question": "q", "image_url": IMAGE, "spatial_refs": [[0.1, 0.2], [1.5, 0.2]]}, "spatial_refs[1]"),
+    ("/v1/query", {"question": "q", "image_url": IMAGE, "spatial_refs": [[0.6, 0.2, 0.3, 0.9]]}, "x_min <= x_max"),
+    ("/v1/query", {"question": "q", "image_url": IMAGE, "spatial_refs": [[0.5, 0.5]] * (MAX_SPATIAL_REFS + 1)}, "spatial_refs"),
+    ("/v1/point", {"image_url": IMAGE, "object": "x", "spatial_refs": [[0.5, 0.5]]}, "spatial_refs"),
+])
+def test_semantically_invalid_is_422(client, path, body, message_part):
+    assert_error(post(client, path, body), 422, "invalid_value", message_part)
+
+
+# ---------------------------------------------------------------- auth (401)
+@pytest.fixture
+def keyed_client(config, broker):
+    return falcon.testing.TestClient(create_app(dataclasses.replace(config, api_key=API_KEY), broker))
+
+
+@pytest.mark.parametrize("path", ["/v1/caption", "/v1/query", "/v1/detect", "/v1/point", "/v1/unknown"])
+@pytest.mark.parametrize("key", [None, "", "wrong", API_KEY + "x", API_KEY.upper()])
+def test_missing_or_wrong_key_is_401(keyed_client, path, key):
+    headers = {"X-Moondream-Auth": key} if key is not None else {}
+    assert_error(post(keyed_client, path, {"image_url": IMAGE}, headers), 401, "unauthorized")
+
+
+def test_auth_comes_before_validation(keyed_client):
+    result = keyed_client.simulate_post("/v1/caption", body=b"{", headers={"Content-Type": "text/plain"})
+    assert_error(result, 401)
+
+
+def test_right_key_gets_through(keyed_client):
+    # Through auth to validation: the bad length proves the request was read.
+    result = post(keyed_client, "/v1/caption", {"image_url": IMAGE, "length": "huge"}, {"X-Moondream-Auth": API_KEY})
+    assert_error(result, 422)
+
+
+def test_page_and_liveness_need_no_key(keyed_client):
+    assert keyed_client.simulate_get("/health/live").status_code == 200
+    page = keyed_client.simulate_get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert keyed_client.simulate_get("/static/app.js").status_code == 200
+
+
+# ---------------------------------------------------------------- routing, ids, bugs
+def test_unknown_route_and_method_are_json(client):
+    assert_error(client.simulate_get("/v1/nope"), 404, "not_found")
+    result = client.simulate_get("/v1/caption")
+    assert_error(result, 405, "method_not_allowed")
+    assert "POST" in result.headers["allow"]
+
+
+def test_request_id_is_echoed_when_sane(client):
+    result = post(client, "/v1/caption", {"image_url": IMAGE, "length": "huge"}, {"X-Request-ID": "trace-42.a:b"})
+    assert result.headers["x-request-id"] == "trace-42.a:b"
+    assert result.json["request_id"] == "trace-42.a:b"
+
+
+@pytest.mark.parametrize("given", ["has space", "x" * 129, "semi;colon", "new\u00e9line"])
+def test_unsafe_request_id_is_replaced(client, given):
+    result = post(client, "/v1/caption", {"image_url": IMAGE, "length": "huge"}, {"X-Request-ID": given})
+    rid = result.headers["x-request-id"]
+    assert rid != given and len(rid) == 32 and int(rid, 16) >= 0
+    assert result.json["request_id"] == rid
+
+
+def test_model_field_is_accepted_and_ignored(client):
+    # The official client sends "model"; it must not be an error.
+    result = post(client, "/v1/caption", {"image_url": IMAGE, "length": "huge", "model": "moondream-2"})
+    assert_error(result, 422, message_part="length")
+
+
+def test_a_bug_is_a_logged_json_500(config, caplog):
+    app = create_app(config, ExplodingBrokerStandIn())
+    with caplog.at_level(logging.ERROR, logger="frontend"):
+        result = post(falcon.testing.TestClient(app), "/v1/caption", {"image_url": IMAGE})
+    assert_error(result, 500, "internal_error")
+    assert "injected fault" not in result.text  # no internals leak to the client
+    assert any("injected fault" in (r.exc_text or str(r.exc_info)) for r in caplog.records)
