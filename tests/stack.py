@@ -1,0 +1,192 @@
+"""Start real processes on free ports for tests and benchmarks.
+
+`running_stack()` runs the whole service under real supervisord (supervisord.conf
+at the repo root) with the tiny test model, waits until GET /health says ready,
+and shuts it down afterwards:
+
+    with running_stack() as stack:
+        requests.get(stack.url + "/health")
+        stack.supervisorctl("restart", "gpu_worker")
+
+`ProcessGroup` starts single processes (`python -m broker`, ...) with the same
+environment, for tests of the broker without HTTP.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_MODEL = "tests/conformance/main"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stack_env(run_dir: Path, **overrides) -> dict:
+    """Environment for every process of one test stack: its own ports, fast heartbeats."""
+    front, back = free_port(), free_port()
+    env = dict(os.environ)
+    env.update({
+        "RUN_DIR": str(run_dir),
+        "PORT": str(free_port()),
+        "HOST": "127.0.0.1",
+        "BROKER_FRONTEND_BIND": f"tcp://127.0.0.1:{front}",
+        "BROKER_FRONTEND_ADDR": f"tcp://127.0.0.1:{front}",
+        "BROKER_BACKEND_BIND": f"tcp://127.0.0.1:{back}",
+        "BROKER_BACKEND_ADDR": f"tcp://127.0.0.1:{back}",
+        "MOONDREAM_MODEL": str(REPO / TEST_MODEL),
+        "MOONDREAM_DEVICE": "cpu",
+        "PREPROCESS_WORKERS": "2",
+        "HEARTBEAT_INTERVAL": "0.25",
+        "HEARTBEAT_LIVENESS": "4",
+        "NO_GPU_GRACE": "2",
+        "IMAGE_CACHE_MB": "256",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def config_from_env(env: dict):
+    """The Config the processes started with `env` will see."""
+    from unittest import mock
+
+    from shared.config import load_config
+
+    with mock.patch.dict(os.environ, env, clear=True):
+        return load_config()
+
+
+class ProcessGroup:
+    """Single service processes (`python -m <module>`) that are all stopped at the end."""
+
+    def __init__(self, env: dict, log_dir: Path):
+        self.env = env
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, module: str, name: Optional[str] = None, **env_overrides) -> subprocess.Popen:
+        name = name or f"{module}-{len(self.procs)}"
+        log = open(self.log_dir / f"{name}.log", "ab")
+        env = {**self.env, **{k: str(v) for k, v in env_overrides.items()}}
+        proc = subprocess.Popen([sys.executable, "-m", module], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        proc.log_path = self.log_dir / f"{name}.log"
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@dataclasses.dataclass
+class Stack:
+    run_dir: Path
+    env: dict
+    process: subprocess.Popen  # supervisord
+
+    @property
+    def port(self) -> int:
+        return int(self.env["PORT"])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config(self):
+        return config_from_env(self.env)
+
+    def supervisorctl(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(REPO / "supervisord.conf"), *args],
+                              env=self.env, cwd=REPO, capture_output=True, text=True, timeout=60, check=check)
+
+    def states(self) -> dict[str, str]:
+        """Program name -> supervisord state (RUNNING, STARTING, FATAL, ...)."""
+        out = self.supervisorctl("status").stdout
+        return {line.split()[0]: line.split()[1] for line in out.splitlines() if len(line.split()) >= 2}
+
+    def pid(self, name: str) -> int:
+        return int(self.supervisorctl("pid", name).stdout.strip())
+
+    def log(self, name: str) -> str:
+        path = self.run_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def health(self) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        """Wait until /health says ready with every preprocess worker registered."""
+        want = int(self.env["PREPROCESS_WORKERS"])
+        end = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"supervisord exited: {self.log('supervisord')[-2000:]}")
+            try:
+                code, body = self.health()
+                last = body
+                if code == 200 and body.get("workers", {}).get("preprocess") == want:
+                    return body
+            except (OSError, ValueError) as err:
+                last = err
+            time.sleep(0.2)
+        raise TimeoutError(f"stack not ready after {timeout} s: {last}; {self.states()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.supervisorctl("shutdown")
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def running_stack(preprocess_workers: int = 2, ready_timeout: float = 90.0, keep_run_dir: bool = False,
+                  **env_overrides) -> Iterator[Stack]:
+    """The whole service under supervisord on free ports; yields a ready Stack."""
+    run_dir = Path(tempfile.mkdtemp(prefix="md-"))  # short: the control socket path has a length limit
+    env = stack_env(run_dir, PREPROCESS_WORKERS=preprocess_workers, **env_overrides)
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(REPO / "supervisord.conf")],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    stack = Stack(run_dir=run_dir, env=env, process=proc)
+    try:
+        stack.wait_ready(ready_timeout)
+        yield stack
+    finally:
+        stack.stop()
+        if not keep_run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
