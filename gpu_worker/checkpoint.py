@@ -173,6 +173,13 @@ TINY_CONFIG = {
     "text": {"dim": 128, "ff_dim": 256, "n_layers": 3, "vocab_size": 512, "n_heads": 2, "n_kv_heads": 2},
     "vision": {"enc_dim": 32, "enc_ff_dim": 64, "enc_n_heads": 2, "proj_inner_dim": 128},
     "region": {"inner_dim": 128},
+    # the conformance models' template ids, which fit the tiny vocabulary
+    "tokenizer": {**_TOKENIZER_2025_06_21, "templates": {
+        "caption": {"short": [1, 300, 2, 301, 3], "normal": [1, 300, 2, 302, 3], "long": [1, 300, 2, 303, 3]},
+        "query": {"prefix": [1, 304, 2], "suffix": [3]},
+        "detect": {"prefix": [1, 305, 306, 2], "suffix": [3]},
+        "point": {"prefix": [1, 307, 2], "suffix": [3]},
+    }},
 }
 
 

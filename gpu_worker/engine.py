@@ -34,6 +34,11 @@ class Engine:
             "test_model": checkpoint.test_model,
         }
 
+    def create_scheduler(self, max_batch: int = 32, image_cache_bytes: int = 1 << 30, **kwargs):
+        from gpu_worker.scheduler import Scheduler
+
+        return Scheduler(self, max_batch=max_batch, image_cache_bytes=image_cache_bytes, **kwargs)
+
     # -- tokens
     def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
         return self.weights["text.wte"][torch.tensor(list(ids), device=self.device)]

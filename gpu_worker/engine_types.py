@@ -12,6 +12,7 @@ class ImageInput:
     crops: np.ndarray  # uint8 (n_crops, 378, 378, 3): global crop first, then row-major local crops
     tiling: tuple[int, int]  # (rows, cols) of the local crops
     key: str = ""  # hash of the decoded pixels; same key = same image = reuse its encoded prefix
+    pixels: Optional[np.ndarray] = None  # decoded RGB (H, W, 3): only the transformers engine needs it
 
 
 @dataclass
