@@ -1,0 +1,145 @@
+"""The try-it page at GET /, in a real headless Chromium against the real stack
+(supervisord, broker, workers and the tiny random-weight test model).
+
+Needs Debian's chromium and chromium-driver (scripts/test.sh installs them);
+skipped with a clear reason when they are missing.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTO = REPO / "tests/conformance/main/images/photo_773x767.jpg"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+    pytest.skip("chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)",
+                allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402  (only needed when chromium is there)
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+# Counts the canvas pixels that something was drawn on.
+DRAWN_PIXELS_JS = """
+const c = document.getElementById('overlay');
+const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let n = 0;
+for (let i = 3; i < data.length; i += 4) if (data[i] > 0) n++;
+return n;
+"""
+
+# Records the output's length at every change, to see text arrive in pieces.
+WATCH_OUTPUT_JS = """
+window.__outputLengths = [];
+const out = document.getElementById('output');
+new MutationObserver(() => window.__outputLengths.push(out.textContent.length))
+  .observe(out, {childList: true, characterData: true, subtree: true});
+"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    user_data = tempfile.mkdtemp(prefix="chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", f"--user-data-dir={user_data}", "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(user_data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page(stack, browser):
+    """The page loaded, its health check done, an image chosen."""
+    browser.get(stack.url + "/")
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda d: d.find_element(By.ID, "health").get_attribute("data-status") == "ok")
+    browser.find_element(By.ID, "image-input").send_keys(str(PHOTO))
+    wait.until(lambda d: d.find_element(By.ID, "image-stage").get_attribute("data-loaded") == "true")
+    return browser
+
+
+def run_and_wait(driver, timeout=60) -> str:
+    driver.find_element(By.ID, "run").click()
+    WebDriverWait(driver, timeout).until(
+        lambda d: d.find_element(By.ID, "result").get_attribute("data-state") in ("done", "error"))
+    return driver.find_element(By.ID, "result").get_attribute("data-state")
+
+
+def test_page_shows_health_and_test_model_banner(page):
+    assert page.find_element(By.ID, "health-status").text == "ok"
+    assert "conformance/main" in page.find_element(By.ID, "health-model").text
+    assert page.find_element(By.ID, "test-model-banner").is_displayed()
+    canvas = page.find_element(By.ID, "overlay")
+    assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("773", "767")
+
+
+def test_caption_streams_into_the_page(page):
+    page.find_element(By.ID, "tab-caption").click()
+    page.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    max_tokens = page.find_element(By.ID, "setting-max_tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("40")
+    page.execute_script(WATCH_OUTPUT_JS)
+
+    assert run_and_wait(page) == "done", page.find_element(By.ID, "error").text
+    text = page.find_element(By.ID, "output").get_attribute("textContent")
+    assert text
+    # Several SSE events, each one drawn as it came: the text grew in steps.
+    assert int(page.find_element(By.ID, "result").get_attribute("data-chunks")) >= 2
+    lengths = [n for n in page.execute_script("return window.__outputLengths") if n > 0]
+    assert len(set(lengths)) >= 2 and lengths == sorted(lengths) and lengths[-1] == len(text)
+    assert "tokens" in page.find_element(By.ID, "metrics").text
+
+
+def test_detect_draws_boxes(page, tmp_path):
+    page.find_element(By.ID, "tab-detect").click()
+    field = page.find_element(By.ID, "detect-object")
+    field.clear()
+    field.send_keys("face")
+
+    assert run_and_wait(page) == "done", page.find_element(By.ID, "error").text
+    boxes = int(page.find_element(By.ID, "overlay").get_attribute("data-boxes"))
+    assert boxes > 0
+    assert page.find_element(By.ID, "output").text == f"{boxes} object(s) found"
+    assert page.execute_script(DRAWN_PIXELS_JS) > 0
+
+    # One screenshot of the finished page, for a person to look at when it fails.
+    shot = tmp_path / "webpage.png"
+    assert page.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+
+
+def test_point_draws_points(page):
+    page.find_element(By.ID, "tab-point").click()
+    field = page.find_element(By.ID, "point-object")
+    field.clear()
+    field.send_keys("eye")
+
+    assert run_and_wait(page) == "done", page.find_element(By.ID, "error").text
+    canvas = page.find_element(By.ID, "overlay")
+    assert canvas.get_attribute("data-boxes") == "0"  # the boxes from before were cleared
+    assert int(canvas.get_attribute("data-points")) > 0
+    assert page.execute_script(DRAWN_PIXELS_JS) > 0
+
+
+def test_errors_are_shown(page):
+    # An empty question is refused (422) and the page says why.
+    page.find_element(By.ID, "tab-query").click()
+    page.find_element(By.ID, "query-question").clear()
+    assert run_and_wait(page) == "error"
+    assert "question" in page.find_element(By.ID, "error").text
