@@ -54,8 +54,8 @@ def stack_env(run_dir: Path, **overrides) -> dict:
         "MOONDREAM_MODEL": str(REPO / TEST_MODEL),
         "MOONDREAM_DEVICE": "cpu",
         "PREPROCESS_WORKERS": "2",
-        "HEARTBEAT_INTERVAL": "0.25",
-        "HEARTBEAT_LIVENESS": "4",
+        "HEARTBEAT_INTERVAL": "0.5",
+        "HEARTBEAT_LIVENESS": "6",  # 3 s: a CPU test model step can take a second
         "NO_GPU_GRACE": "2",
         "IMAGE_CACHE_MB": "256",
         "PYTHONUNBUFFERED": "1",
