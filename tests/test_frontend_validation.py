@@ -299,3 +299,46 @@ def test_a_bug_is_a_logged_json_500(config, caplog):
     assert_error(result, 500, "internal_error")
     assert "injected fault" not in result.text  # no internals leak to the client
     assert any("injected fault" in (r.exc_text or str(r.exc_info)) for r in caplog.records)
+
+
+# ---------------------------------------------------------------- images a preprocess worker refuses
+# These need the real broker and workers (the `stack` fixture): the front end
+# passes the bytes on undecoded, and the worker's verdict must come back as
+# the right status.
+def encoded(image: Image.Image, fmt: str, **save_args) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save_args)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def live_client(stack):
+    from frontend.broker_client import BrokerClient
+
+    broker = BrokerClient(stack.config)
+    yield falcon.testing.TestClient(create_app(stack.config, broker))
+    broker.close()
+
+
+@pytest.mark.parametrize("data, mime, status", [
+    (b"hello, this is not an image", "image/png", 400),
+    (encoded(Image.new("RGB", (8, 8)), "TIFF"), "image/tiff", 415),
+    (encoded(Image.new("RGB", (64, 64), "blue"), "PNG")[:80], "image/png", 422),  # truncated
+    (encoded(Image.new("L", (20_000, 1)), "PNG"), "image/png", 413),             # wider than MAX_IMAGE_SIDE
+], ids=["not-an-image", "tiff", "truncated-png", "too-wide"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_image_refused_by_the_worker(live_client, data, mime, status, stream):
+    result = post(live_client, "/v1/caption", {"image_url": data_url(data, mime), "stream": stream})
+    # Even when streaming was asked for, an error before any text is a plain JSON error.
+    assert_error(result, status)
+
+
+def test_a_good_request_goes_through(live_client):
+    image = data_url(encoded(Image.new("RGB", (40, 30), "green"), "JPEG"), "image/jpeg")
+    result = post(live_client, "/v1/detect", {"image_url": image, "object": "square", "settings": {"max_objects": 2}})
+    assert result.status_code == 200, result.text
+    assert set(result.json) == {"request_id", "objects"} and len(result.json["objects"]) <= 2
