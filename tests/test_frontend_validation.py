@@ -318,7 +318,9 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 @pytest.fixture(scope="module")
 def live_client(stack):
     from frontend.broker_client import BrokerClient
+    from tests.frontend_helpers import warm_up
 
+    warm_up(stack)
     broker = BrokerClient(stack.config)
     yield falcon.testing.TestClient(create_app(stack.config, broker))
     broker.close()

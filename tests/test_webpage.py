@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.frontend_helpers import warm_up
+
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "tests/conformance/main/images/photo_773x767.jpg"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -65,6 +67,7 @@ def browser():
 @pytest.fixture(scope="module")
 def page(stack, browser):
     """The page loaded, its health check done, an image chosen."""
+    warm_up(stack)
     browser.get(stack.url + "/")
     wait = WebDriverWait(browser, 20)
     wait.until(lambda d: d.find_element(By.ID, "health").get_attribute("data-status") == "ok")
