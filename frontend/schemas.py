@@ -58,12 +58,14 @@ Model = Annotated[
          "this server runs one model."),
 ]
 
+# extra_json_schema only documents; the ranges are checked by check() (422, not 400).
+Coordinate = Annotated[float, Meta(extra_json_schema={"minimum": 0, "maximum": 1})]
+
 SpatialRef = Annotated[
-    list[float],
+    list[Coordinate],
     Meta(description="A point [x, y] or a box [x_min, y_min, x_max, y_max], "
          "coordinates normalised to 0..1.",
-         extra_json_schema={"minItems": 2, "maxItems": 4,
-                            "items": {"minimum": 0, "maximum": 1}}),
+         extra_json_schema={"minItems": 2, "maxItems": 4}),
 ]
 
 

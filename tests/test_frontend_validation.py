@@ -344,3 +344,16 @@ def test_a_good_request_goes_through(live_client):
     result = post(live_client, "/v1/detect", {"image_url": image, "object": "square", "settings": {"max_objects": 2}})
     assert result.status_code == 200, result.text
     assert set(result.json) == {"request_id", "objects"} and len(result.json["objects"]) <= 2
+
+
+def test_schemas_describe_the_routes():
+    # The same Structs that validate must yield a JSON Schema (for an OpenAPI document).
+    import msgspec
+
+    from frontend.schemas import ROUTES
+
+    _, components = msgspec.json.schema_components([schema for _, schema in ROUTES.values()])
+    assert components["CaptionRequest"]["required"] == ["image_url"]
+    assert components["QueryRequest"]["required"] == ["question"]
+    assert set(components["DetectRequest"]["required"]) == {"image_url", "object"}
+    assert components["CaptionRequest"]["properties"]["length"]["enum"] == ["short", "normal", "long"]
