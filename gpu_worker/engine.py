@@ -73,9 +73,32 @@ class Engine:
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, start_pos: list[int], slots: list[int], cache: M.KVCache) -> torch.Tensor:
-        """(B, T, C) new inputs -> (B, C) raw hidden state of each sequence's last position."""
-        hidden = M.text_forward(embeds, torch.tensor(start_pos, device=self.device),
-                                torch.tensor(slots, device=self.device), cache, self.weights, self.config, self.rope)
+        """(B, T, C) new inputs, sequence i at positions start_pos[i].. of slot slots[i]
+        -> (B, C) raw hidden state of each sequence's last position.
+
+        When the slots are nearly consecutive the batch is laid out over the slot range
+        lo..hi, padding rows for the missing slots, so attention reads the cache in
+        place instead of gathering every sequence's keys (the gather cost more than
+        the attention itself)."""
+        b, t, _ = embeds.shape
+        lo, hi = min(slots), max(slots) + 1
+        live = max(start_pos) + t
+        offsets = torch.arange(t, device=self.device).view(1, t)
+        if hi - lo <= b + max(1, b // 4):
+            span = hi - lo
+            index = torch.tensor([s - lo for s in slots], device=self.device)
+            full = embeds.new_zeros(span, t, embeds.shape[-1])
+            full[index] = embeds
+            starts = torch.zeros(span, dtype=torch.long, device=self.device)
+            starts[index] = torch.tensor(start_pos, device=self.device)
+            positions = starts.view(span, 1) + offsets
+            write = torch.full((span, t), cache.scratch, dtype=torch.long, device=self.device)
+            write[index] = positions[index]
+            hidden = M.text_forward(full, positions, write, slice(lo, hi), live, cache, self.weights, self.config, self.rope)
+            return hidden[index, -1]
+        positions = torch.tensor(start_pos, device=self.device).view(b, 1) + offsets
+        rows = torch.tensor(slots, device=self.device)
+        hidden = M.text_forward(embeds, positions, positions, rows, live, cache, self.weights, self.config, self.rope)
         return hidden[:, -1]
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:

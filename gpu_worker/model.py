@@ -133,16 +133,18 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 class KVCache:
     """Keys and values for `n_slots` sequences of up to `context` positions.
 
-    Layout per layer: (n_slots, kv_heads, context, head_dim).  A sequence owns one
+    Layout per layer: (n_slots, kv_heads, context + 1, head_dim).  A sequence owns one
     slot for its life; its position p lives at [slot, :, p].  Image prefixes are
-    copied in at positions 0..729 (`load_prefix`)."""
+    copied in at positions 0..729 (`load_prefix`).  The extra last position is
+    scratch: padding rows of a batch write there and nobody reads it."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, context: int, device, dtype):
-        shape = (n_slots, cfg.n_kv_heads, context, cfg.head_dim)
+        shape = (n_slots, cfg.n_kv_heads, context + 1, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.n_slots = n_slots
         self.context = context
+        self.scratch = context
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -215,28 +217,30 @@ def prefill_prefixes(embeds: torch.Tensor, w: dict, cfg: ModelConfig, rope) -> t
     return hidden, prefixes
 
 
-def text_forward(embeds: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor,
-                 cache: KVCache, w: dict, cfg: ModelConfig, rope) -> torch.Tensor:
-    """B sequences, each feeding T new positions start_pos[i] .. start_pos[i]+T-1,
-    attending causally to everything at or before each position in their slot.
-    Writes the new keys/values into the cache.  Returns hidden (B, T, C) before post_ln."""
+def text_forward(embeds: torch.Tensor, positions: torch.Tensor, write_positions: torch.Tensor,
+                 rows: "slice | torch.Tensor", live: int, cache: KVCache, w: dict, cfg: ModelConfig, rope) -> torch.Tensor:
+    """B rows, each feeding T new positions `positions` (B, T), attending causally to
+    everything at or before each position in its slot; keys/values are stored at
+    `write_positions` (equal to positions, except padding rows that write to the
+    cache's scratch position).  `rows` names the cache slots of the B rows: a slice
+    when they are consecutive slots (read in place, no copy) or an index tensor
+    (gathered).  `live` bounds the positions read.  Returns hidden (B, T, C) before
+    post_ln."""
     b, t, _ = embeds.shape
-    device = embeds.device
-    offsets = torch.arange(t, device=device)
-    positions = start_pos.view(b, 1) + offsets.view(1, t)  # (B, T)
     cos = rope[0][positions].unsqueeze(1)  # (B, 1, T, 16)
     sin = rope[1][positions].unsqueeze(1)
-    live = int(start_pos.max().item()) + t  # attend over the first `live` positions of each slot
-    key_pos = torch.arange(live, device=device)
-    mask = (key_pos.view(1, 1, 1, live) <= positions.view(b, 1, t, 1))  # (B, 1, T, live)
-    slot_index = slots.view(b, 1)
+    key_pos = torch.arange(live, device=embeds.device)
+    mask = key_pos.view(1, 1, 1, live) <= positions.view(b, 1, t, 1)  # (B, 1, T, live)
+    if isinstance(rows, slice):
+        slot_index = torch.arange(rows.start, rows.stop, device=embeds.device).view(b, 1)
+    else:
+        slot_index = rows.view(b, 1)
 
     def attend_for_layer(layer):
         def attend(k, v):
-            # store the new positions, then read back this batch's slots up to `live`
-            cache.k[layer][slot_index, :, positions] = k.permute(0, 2, 1, 3)
-            cache.v[layer][slot_index, :, positions] = v.permute(0, 2, 1, 3)
-            return cache.k[layer][slots, :, :live], cache.v[layer][slots, :, :live], mask
+            cache.k[layer][slot_index, :, write_positions] = k.permute(0, 2, 1, 3)
+            cache.v[layer][slot_index, :, write_positions] = v.permute(0, 2, 1, 3)
+            return cache.k[layer][rows, :, :live], cache.v[layer][rows, :, :live], mask
         return attend
 
     return _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer)

@@ -15,6 +15,7 @@ depends on the others in its batch.
 from __future__ import annotations
 
 import collections
+import heapq
 import random
 import time
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class Scheduler:
         self.engine = engine
         self.max_batch = max_batch
         self.cache = engine.new_cache(max_batch, context)
-        self.free = list(range(max_batch - 1, -1, -1))
+        self.free = list(range(max_batch))  # a heap: the lowest free slot is taken first, keeping batches dense
         self.waiting: collections.deque[tuple[EngineRequest, float]] = collections.deque()
         self.running: dict[str, Sequence] = {}
         self.images = ImageCache(image_cache_bytes)
@@ -212,7 +213,7 @@ class Scheduler:
         return out, hits
 
     def _start(self, req: EngineRequest, prefix: Optional[PrefixKV], t_added: float, cache_hit: bool) -> None:
-        slot = self.free.pop()
+        slot = heapq.heappop(self.free)
         ctx = P.ProgramContext(engine=self.engine, emit=lambda text, rid=req.request_id: self._emit(rid, text),
                                context=self.cache.context)
         if prefix is not None:
@@ -346,7 +347,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         if seq.slot not in self.free:
-            self.free.append(seq.slot)
+            heapq.heappush(self.free, seq.slot)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
