@@ -82,9 +82,9 @@ class Scheduler:
     def __init__(self, engine, max_batch: int = 32, image_cache_bytes: int = 1 << 30,
                  max_images_per_step: int = 8, context: Optional[int] = None):
         self.engine = engine
-        self.max_batch = max_batch
-        self.cache = engine.new_cache(max_batch, context)
-        self.free = list(range(max_batch))  # a heap: the lowest free slot is taken first, keeping batches dense
+        self.max_batch = slots_that_fit(engine, max_batch, context)
+        self.cache = engine.new_cache(self.max_batch, context)
+        self.free = list(range(self.max_batch))  # a heap: the lowest free slot is taken first, keeping batches dense
         self.waiting: collections.deque[tuple[EngineRequest, float]] = collections.deque()
         self.running: dict[str, Sequence] = {}
         self.images = ImageCache(image_cache_bytes)
@@ -348,6 +348,26 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.slot not in self.free:
             heapq.heappush(self.free, seq.slot)
+
+
+def slots_that_fit(engine, wanted: int, context: Optional[int] = None, share: float = 0.8) -> int:
+    """Admission control starts here: never allocate more KV slots than memory holds.
+    On CUDA: `share` of the free device memory (weights are already loaded); on the
+    CPU: a quarter of the RAM available now.  BATCH_SIZE is the upper bound."""
+    cfg = engine.config
+    positions = (context or cfg.max_context) + 1
+    per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * positions * torch.finfo(engine.dtype).bits // 8
+    if engine.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        budget = free * share
+    else:
+        try:
+            import os
+
+            budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
+        except (ValueError, OSError, AttributeError):
+            budget = float("inf")
+    return max(1, min(wanted, int(budget // per_slot)))
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
