@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RUN_DIR=${RUN_DIR:-$PWD/run}
+export PREPROCESS_WORKERS=${PREPROCESS_WORKERS:-2}
 mkdir -p "$RUN_DIR"
 exec .venv/bin/supervisord -n -c supervisord.conf
