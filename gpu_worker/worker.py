@@ -1,15 +1,26 @@
 """The GPU worker's process loop: the broker's Generate requests in, events out.
 
-One loop, no threads: take every message waiting on the socket (without
-blocking while there is work, so new requests join the running batch and
-Cancels apply at once), run one scheduler step, send its events, heartbeat.
+Two threads, as in vLLM's EngineCore:
+
+* the I/O thread (`BrokerIO`) owns the socket to the broker: it registers,
+  heartbeats, reconnects, puts incoming messages on `inbox` and sends what the
+  main thread pushes to it.  Heartbeats keep flowing while a long GPU step runs,
+  but stop when the main loop has made no progress for GPU_STEP_TIMEOUT seconds,
+  so a hung GPU looks dead to the broker.
+* the main thread runs the scheduler: take every waiting message (without
+  blocking while there is work, so new requests join the running batch and
+  Cancels apply at once), run one step, hand its events to the I/O thread.
 """
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
+import uuid
 
 import numpy as np
+import zmq
 
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput, TextChunk
 from gpu_worker.scheduler import Scheduler
@@ -20,30 +31,85 @@ from shared.protocol import Cancel, Chunk, Error, Generate, Result
 log = logging.getLogger("gpu_worker")
 
 CROP_SHAPE = (378, 378, 3)
+RECONNECTED = object()  # put on the inbox when the broker was lost: drop all work
+
+
+class BrokerIO(threading.Thread):
+    """Socket I/O with the broker, on its own thread (ZeroMQ sockets stay in one thread)."""
+
+    def __init__(self, config, context: zmq.Context, outbox_address: str, model_info: dict,
+                 free_slots, healthy):
+        super().__init__(name="broker-io", daemon=True)
+        self.config = config
+        self.context = context
+        self.outbox_address = outbox_address
+        self.model_info = model_info
+        self.free_slots = free_slots  # callable: the scheduler's free capacity (a benign racy read)
+        self.healthy = healthy  # callable: False when the main loop looks hung
+        self.inbox: queue.Queue = queue.Queue()
+        self.stopping = False
+
+    def run(self) -> None:
+        outbox = self.context.socket(zmq.PULL)
+        outbox.bind(self.outbox_address)
+        link = BrokerLink(self.config, protocol.GPU, capacity=self.free_slots, model=self.model_info, context=self.context)
+        try:
+            while not self.stopping:
+                poller = zmq.Poller()  # rebuilt each time: a reconnect replaces link.socket
+                poller.register(link.socket, zmq.POLLIN)
+                poller.register(outbox, zmq.POLLIN)
+                ready = dict(poller.poll(50))
+                if outbox in ready:
+                    while True:
+                        try:
+                            link.send_frames(outbox.recv_multipart(zmq.NOBLOCK, copy=False))
+                        except zmq.Again:
+                            break
+                if link.socket in ready:
+                    for item in link.receive(0):
+                        self.inbox.put(item)
+                if link.keep_alive(healthy=self.healthy()):
+                    self.inbox.put(RECONNECTED)
+        finally:
+            link.close()
+            outbox.close(linger=0)
 
 
 class GpuWorker:
     def __init__(self, config, model, context=None):
         self.config = config
-        self.model = model
         self.scheduler = Scheduler(model, max_batch=config.batch_size, image_cache_bytes=config.image_cache_mb << 20)
         self.active: set[str] = set()  # request ids the scheduler holds for the broker
         self.stopping = False
-        self.link = BrokerLink(config, protocol.GPU, capacity=lambda: max(0, self.scheduler.free_slots()),
-                               model=dict(model.info), context=context)
+        self.last_progress = time.monotonic()
+        context = context or zmq.Context.instance()
+        address = f"inproc://gpu-worker-outbox-{uuid.uuid4().hex}"
+        self.io = BrokerIO(config, context, address, dict(model.info),
+                           free_slots=lambda: max(0, self.scheduler.free_slots()),
+                           healthy=lambda: time.monotonic() - self.last_progress < config.gpu_step_timeout)
+        self.outbox = context.socket(zmq.PUSH)  # main thread only
+        self.outbox.setsockopt(zmq.LINGER, 0)
+        self.outbox.connect(address)
 
     def run(self) -> None:
+        self.io.start()
         idle_wait = min(0.25, self.config.heartbeat_interval)
-        while not self.stopping:
-            was_idle = not self.scheduler.has_work()
-            got_work = self._receive(0 if not was_idle else idle_wait)
-            if was_idle and got_work:
-                self._gather(self.config.batch_timeout)  # let a burst arrive before the first step
-            if self.scheduler.has_work():
-                self._step()
-            if self.link.keep_alive():
-                self._drop_all("lost the broker")
-        self.link.close()
+        try:
+            while not self.stopping:
+                self.last_progress = time.monotonic()
+                was_idle = not self.scheduler.has_work()
+                got_work = self._receive(idle_wait if was_idle else 0)
+                if was_idle and got_work:
+                    self._gather(self.config.batch_timeout)  # let a burst arrive before the first step
+                if self.scheduler.has_work():
+                    self._step()
+        finally:
+            self.io.stopping = True
+            self.io.join(timeout=2)
+            self.outbox.close()
+
+    def send(self, msg: protocol.Message) -> None:
+        self.outbox.send_multipart(protocol.encode(msg))
 
     # ------------------------------------------------------------------ input
     def _gather(self, seconds: float) -> None:
@@ -52,25 +118,41 @@ class GpuWorker:
             self._receive(left)
 
     def _receive(self, timeout: float) -> bool:
-        """Handle every waiting message; True if any Generate came in."""
+        """Handle every waiting message (waiting up to `timeout` for the first); True if a Generate came in."""
         got_work = False
-        for msg, blob in self.link.receive(timeout):
+        try:
+            item = self.io.inbox.get(timeout=timeout) if timeout > 0 else self.io.inbox.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            got_work |= self._handle(item)
             try:
-                if isinstance(msg, Generate):
-                    self._start(msg, blob)
-                    got_work = True
-                elif isinstance(msg, Cancel):
-                    self.scheduler.abort(msg.request_id)
-                    self.active.discard(msg.request_id)
-                else:
-                    log.warning("unexpected %s from the broker dropped", type(msg).__name__)
-            except Exception:  # one bad request must not stop the others
-                log.exception("could not handle %s", type(msg).__name__)
-                rid = getattr(msg, "request_id", "")
-                if rid:
-                    self.active.discard(rid)
-                    self.link.send(Error(rid, 500, "generation_failed", "internal error starting the request"))
-        return got_work
+                item = self.io.inbox.get_nowait()
+            except queue.Empty:
+                return got_work
+
+    def _handle(self, item) -> bool:
+        if item is RECONNECTED:
+            self._drop_all("lost the broker")
+            return False
+        msg, blob = item
+        try:
+            if isinstance(msg, Generate):
+                self._start(msg, blob)
+                return True
+            if isinstance(msg, Cancel):
+                self.scheduler.abort(msg.request_id)
+                self.active.discard(msg.request_id)
+            else:
+                log.warning("unexpected %s from the broker dropped", type(msg).__name__)
+        except Exception:  # one bad request must not stop the others
+            log.exception("could not handle %s", type(msg).__name__)
+            rid = getattr(msg, "request_id", "")
+            if rid:
+                self.active.discard(rid)
+                self.scheduler.abort(rid)
+                self.send(Error(rid, 500, "generation_failed", "internal error starting the request"))
+        return False
 
     def _start(self, msg: Generate, crops) -> None:
         rid = msg.request_id
@@ -80,7 +162,7 @@ class GpuWorker:
         if msg.has_image:
             expected = msg.n_crops * int(np.prod(CROP_SHAPE))
             if crops is None or msg.n_crops < 1 or len(crops) != expected:
-                self.link.send(Error(rid, 400, "invalid_image", "crops missing or of the wrong size"))
+                self.send(Error(rid, 400, "invalid_image", "crops missing or of the wrong size"))
                 return
             # A writable copy: the frame's memory is read-only and torch wants to own its input.
             pixels = np.frombuffer(crops, dtype=np.uint8).reshape(msg.n_crops, *CROP_SHAPE).copy()
@@ -90,7 +172,7 @@ class GpuWorker:
         try:
             self.scheduler.add(request)
         except ValueError as exc:
-            self.link.send(Error(rid, 422, "invalid_request", str(exc)))
+            self.send(Error(rid, 422, "invalid_request", str(exc)))
             return
         self.active.add(rid)
 
@@ -111,19 +193,19 @@ class GpuWorker:
         if rid not in self.active:
             return  # cancelled meanwhile
         if isinstance(event, TextChunk):
-            self.link.send(Chunk(rid, event.text))
+            self.send(Chunk(rid, event.text))
         elif isinstance(event, Finished):
             self.active.discard(rid)
-            self.link.send(Result(rid, event.output, event.finish_reason, event.metrics))
+            self.send(Result(rid, event.output, event.finish_reason, event.metrics))
         elif isinstance(event, Failed):
             self.active.discard(rid)
-            self.link.send(Error(rid, event.status, "generation_failed", event.message))
+            self.send(Error(rid, event.status, "generation_failed", event.message))
 
     def _drop_all(self, why: str, reply: bool = False) -> None:
         for rid in sorted(self.active):
             self.scheduler.abort(rid)
             if reply:
-                self.link.send(Error(rid, 500, "generation_failed", why))
+                self.send(Error(rid, 500, "generation_failed", why))
         if self.active:
             log.warning("dropped %d requests: %s", len(self.active), why)
         self.active.clear()

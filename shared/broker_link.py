@@ -65,6 +65,15 @@ class BrokerLink:
             log.warning("could not send %s to the broker: %s", type(msg).__name__, exc.strerror)
             return False
 
+    def send_frames(self, frames: list) -> bool:
+        """Send already-encoded payload frames (see send)."""
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("could not send to the broker: %s", exc.strerror)
+            return False
+
     def receive(self, timeout: float) -> list:
         """Wait up to `timeout` seconds for messages; return every (msg, blob) waiting, heartbeats left out."""
         received = []
@@ -85,9 +94,10 @@ class BrokerLink:
             if not isinstance(msg, Heartbeat):
                 received.append((msg, blob))
 
-    def keep_alive(self) -> bool:
-        """Heartbeat when due; reconnect when the broker went silent.  True after a
-        reconnect: the caller must drop the work it held (the broker has given up on it)."""
+    def keep_alive(self, healthy: bool = True) -> bool:
+        """Heartbeat when due (unless not `healthy`: a hung worker must look dead);
+        reconnect when the broker went silent.  True after a reconnect: the caller
+        must drop the work it held (the broker has given up on it)."""
         now = time.monotonic()
         if now - self.last_heard > self.config.heartbeat_expiry:
             log.warning("broker silent for %.1f s; reconnecting in %.0f s", now - self.last_heard, self.backoff)
@@ -97,7 +107,7 @@ class BrokerLink:
             self.backoff = min(self.backoff * 2, MAX_BACKOFF)
             self.connect()
             return True
-        if now >= self.next_heartbeat:
+        if now >= self.next_heartbeat and healthy:
             self.next_heartbeat = now + self.config.heartbeat_interval
             self.send(Heartbeat(worker_id=self.worker_id, free=self.capacity()))
         return False

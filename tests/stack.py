@@ -188,5 +188,5 @@ def running_stack(preprocess_workers: int = 2, ready_timeout: float = 90.0, keep
         yield stack
     finally:
         stack.stop()
-        if not keep_run_dir:
+        if not (keep_run_dir or os.environ.get("KEEP_RUN_DIR")):  # KEEP_RUN_DIR=1 keeps the logs for a look
             shutil.rmtree(run_dir, ignore_errors=True)
