@@ -184,9 +184,12 @@ def broker_error(event: protocol.Error) -> ApiError:
 def wait_events(stream, deadline: float, client_gone: Optional[Callable[[], bool]]) -> Iterator:
     """Yield a request's events up to and including its Result or Error.
 
-    Waits in short slices so that a client that hung up (waitress tells us via
-    `client_gone`) stops the work; ends with an Error 499 in that case and an
-    Error 504 when the broker stays silent past the deadline."""
+    Every DISCONNECT_POLL_S it looks whether the HTTP client hung up (waitress
+    tells us through `client_gone`) and if so cancels the work and ends with an
+    Error 499.  It looks on a clock, not only when the broker is quiet, because
+    text chunks can keep arriving for a request that is not streamed.  A
+    broker silent past the deadline ends it with an Error 504."""
+    next_look = time.monotonic() + DISCONNECT_POLL_S
     while True:
         remaining = deadline + DEADLINE_GRACE_S - time.time()
         if remaining <= 0:
@@ -197,15 +200,18 @@ def wait_events(stream, deadline: float, client_gone: Optional[Callable[[], bool
         try:
             event = stream.next_event(timeout=min(DISCONNECT_POLL_S, remaining))
         except TimeoutError:
-            if client_gone is not None and client_gone():
+            pass
+        else:
+            yield event
+            if isinstance(event, (protocol.Result, protocol.Error)):
+                return
+        if client_gone is not None and time.monotonic() >= next_look:
+            next_look = time.monotonic() + DISCONNECT_POLL_S
+            if client_gone():
                 stream.cancel()
                 yield protocol.Error(request_id=stream.request_id, status=499,
                                      code="client_disconnected", message="the client went away")
                 return
-            continue
-        yield event
-        if isinstance(event, (protocol.Result, protocol.Error)):
-            return
 
 
 def result_extras(result: protocol.Result) -> dict:
