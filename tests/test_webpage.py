@@ -140,6 +140,26 @@ def test_point_draws_points(page):
     assert page.execute_script(DRAWN_PIXELS_JS) > 0
 
 
+def test_stop_cancels_the_request(page, stack):
+    page.find_element(By.ID, "tab-caption").click()
+    max_tokens = page.find_element(By.ID, "setting-max_tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("2048")  # seconds of decoding unless stopped
+    page.find_element(By.ID, "run").click()
+    wait = WebDriverWait(page, 30)
+    wait.until(lambda d: int(d.find_element(By.ID, "result").get_attribute("data-chunks")) > 0)
+    page.find_element(By.ID, "stop").click()
+    wait.until(lambda d: d.find_element(By.ID, "result").get_attribute("data-state") == "stopped")
+    assert page.find_element(By.ID, "run").is_enabled()
+
+    request_id = page.find_element(By.ID, "result").get_attribute("data-request-id")
+    assert request_id
+    wait.until(lambda d: f"request_id={request_id} outcome=" in stack.log("broker"))
+    line = next(li for li in stack.log("broker").splitlines() if f"request_id={request_id} outcome=" in li)
+    assert "code=cancelled" in line, line
+    max_tokens.clear()
+
+
 def test_errors_are_shown(page):
     # An empty question is refused (422) and the page says why.
     page.find_element(By.ID, "tab-query").click()

@@ -186,6 +186,7 @@ function showMetrics(final) {
   if (m.ttft_ms !== undefined) parts.push(`first token ${Math.round(m.ttft_ms)} ms`);
   if (m.decode_time_ms !== undefined) parts.push(`decode ${Math.round(m.decode_time_ms)} ms`);
   if (final.finish_reason) parts.push(`finish: ${final.finish_reason}`);
+  if (final.request_id) parts.push(`id ${final.request_id}`);
   $("metrics").textContent = parts.join(" · ");
 }
 
@@ -205,6 +206,7 @@ function resetResult() {
   $("error").hidden = true;
   $("output").textContent = "";
   $("result").dataset.chunks = "0";
+  $("result").dataset.requestId = "";
   $("metrics").textContent = "";
   $("reasoning-box").hidden = true;
   $("reasoning").textContent = "";
@@ -227,6 +229,8 @@ async function run(event) {
     const response = await fetch(`/v1/${skill}`, {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
     });
+    // Shown with the metrics and kept on #result: the id to quote in a bug report.
+    $("result").dataset.requestId = response.headers.get("X-Request-ID") || "";
     if (!response.ok) { showError(await errorMessage(response)); return; }
 
     if (response.headers.get("Content-Type").startsWith("text/event-stream")) {
