@@ -77,9 +77,11 @@ class RequestIdMiddleware:
         resp.set_header("X-Request-ID", req.context.request_id)
         # For a stream this is the time to its first event, not to its end.
         elapsed_ms = round((time.monotonic() - req.context.started) * 1000, 1)
-        log.info("%s %s %s", req.method, req.path, resp.status_code,
-                 extra={"request_id": req.context.request_id, "http_status": resp.status_code,
-                        "duration_ms": elapsed_ms})
+        # Health checks come every few seconds from probes and the page: keep them out of INFO.
+        level = logging.DEBUG if req.path.startswith("/health") else logging.INFO
+        log.log(level, "%s %s %s", req.method, req.path, resp.status_code,
+                extra={"request_id": req.context.request_id, "http_status": resp.status_code,
+                       "duration_ms": elapsed_ms})
 
 
 class AuthMiddleware:
