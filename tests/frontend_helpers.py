@@ -15,10 +15,9 @@ SMALL_IMAGE = REPO / "tests/conformance/main/images/small_96x64.png"
 def warm_up(stack, timeout: float = 60.0) -> None:
     """Send one small caption until it succeeds.
 
-    The first generation after start-up is slow (allocation, warm-up).  On a
-    busy machine the GPU worker can miss heartbeats during it and be dropped by
-    the broker, which then answers 503 until the worker registers again; tests
-    of the front end should not depend on that timing."""
+    The first generation after start-up is slow (allocation, warm-up), and a
+    GPU worker that (re)registers late makes the broker answer 503 for a
+    moment; the front-end tests should not depend on that timing."""
     body = json.dumps({
         "image_url": "data:image/png;base64," + base64.b64encode(SMALL_IMAGE.read_bytes()).decode(),
         "settings": {"max_tokens": 4, "temperature": 0},
