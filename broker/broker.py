@@ -223,14 +223,14 @@ class Broker:
         worker.expires_at = time.monotonic() + self.config.heartbeat_expiry
         if isinstance(msg, Heartbeat):
             worker.reported_free = msg.free
-        elif isinstance(msg, Preprocessed):
+        elif isinstance(msg, Preprocessed) and worker.kind == protocol.PREPROCESS:
             self.on_preprocessed(worker, msg, blob)
-        elif isinstance(msg, Chunk):
+        elif isinstance(msg, Chunk) and worker.kind == protocol.GPU:
             req = self._request_held_by(worker, msg.request_id)
             if req is not None:
                 req.marks.setdefault("first_chunk", time.monotonic())
                 self.send_to_client(req.client, frames[1:], req)
-        elif isinstance(msg, (Result, Error)):
+        elif isinstance(msg, Error) or (isinstance(msg, Result) and worker.kind == protocol.GPU):
             self._job_done(worker, msg.request_id)
             req = self._request_held_by(worker, msg.request_id)
             if req is not None:

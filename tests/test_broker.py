@@ -153,11 +153,12 @@ def test_killed_preprocess_worker_job_is_retried_on_another(services):
     s = services(NO_GPU_GRACE=0.5)
     first = s.start("preprocess_worker")
     s.wait_for(preprocess=1)
+    s.start("preprocess_worker")
+    s.wait_for(preprocess=2)
     msg = Submit(request_id="retry-me", skill="caption", params={"length": "short"}, settings=SETTINGS, has_image=True)
     stream = s.client.submit(msg, big_jpeg())
-    time.sleep(0.7)  # the job is now being decoded by `first`
+    time.sleep(0.7)  # `first` (idle the longest, so chosen) is decoding it now
     first.send_signal(signal.SIGKILL)
-    s.start("preprocess_worker")
     events = list(stream)
     # Preprocessed by the second worker, then no GPU: 503 no_gpu_worker, not a lost request.
     assert [(e.status, e.code) for e in events] == [(503, "no_gpu_worker")]
@@ -297,3 +298,17 @@ def test_gpu_worker_killed_mid_request_gives_503(gpu_services):
     events = list(stream)
     assert (events[-1].status, events[-1].code) == (503, "worker_died")
     assert time.monotonic() - started < 5
+
+
+def test_json_logs_have_one_line_per_request_without_secrets(services):
+    import json
+
+    s = services(LOG_FORMAT="json", NO_GPU_GRACE=0.3, WORKER_SECRET="hush-hush")
+    s.start("preprocess_worker")
+    s.wait_for(preprocess=1)
+    rid = s.run(image=png(64, 64))[-1].request_id
+    lines = [json.loads(line) for line in s.broker_log(rid).splitlines() if line.strip()]
+    done = [line for line in lines if line.get("event") == "request_done"]
+    assert len(done) == 1 and done[0]["request_id"] == rid and done[0]["status"] == 503
+    assert done[0]["process"] == "broker" and done[0]["total_ms"] >= done[0]["preprocess_ms"] > 0
+    assert "hush-hush" not in s.broker_log()
