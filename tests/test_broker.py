@@ -312,3 +312,16 @@ def test_json_logs_have_one_line_per_request_without_secrets(services):
     assert len(done) == 1 and done[0]["request_id"] == rid and done[0]["status"] == 503
     assert done[0]["process"] == "broker" and done[0]["total_ms"] >= done[0]["preprocess_ms"] > 0
     assert "hush-hush" not in s.broker_log()
+
+
+def test_workers_and_clients_rejoin_a_restarted_broker(services):
+    s = services(NO_GPU_GRACE=0.3)
+    s.start("preprocess_worker")
+    first_id = s.wait_for(preprocess=1).broker_id
+    s.broker.send_signal(signal.SIGKILL)
+    s.broker.wait()
+    s.broker = s.group.start("broker", "broker-2")
+    # The worker notices the silence, reconnects and registers again; the client just reconnects.
+    status = s.wait_for(preprocess=1, timeout=20)
+    assert status.broker_id != first_id
+    assert s.run(image=png(64, 48))[-1].code == "no_gpu_worker"  # preprocessed by the rejoined worker
