@@ -125,12 +125,19 @@ class Broker:
                 self._drain(self.backend, self.handle_backend)
             if self.frontend in ready:
                 self._drain(self.frontend, self.handle_frontend)
-            self.dispatch()
+            self._safely(self.dispatch)
             if time.monotonic() >= next_tick:
-                self.tick()
-                self.dispatch()
+                self._safely(self.tick)
+                self._safely(self.dispatch)
                 next_tick = time.monotonic() + TICK_SECONDS
         self.close()
+
+    def _safely(self, step) -> None:
+        """A bug in one step is logged; the broker keeps routing (its state is all in memory)."""
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed", step.__name__)
 
     def close(self) -> None:
         self.frontend.close()
@@ -323,7 +330,9 @@ class Broker:
             worker = self._pick(protocol.PREPROCESS)
             if worker is None:
                 break
-            req = self.requests[self.preprocess_queue.popleft()]
+            req = self.requests.get(self.preprocess_queue.popleft())
+            if req is None:
+                continue
             req.stage, req.worker = PREPROCESSING, worker.identity
             req.attempts += 1
             req.marks.setdefault("preprocess_start", time.monotonic())
@@ -334,7 +343,9 @@ class Broker:
             worker = self._pick(protocol.GPU)
             if worker is None:
                 break
-            req = self.requests[self.gpu_queue.popleft()]
+            req = self.requests.get(self.gpu_queue.popleft())
+            if req is None:
+                continue
             req.stage, req.worker = GENERATING, worker.identity
             req.marks["gpu_start"] = time.monotonic()
             worker.jobs.add(req.request_id)
