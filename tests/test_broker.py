@@ -325,3 +325,12 @@ def test_workers_and_clients_rejoin_a_restarted_broker(services):
     status = s.wait_for(preprocess=1, timeout=20)
     assert status.broker_id != first_id
     assert s.run(image=png(64, 48))[-1].code == "no_gpu_worker"  # preprocessed by the rejoined worker
+
+
+def test_gpu_worker_with_a_missing_model_exits_with_one_line(services):
+    s = services()
+    gpu = s.start("gpu_worker", MOONDREAM_MODEL="/nonexistent/model-dir")
+    assert gpu.wait(timeout=30) != 0
+    errors = [line for line in gpu.log_path.read_text().splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "model load failed" in errors[0]
+    assert s.client.status().gpu_workers == 0
