@@ -31,7 +31,7 @@ from shared.protocol import Cancel, Chunk, Error, Generate, Result
 log = logging.getLogger("gpu_worker")
 
 CROP_SHAPE = (378, 378, 3)
-RECONNECTED = object()  # put on the inbox when the broker was lost: drop all work
+RECONNECTED = object()  # put on the inbox when the broker is lost: drop all work
 
 
 class BrokerIO(threading.Thread):
@@ -68,8 +68,8 @@ class BrokerIO(threading.Thread):
                 if link.socket in ready:
                     for item in link.receive(0):
                         self.inbox.put(item)
-                if link.keep_alive(healthy=self.healthy()):
-                    self.inbox.put(RECONNECTED)
+                # Lost the broker: the main loop drops its work before we wait to reconnect.
+                link.keep_alive(healthy=self.healthy(), on_lost=lambda: self.inbox.put(RECONNECTED))
         finally:
             link.close()
             outbox.close(linger=0)

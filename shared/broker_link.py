@@ -94,13 +94,16 @@ class BrokerLink:
             if not isinstance(msg, Heartbeat):
                 received.append((msg, blob))
 
-    def keep_alive(self, healthy: bool = True) -> bool:
+    def keep_alive(self, healthy: bool = True, on_lost: Optional[Callable[[], None]] = None) -> bool:
         """Heartbeat when due (unless not `healthy`: a hung worker must look dead);
         reconnect when the broker went silent.  True after a reconnect: the caller
-        must drop the work it held (the broker has given up on it)."""
+        must drop the work it held (the broker has given up on it); `on_lost` is
+        called as soon as the broker is given up, before the backoff wait."""
         now = time.monotonic()
         if now - self.last_heard > self.config.heartbeat_expiry:
             log.warning("broker silent for %.1f s; reconnecting in %.0f s", now - self.last_heard, self.backoff)
+            if on_lost is not None:
+                on_lost()
             self.socket.close(linger=0)
             self.socket = None
             time.sleep(self.backoff)

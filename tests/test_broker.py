@@ -315,16 +315,17 @@ def test_json_logs_have_one_line_per_request_without_secrets(services):
 
 
 def test_workers_and_clients_rejoin_a_restarted_broker(services):
-    s = services(NO_GPU_GRACE=0.3)
+    s = services()
     s.start("preprocess_worker")
-    first_id = s.wait_for(preprocess=1).broker_id
+    s.start("gpu_worker")
+    first_id = s.wait_for(preprocess=1, gpu=1).broker_id
     s.broker.send_signal(signal.SIGKILL)
     s.broker.wait()
     s.broker = s.group.start("broker", "broker-2")
-    # The worker notices the silence, reconnects and registers again; the client just reconnects.
-    status = s.wait_for(preprocess=1, timeout=20)
+    # The workers notice the silence, reconnect and register again; the client just reconnects.
+    status = s.wait_for(preprocess=1, gpu=1, timeout=20)
     assert status.broker_id != first_id
-    assert s.run(image=png(64, 48))[-1].code == "no_gpu_worker"  # preprocessed by the rejoined worker
+    assert isinstance(s.run(image=png(64, 48))[-1], Result)
 
 
 def test_gpu_worker_with_a_missing_model_exits_with_one_line(services):
