@@ -20,6 +20,7 @@ same code serves the full-size model and the tiny test model.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -225,6 +226,21 @@ def describe_device(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name}, {torch.get_num_threads()} torch threads"
+
+
+def code_version() -> str:
+    """The commit benchmarked, plus "+dirty" when gpu_worker/ has uncommitted changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "gpu_worker"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def median(xs: list[float]) -> float:

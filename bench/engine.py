@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (PREFIX_LEN, Cost, describe_device, fmt, image_encode_cost, kv_bytes_per_position,  # noqa: E402
+from bench.common import (code_version, PREFIX_LEN, Cost, describe_device, fmt, image_encode_cost, kv_bytes_per_position,  # noqa: E402
                           best_peaks, load_engine, markdown_table, measure_peaks, median, sync, text_step_cost, time_it)
 from gpu_worker.engine_types import ImageInput  # noqa: E402
 from gpu_worker.model import PrefixKV  # noqa: E402
@@ -218,7 +218,7 @@ def main(argv=None) -> dict:
     weights_bytes = sum(t.numel() * t.element_size() for t in engine.weights.values())
     results = {
         "setup": {"model": args.model, "device": str(engine.device), "device_name": describe_device(engine.device),
-                  "dtype": str(engine.dtype).replace("torch.", ""), "torch": torch.__version__,
+                  "dtype": str(engine.dtype).replace("torch.", ""), "torch": torch.__version__, "code": code_version(),
                   "load_s": load_s, "weights_gib": weights_bytes / 2**30, "quick": args.quick,
                   # other processes on the machine skew CPU timings: keep the evidence
                   "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},

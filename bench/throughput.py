@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (PREFIX_LEN, Cost, best_peaks, describe_device, fmt, image_encode_cost,  # noqa: E402
+from bench.common import (code_version, PREFIX_LEN, Cost, best_peaks, describe_device, fmt, image_encode_cost,  # noqa: E402
                           load_engine, markdown_table, measure_peaks, param_groups, sync, text_step_cost)
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput  # noqa: E402
 from gpu_worker.scheduler import Scheduler  # noqa: E402
@@ -59,6 +59,7 @@ def run_point(engine, max_tokens: int, concurrency: int, n_timed: int, max_secon
     then time the next n_timed (or as many as finish within max_seconds)."""
     context = PREFIX_LEN + 64 + max_tokens + 8  # prefix + prompt + answer: what the KV slots need
     sched = Scheduler(engine, max_batch=concurrency, image_cache_bytes=0, context=context)
+    # the Scheduler caps its KV slots at what memory holds; more requests then wait their turn
     submitted = 0
     added_at: dict[str, float] = {}
 
@@ -98,7 +99,7 @@ def run_point(engine, max_tokens: int, concurrency: int, n_timed: int, max_secon
         sched.abort(rid)
     elapsed = (t_end - t_start) if timed else float("nan")
     return {
-        "concurrency": concurrency, "requests": len(timed), "seconds": elapsed,
+        "concurrency": concurrency, "kv_slots": sched.max_batch, "requests": len(timed), "seconds": elapsed,
         "req_per_s": len(timed) / elapsed if timed else 0.0,
         "output_tokens_per_s": sum(m["output_tokens"] for m in timed) / elapsed if timed else 0.0,
         "mean_output_tokens": statistics.mean(m["output_tokens"] for m in timed) if timed else 0.0,
@@ -135,12 +136,12 @@ def print_report(results: dict) -> None:
           "'% FLOP floor' = req/s x FLOPs per request / peak FLOP/s; '% memory floor' likewise with the bytes "
           "a request needs when its batch shares the weight reads.  Kestrel: one H100, Moondream 2, ChartQA.  "
           f"Load average at start / end: {s['load_average_at_start'][0]:.2f} / {s['load_average_at_end'][0]:.2f}.\n")
-    header = ["workload", "concurrency", "requests", "req/s", "output tok/s", "mean out tokens", "p50 latency ms",
+    header = ["workload", "concurrency", "KV slots", "requests", "req/s", "output tok/s", "mean out tokens", "p50 latency ms",
               "GFLOP/req", "GB/req", "% FLOP floor", "% memory floor", "Kestrel H100 req/s"]
     rows = []
     for r in results["rows"]:
         anchor = KESTREL_H100.get((r["workload"], r["concurrency"]))
-        rows.append([r["workload"], r["concurrency"], r["requests"], fmt(r["req_per_s"]), fmt(r["output_tokens_per_s"]),
+        rows.append([r["workload"], r["concurrency"], r["kv_slots"], r["requests"], fmt(r["req_per_s"]), fmt(r["output_tokens_per_s"]),
                      fmt(r["mean_output_tokens"]), fmt(r["p50_latency_ms"]), fmt(r["gflop_per_request"]),
                      fmt(r["gbytes_per_request"]), f"{100 * r['flop_fraction']:.1f}%",
                      f"{100 * r['memory_fraction']:.1f}%", anchor if anchor is not None else ""])
@@ -208,7 +209,7 @@ def main(argv=None) -> dict:
 
     results = {
         "setup": {"model": model, "device": str(engine.device), "device_name": describe_device(engine.device),
-                  "dtype": str(engine.dtype).replace("torch.", ""), "torch": torch.__version__, "load_s": load_s,
+                  "dtype": str(engine.dtype).replace("torch.", ""), "torch": torch.__version__, "code": code_version(), "load_s": load_s,
                   "crops": n_crops, "tiling": tiling, "prompt_tokens": prompt_tokens, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         "peaks": peaks.as_dict(),
         "peak_samples": [p.as_dict() for p in peak_samples],

@@ -39,7 +39,7 @@ def test_throughput_benchmark_runs(tmp_path, capsys):
     out = tmp_path / "throughput.json"
     throughput_bench.main(["--device", "cpu", "--small", "--quick", "--threads", "1", "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "| workload | concurrency | requests | req/s |" in printed
+    assert "| workload | concurrency | KV slots | requests | req/s |" in printed
     saved = json.loads(out.read_text())
     points = {(r["workload"], r["concurrency"]) for r in saved["rows"]}
     assert points == {("kestrel-3tok", 1), ("kestrel-3tok", 2), ("answer-30tok", 1), ("answer-30tok", 2)}
