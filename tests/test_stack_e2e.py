@@ -131,17 +131,22 @@ def test_client_gets_the_engines_answers(stack, direct):
 
 
 def concurrent_requests() -> list:
-    """32 different requests over every image and skill."""
+    """32 different requests over every skill.  Images with few crops (and the photo,
+    already encoded by the test above) keep the in-process expectations quick."""
+    images = ["small_96x64.png", "square_378.png", "tall_300x1500.png", PHOTO]
     requests = []
-    for i, name in enumerate(IMAGES):
+    for i, name in enumerate(images):
         requests += [
-            ("caption", {"length": ("short", "normal", "long")[i % 3]}, name),
+            ("caption", {"length": "short"}, name),
+            ("caption", {"length": "normal"}, name),
+            ("caption", {"length": "long"}, name),
             ("query", {"question": f"What do you see, {i}?"}, name),
-            ("detect", {"object": ("face", "dog", "car")[i % 3]}, name),
-            ("point", {"object": ("hand", "sun", "tree")[i % 3]}, name),
+            ("query", {"question": f"Is anything red in picture {i}?"}, name),
+            ("detect", {"object": ("face", "dog", "car", "tree")[i]}, name),
+            ("point", {"object": ("hand", "sun", "cat", "door")[i]}, name),
         ]
     requests += [("query", {"question": f"Count to {n}."}, None) for n in range(32 - len(requests))]
-    return requests[:32]
+    return requests
 
 
 def test_32_concurrent_clients_get_their_serial_answers(stack, direct):
