@@ -230,6 +230,10 @@ class Broker:
         worker.expires_at = time.monotonic() + self.config.heartbeat_expiry
         if isinstance(msg, Heartbeat):
             worker.reported_free = msg.free
+            if worker.kind == protocol.GPU and msg.free >= 0:
+                # free counts the slots not held by our jobs, so this is its total now
+                # (off by the messages in flight for a moment; the next beat corrects it).
+                worker.capacity = max(1, msg.free + len(worker.jobs))
         elif isinstance(msg, Preprocessed) and worker.kind == protocol.PREPROCESS:
             self.on_preprocessed(worker, msg, blob)
         elif isinstance(msg, Chunk) and worker.kind == protocol.GPU:

@@ -138,8 +138,11 @@ class BrokerClient:
 
     # ------------------------------------------------------------------ internals
     def _hand_to_io(self, request_id: str, frames: list) -> None:
-        with self._outbox_lock:
-            self._outbox.send_multipart([request_id.encode(), *frames], copy=False)
+        try:
+            with self._outbox_lock:
+                self._outbox.send_multipart([request_id.encode(), *frames], copy=False)
+        except zmq.ZMQError:  # closed meanwhile
+            self._deliver(request_id, _unavailable(request_id, "client closed"), final=True)
 
     def _cancel(self, request_id: str) -> None:
         if self._forget(request_id) is not None and not self._closed.is_set():
