@@ -129,8 +129,12 @@ class PreprocessWorker:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _start_next(self) -> None:
-        if self.running is None and self.pending:
+        while self.running is None and self.pending:
             job, data = self.pending.pop(0)
+            if job.deadline and time.time() > job.deadline:
+                # The broker has answered 504 already; a reply (any) frees us there.
+                self.link.send(Error(job.request_id, 504, "timeout", "request timed out before preprocessing"))
+                continue
             future = self.executor.submit(preprocess, data, self.config.max_image_pixels, self.config.max_image_side)
             self.running = (job, future, time.monotonic())
 
