@@ -335,3 +335,44 @@ def test_gpu_worker_with_a_missing_model_exits_with_one_line(services):
     errors = [line for line in gpu.log_path.read_text().splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "model load failed" in errors[0]
     assert s.client.status().gpu_workers == 0
+
+
+def test_every_request_gets_exactly_one_final_reply_under_a_mixed_load(services):
+    """Images, bad images, text, streams, cancels and short deadlines, 24 at a time."""
+    import collections
+    import concurrent.futures
+    import random
+
+    s = services(BATCH_SIZE=8)
+    s.start("preprocess_worker")
+    s.start("preprocess_worker")
+    s.start("gpu_worker")
+    s.wait_for(preprocess=2, gpu=1)
+    small = png(50, 40)
+
+    def one(i: int):
+        rng = random.Random(i)
+        pick = rng.random()
+        image = small if pick < 0.4 else (b"junk" if pick < 0.5 else None)
+        msg = Submit(request_id=uuid.uuid4().hex, skill="caption" if image else "query",
+                     params={"length": "short"} if image else {"question": f"q{i}"},
+                     settings={"temperature": 0, "max_tokens": rng.choice([1, 4, 8])}, stream=rng.random() < 0.5,
+                     has_image=image is not None, deadline=time.time() + 0.2 if rng.random() < 0.1 else 0.0)
+        stream = s.client.submit(msg, image)
+        if rng.random() < 0.1:
+            time.sleep(0.05)
+            stream.cancel()
+            return "cancelled"
+        events = list(stream)
+        finals = [e for e in events if not isinstance(e, Chunk)]
+        assert len(finals) == 1 and events[-1] is finals[0], events
+        return type(finals[0]).__name__, getattr(finals[0], "code", "")
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        outcomes = collections.Counter(pool.map(one, range(150)))
+    assert set(outcomes) <= {("Result", ""), ("Error", "timeout"), ("Error", "invalid_image"), "cancelled"}, outcomes
+    assert outcomes[("Result", "")] > 80
+    end = time.monotonic() + 5
+    while (status := s.client.status()).in_flight and time.monotonic() < end:
+        time.sleep(0.05)
+    assert (status.in_flight, status.queued) == (0, 0)  # the broker forgot every request
