@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_worker.checkpoint import Checkpoint, ModelConfig, _byte_level_tokenizer, resolve_device, resolve_dtype
+from gpu_worker.checkpoint import (TINY_CONFIG, Checkpoint, ModelConfig, _byte_level_tokenizer, resolve_device,
+                                   resolve_dtype)
 from gpu_worker.engine import Engine, load_model
 from shared.config import Config
 
@@ -36,17 +37,10 @@ PREFIX_LEN = IMAGE_TOKENS + 1  # BOS + image tokens
 
 
 # --------------------------------------------------------------------- engines
-# random:tiny's geometry with the full 51200-token vocabulary and 2 vision layers.
-# random:tiny itself has 512 tokens, but the 2025-06-21 prompt templates use ids up
-# to 32708, so its query/caption/detect/point programs fail with an index error;
-# the throughput benchmark runs real query programs, so its CPU smoke mode uses
-# this.  2 vision layers instead of 27: the 729-token attention of every crop
-# dominates a tiny model's time on a CPU, and the smoke test must be quick.
-SMALL_CONFIG = {
-    "text": {"dim": 128, "ff_dim": 256, "n_layers": 3, "vocab_size": 51200, "n_heads": 2, "n_kv_heads": 2},
-    "vision": {"enc_dim": 32, "enc_ff_dim": 64, "enc_n_heads": 2, "proj_inner_dim": 128, "enc_n_layers": 2},
-    "region": {"inner_dim": 128},
-}
+# random:tiny with 2 vision layers instead of 27: at random:tiny's sizes the 729-token
+# attention of every crop in every vision layer is most of a request's time on a
+# CPU, and the throughput smoke test must be quick.
+SMALL_CONFIG = {**TINY_CONFIG, "vision": {**TINY_CONFIG["vision"], "enc_n_layers": 2}}
 
 
 def load_engine(model: str, device: str, dtype: str) -> Engine:

@@ -145,6 +145,47 @@ def bench_decode(engine, batches, context, reps, warmup, elt) -> list[dict]:
     return rows
 
 
+def profile_decode(engine, batches, context, path: str) -> list[str]:
+    """torch.profiler over one decode step per batch size: which ops take the time,
+    and how much of the step's wall time the device spends in kernels (on a GPU, the
+    rest is Python and kernel-launch overhead).  Writes the op tables to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    summary, tables = [], []
+    for b in batches:
+        cache = engine.new_cache(b, context=context + 8)
+        ids = list(range(1, b + 1))
+
+        def step():
+            engine.logits(engine.forward(engine.embed_tokens(ids).view(b, 1, -1), [context - 1] * b, list(range(b)), cache))
+
+        for _ in range(3):
+            step()
+        sync(engine.device)
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            step()
+            sync(engine.device)
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        if cuda:
+            key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+            busy = sum(getattr(e, key) for e in events) / 1e6
+        else:
+            key, busy = "self_cpu_time_total", float("nan")
+        launches = sum(e.count for e in events if e.key.startswith("aten::"))
+        busy_text = f", GPU busy {busy * 1e3:.2f} ms" if cuda else ""
+        line = f"decode batch {b}: wall {wall * 1e3:.2f} ms (under the profiler){busy_text}, {launches} aten calls"
+        summary.append(line)
+        tables.append(f"## {line}\n\n" + events.table(sort_by=key, row_limit=25))
+        del cache
+    with open(path, "w") as f:
+        f.write("\n\n".join(tables) + "\n")
+    return summary
+
+
 def print_report(results: dict) -> None:
     peaks, info = results["peaks"], results["setup"]
     print(f"\n### Engine benchmark: {info['model']} on {info['device_name']} ({info['dtype']})\n")
@@ -179,6 +220,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 2 crops, batches 1,2, one repetition each, small peak measurements")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--profile", help="also profile one decode step at the smallest and largest batch; op tables here")
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args(argv)
 
@@ -226,7 +268,11 @@ def main(argv=None) -> dict:
         "peak_samples": [p.as_dict() for p in peak_samples],
         "rows": rows,
     }
+    if args.profile:
+        results["profile"] = profile_decode(engine, sorted({min(batches), max(batches)}), args.context, args.profile)
     print_report(results)
+    for line in results.get("profile", []):
+        print(f"Profile: {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

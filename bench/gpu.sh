@@ -24,7 +24,8 @@ status=0
 
 # Each part has its own time limit so one slow part cannot eat the other's time.
 # engine.py: load ~10 s, peaks ~5 s, encodes 2/5/10/13 crops and decode 1/8/32/64: ~1 min
-timeout 150 $PY bench/engine.py --device cuda --dtype bfloat16 \
+# --profile: one profiled decode step at batch 1 and 64: kernel time vs wall time
+timeout 150 $PY bench/engine.py --device cuda --dtype bfloat16 --profile "$RESULTS/decode_profile.txt" \
   --json "$RESULTS/engine_cuda.json" 2>&1 | tee "$RESULTS/engine_cuda.md" || status=1
 
 # throughput.py: 2 workloads x 4 concurrencies, each point capped at 15 s after warm-up
