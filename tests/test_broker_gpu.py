@@ -1,0 +1,141 @@
+"""The broker with the real GPU worker (tiny test model) and preprocess workers, via BrokerClient."""
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import pytest
+
+from shared.protocol import Chunk, Result, Submit
+from tests.test_broker import PHOTO, Services, png, services  # noqa: F401  (services is a fixture)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def gpu_services(tmp_path_factory):
+    s = Services(tmp_path_factory.mktemp("gpu"), NO_GPU_GRACE=2, BATCH_SIZE=8)
+    s.start("preprocess_worker")
+    s.start("gpu_worker")
+    s.wait_for(preprocess=1, gpu=1)
+    yield s
+    s.close()
+
+
+def test_stream_routes_chunks_then_result(gpu_services):
+    events = gpu_services.run(image=PHOTO, stream=True)
+    chunks, final = events[:-1], events[-1]
+    assert isinstance(final, Result) and all(isinstance(e, Chunk) for e in chunks)
+    assert "".join(c.text for c in chunks) == final.output["caption"]
+    assert final.metrics["output_tokens"] >= 1
+    status = gpu_services.client.status()
+    assert status.gpu_ready and status.model["test_model"] is True and status.in_flight == 0
+
+
+def test_text_only_query_and_invalid_params(gpu_services):
+    assert isinstance(gpu_services.run(skill="query", params={"question": "hi?"})[-1], Result)
+    bad = gpu_services.run(skill="caption", params={"length": "epic"}, image=PHOTO)[-1]
+    assert (bad.status, bad.code) == (422, "invalid_request")
+
+
+def test_cancel_frees_the_gpu_worker(gpu_services):
+    msg = Submit(request_id="long", skill="query", params={"question": "go on"}, settings={"temperature": 0, "max_tokens": 1500},
+                 stream=True)
+    stream = gpu_services.client.submit(msg, None)
+    time.sleep(0.3)
+    stream.cancel()
+    stream.cancel()  # idempotent
+    end = time.monotonic() + 5
+    while gpu_services.client.status().in_flight and time.monotonic() < end:
+        time.sleep(0.05)
+    assert gpu_services.client.status().in_flight == 0
+    assert isinstance(gpu_services.run(skill="query", params={"question": "hi?"})[-1], Result)
+
+
+def test_concurrent_requests_each_get_their_own_answer(gpu_services):
+    import concurrent.futures
+
+    questions = [f"question number {i}?" for i in range(8)]
+    serial = {q: gpu_services.run(skill="query", params={"question": q})[-1].output for q in questions}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda q: gpu_services.run(skill="query", params={"question": q})[-1].output, questions))
+    assert results == [serial[q] for q in questions]
+
+
+def test_gpu_worker_killed_mid_request_gives_503(gpu_services):
+    s = gpu_services
+    msg = Submit(request_id="doomed", skill="query", params={"question": "go on"}, settings={"temperature": 0, "max_tokens": 1500},
+                 stream=True)
+    stream = s.client.submit(msg, None)
+    time.sleep(0.5)  # generating now (1500 tokens take seconds)
+    gpu = next(p for p in s.group.procs if p.args[-1] == "gpu_worker")
+    gpu.send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    events = list(stream)
+    assert (events[-1].status, events[-1].code) == (503, "worker_died")
+    assert time.monotonic() - started < 5
+
+
+def test_workers_and_clients_rejoin_a_restarted_broker(services):
+    s = services()
+    s.start("preprocess_worker")
+    s.start("gpu_worker")
+    first_id = s.wait_for(preprocess=1, gpu=1).broker_id
+    s.broker.send_signal(signal.SIGKILL)
+    s.broker.wait()
+    s.broker = s.group.start("broker", "broker-2")
+    # The workers notice the silence, reconnect and register again; the client just reconnects.
+    status = s.wait_for(preprocess=1, gpu=1, timeout=20)
+    assert status.broker_id != first_id
+    assert isinstance(s.run(image=png(64, 48))[-1], Result)
+
+
+def test_gpu_worker_with_a_missing_model_exits_with_one_line(services):
+    s = services()
+    gpu = s.start("gpu_worker", MOONDREAM_MODEL="/nonexistent/model-dir")
+    assert gpu.wait(timeout=30) != 0
+    errors = [line for line in gpu.log_path.read_text().splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "model load failed" in errors[0]
+    assert s.client.status().gpu_workers == 0
+
+
+def test_every_request_gets_exactly_one_final_reply_under_a_mixed_load(services):
+    """Images, bad images, text, streams, cancels and short deadlines, 24 at a time."""
+    import collections
+    import concurrent.futures
+    import random
+
+    s = services(BATCH_SIZE=8)
+    s.start("preprocess_worker")
+    s.start("preprocess_worker")
+    s.start("gpu_worker")
+    s.wait_for(preprocess=2, gpu=1)
+    small = png(50, 40)
+
+    def one(i: int):
+        rng = random.Random(i)
+        pick = rng.random()
+        image = small if pick < 0.4 else (b"junk" if pick < 0.5 else None)
+        msg = Submit(request_id=uuid.uuid4().hex, skill="caption" if image else "query",
+                     params={"length": "short"} if image else {"question": f"q{i}"},
+                     settings={"temperature": 0, "max_tokens": rng.choice([1, 4, 8])}, stream=rng.random() < 0.5,
+                     has_image=image is not None, deadline=time.time() + 0.2 if rng.random() < 0.1 else 0.0)
+        stream = s.client.submit(msg, image)
+        if rng.random() < 0.1:
+            time.sleep(0.05)
+            stream.cancel()
+            return "cancelled"
+        events = list(stream)
+        finals = [e for e in events if not isinstance(e, Chunk)]
+        assert len(finals) == 1 and events[-1] is finals[0], events
+        return type(finals[0]).__name__, getattr(finals[0], "code", "")
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        outcomes = collections.Counter(pool.map(one, range(100)))
+    assert set(outcomes) <= {("Result", ""), ("Error", "timeout"), ("Error", "invalid_image"), "cancelled"}, outcomes
+    assert outcomes[("Result", "")] > 50
+    end = time.monotonic() + 5
+    while (status := s.client.status()).in_flight and time.monotonic() < end:
+        time.sleep(0.05)
+    assert (status.in_flight, status.queued) == (0, 0)  # the broker forgot every request
