@@ -4,7 +4,7 @@
 `TransformersEngine` (the official remote code, see transformers_engine.py)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,9 +72,13 @@ class Engine:
         return M.KVCache(self.config, n_slots, context or self.config.max_context, self.device, self.dtype)
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, start_pos: list[int], slots: list[int], cache: M.KVCache) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, start_pos: list[int], slots: list[int], cache: M.KVCache,
+                prefixes: Optional[list] = None) -> torch.Tensor:
         """(B, T, C) new inputs, sequence i at positions start_pos[i].. of slot slots[i]
         -> (B, C) raw hidden state of each sequence's last position.
+
+        prefixes[i] is row i's image PrefixKV (also copied in its slot) or None; rows
+        of the batch on the same image read it once together (SharedPrefixPlan).
 
         When the slots are nearly consecutive the batch is laid out over the slot range
         lo..hi, padding rows for the missing slots, so attention reads the cache in
@@ -84,22 +88,49 @@ class Engine:
         lo, hi = min(slots), max(slots) + 1
         live = max(start_pos) + t
         offsets = torch.arange(t, device=self.device).view(1, t)
-        if hi - lo <= b + max(1, b // 4):
-            span = hi - lo
-            index = torch.tensor([s - lo for s in slots], device=self.device)
-            full = embeds.new_zeros(span, t, embeds.shape[-1])
+        if hi - lo <= b + max(1, b // 4):  # dense: row r of the batch is slot lo + r
+            n = hi - lo
+            row_of = [s - lo for s in slots]
+            index = torch.tensor(row_of, device=self.device)
+            full = embeds.new_zeros(n, t, embeds.shape[-1])
             full[index] = embeds
-            starts = torch.zeros(span, dtype=torch.long, device=self.device)
+            embeds = full
+            starts = torch.zeros(n, dtype=torch.long, device=self.device)
             starts[index] = torch.tensor(start_pos, device=self.device)
-            positions = starts.view(span, 1) + offsets
-            write = torch.full((span, t), cache.scratch, dtype=torch.long, device=self.device)
+            positions = starts.view(n, 1) + offsets
+            write = torch.full((n, t), cache.scratch, dtype=torch.long, device=self.device)
             write[index] = positions[index]
-            hidden = M.text_forward(full, positions, write, slice(lo, hi), live, cache, self.weights, self.config, self.rope)
-            return hidden[index, -1]
-        positions = torch.tensor(start_pos, device=self.device).view(b, 1) + offsets
-        rows = torch.tensor(slots, device=self.device)
-        hidden = M.text_forward(embeds, positions, positions, rows, live, cache, self.weights, self.config, self.rope)
-        return hidden[:, -1]
+            rows = slice(lo, hi)
+        else:
+            row_of = list(range(b))
+            positions = write = torch.tensor(start_pos, device=self.device).view(b, 1) + offsets
+            rows = torch.tensor(slots, device=self.device)
+        plan = self._shared_prefix_plan(prefixes or [None] * b, row_of, slots, start_pos, t)
+        hidden = M.text_forward(embeds, positions, write, rows, live, cache, self.weights, self.config,
+                                self.rope, plan)
+        return hidden[torch.tensor(row_of, device=self.device), -1]
+
+    def _shared_prefix_plan(self, prefixes, row_of, slots, start_pos, t) -> Optional[M.SharedPrefixPlan]:
+        by_image: dict[int, list[int]] = {}
+        for i, prefix in enumerate(prefixes):
+            if prefix is not None:
+                by_image.setdefault(id(prefix), []).append(i)
+        shared = [i for members in by_image.values() if len(members) > 1 for i in members]
+        if not shared:
+            return None
+        private = [i for i in range(len(slots)) if i not in set(shared)]
+        position_in_shared = {i: j for j, i in enumerate(shared)}
+        groups = [(prefixes[members[0]], torch.tensor([position_in_shared[i] for i in members], device=self.device))
+                  for members in by_image.values() if len(members) > 1]
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        return M.SharedPrefixPlan(
+            private_rows=tensor([row_of[i] for i in private]), private_slots=tensor([slots[i] for i in private]),
+            private_live=max([start_pos[i] + t for i in private], default=0),
+            shared_rows=tensor([row_of[i] for i in shared]), shared_slots=tensor([slots[i] for i in shared]),
+            shared_live=max(start_pos[i] + t for i in shared), groups=groups)
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         return M.lm_logits(hidden_last, self.weights)

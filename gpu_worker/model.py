@@ -169,8 +169,8 @@ class PrefixKV:
 
 
 def _text_attention(x, w, name, cfg, cos, sin, attend):
-    """x (B, T, C). `attend(k_new, v_new) -> (k_all, v_all, mask)` stores the new keys
-    and returns what the queries attend to."""
+    """x (B, T, C). `attend(q, k_new, v_new) -> (B, H, T, head_dim)` stores the new
+    keys and values where they belong and attends."""
     b, t, _ = x.shape
     qkv = _linear(x, w, name + ".qkv")
     q_dim = cfg.n_heads * cfg.head_dim
@@ -181,9 +181,7 @@ def _text_attention(x, w, name, cfg, cos, sin, attend):
     v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     q = _apply_rotary(q, cos, sin)
     k = _apply_rotary(k, cos, sin)
-    k_all, v_all, mask = attend(k, v)
-    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
-                                         enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+    out = attend(q, k, v)
     return _linear(out.transpose(1, 2).reshape(b, t, q_dim), w, name + ".proj")
 
 
@@ -206,10 +204,10 @@ def prefill_prefixes(embeds: torch.Tensor, w: dict, cfg: ModelConfig, rope) -> t
     ks, vs = [], []
 
     def attend_for_layer(_layer):
-        def attend(k, v):
+        def attend(q, k, v):
             ks.append(k)
             vs.append(v)
-            return k, v, None  # no mask: full bidirectional attention within the prefix
+            return F.scaled_dot_product_attention(q, k, v)  # no mask: bidirectional within the prefix
         return attend
 
     hidden = _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer)
@@ -217,15 +215,35 @@ def prefill_prefixes(embeds: torch.Tensor, w: dict, cfg: ModelConfig, rope) -> t
     return hidden, prefixes
 
 
+@dataclass
+class SharedPrefixPlan:
+    """How one batch reads image prefixes that several of its rows share.
+
+    Rows on an image that no other row of the batch uses ("private" rows) attend
+    over their whole slot (their prefix was copied into it).  Rows that share an
+    image attend to that image's PrefixKV once for the group, plus their slot from
+    position 730 on; both parts are merged exactly (one softmax over both)."""
+
+    private_rows: torch.Tensor  # batch rows attending over their whole slot
+    private_slots: torch.Tensor
+    private_live: int
+    shared_rows: torch.Tensor  # batch rows whose image prefix is read from `groups`
+    shared_slots: torch.Tensor
+    shared_live: int
+    groups: list  # [(PrefixKV, indices into shared_rows)]
+
+
 def text_forward(embeds: torch.Tensor, positions: torch.Tensor, write_positions: torch.Tensor,
-                 rows: "slice | torch.Tensor", live: int, cache: KVCache, w: dict, cfg: ModelConfig, rope) -> torch.Tensor:
+                 rows: "slice | torch.Tensor", live: int, cache: KVCache, w: dict, cfg: ModelConfig, rope,
+                 plan: "SharedPrefixPlan | None" = None) -> torch.Tensor:
     """B rows, each feeding T new positions `positions` (B, T), attending causally to
     everything at or before each position in its slot; keys/values are stored at
     `write_positions` (equal to positions, except padding rows that write to the
     cache's scratch position).  `rows` names the cache slots of the B rows: a slice
     when they are consecutive slots (read in place, no copy) or an index tensor
-    (gathered).  `live` bounds the positions read.  Returns hidden (B, T, C) before
-    post_ln."""
+    (gathered).  `live` bounds the positions read.  With a `plan`, rows sharing an
+    image read its prefix once (see SharedPrefixPlan).  Returns hidden (B, T, C)
+    before post_ln."""
     b, t, _ = embeds.shape
     cos = rope[0][positions].unsqueeze(1)  # (B, 1, T, 16)
     sin = rope[1][positions].unsqueeze(1)
@@ -235,15 +253,61 @@ def text_forward(embeds: torch.Tensor, positions: torch.Tensor, write_positions:
         slot_index = torch.arange(rows.start, rows.stop, device=embeds.device).view(b, 1)
     else:
         slot_index = rows.view(b, 1)
+    gqa = cfg.n_heads != cfg.n_kv_heads
 
     def attend_for_layer(layer):
-        def attend(k, v):
-            cache.k[layer][slot_index, :, write_positions] = k.permute(0, 2, 1, 3)
-            cache.v[layer][slot_index, :, write_positions] = v.permute(0, 2, 1, 3)
-            return cache.k[layer][rows, :, :live], cache.v[layer][rows, :, :live], mask
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+
+        def attend(q, k, v):
+            k_cache[slot_index, :, write_positions] = k.permute(0, 2, 1, 3)
+            v_cache[slot_index, :, write_positions] = v.permute(0, 2, 1, 3)
+            if plan is None:
+                return F.scaled_dot_product_attention(q, k_cache[rows, :, :live], v_cache[rows, :, :live],
+                                                      attn_mask=mask, enable_gqa=gqa)
+            out = torch.zeros_like(q)  # padding rows stay zero
+            if len(plan.private_rows):
+                r, n = plan.private_rows, plan.private_live
+                out[r] = F.scaled_dot_product_attention(
+                    q[r], k_cache[plan.private_slots, :, :n], v_cache[plan.private_slots, :, :n],
+                    attn_mask=mask[r, :, :, :n], enable_gqa=gqa)
+            r, n = plan.shared_rows, plan.shared_live
+            prefix_len = plan.groups[0][0].length
+            parts = [(p.k[layer], p.v[layer], idx) for p, idx in plan.groups]
+            out[r] = _attention_with_shared_prefixes(
+                q[r], k_cache[plan.shared_slots, :, prefix_len:n], v_cache[plan.shared_slots, :, prefix_len:n],
+                mask[r, :, :, prefix_len:n], parts)
+            return out
         return attend
 
     return _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer)
+
+
+def _attention_with_shared_prefixes(q, k_slot, v_slot, mask, prefixes):
+    """softmax(q . [prefix keys, slot keys]) . [prefix values, slot values], computed
+    in two parts merged with a common maximum, so rows that share a prefix read it
+    once.  q (B, H, T, D); slot keys (B, H, L, D); prefixes [(k (H, P, D), v, rows)]."""
+    b, h, t, d = q.shape
+    scale = d ** -0.5
+    scores = torch.matmul(q, k_slot.transpose(-1, -2)) * scale  # (B, H, T, L)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    top = scores.amax(dim=-1, keepdim=True)
+    prefix_scores = []
+    for k_p, _, idx in prefixes:
+        # the group's rows side by side as one (H, n*T, D) matrix: one read of k_p for all of them
+        q_g = q[idx].permute(1, 0, 2, 3).reshape(h, -1, d)
+        s_p = torch.matmul(q_g, k_p.transpose(-1, -2)) * scale  # (H, n*T, P)
+        s_p = s_p.view(h, len(idx), t, -1).permute(1, 0, 2, 3)  # (n, H, T, P)
+        top[idx] = torch.maximum(top[idx], s_p.amax(dim=-1, keepdim=True))
+        prefix_scores.append(s_p)
+    weights = torch.exp(scores - top)
+    num = torch.matmul(weights, v_slot)
+    den = weights.sum(dim=-1, keepdim=True)
+    for (_, v_p, idx), s_p in zip(prefixes, prefix_scores):
+        w_p = torch.exp(s_p - top[idx])
+        den[idx] += w_p.sum(dim=-1, keepdim=True)
+        part = torch.matmul(w_p.permute(1, 0, 2, 3).reshape(h, -1, w_p.shape[-1]), v_p)  # (H, n*T, D)
+        num[idx] += part.view(h, len(idx), t, d).permute(1, 0, 2, 3)
+    return num / den
 
 
 def lm_logits(hidden_last: torch.Tensor, w: dict) -> torch.Tensor:

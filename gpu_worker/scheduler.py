@@ -70,6 +70,8 @@ class Sequence:
     generator: Optional[torch.Generator] = None
     input_tokens: int = 0
     image_cache_hit: bool = False
+    released: bool = False
+    prefix: Optional[PrefixKV] = None  # its image's KV (also copied into its slot): batch rows on one image read it once
     t_added: float = 0.0
     t_started: float = 0.0
     t_first_output: float = 0.0
@@ -80,7 +82,7 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, engine, max_batch: int = 32, image_cache_bytes: int = 1 << 30,
-                 max_images_per_step: int = 8, context: Optional[int] = None):
+                 max_images_per_step: int = 8, context: Optional[int] = None, share_prefixes: bool = True):
         self.engine = engine
         self.max_batch = slots_that_fit(engine, max_batch, context)
         self.cache = engine.new_cache(self.max_batch, context)
@@ -88,6 +90,7 @@ class Scheduler:
         self.waiting: collections.deque[tuple[EngineRequest, float]] = collections.deque()
         self.running: dict[str, Sequence] = {}
         self.images = ImageCache(image_cache_bytes)
+        self.share_prefixes = share_prefixes
         self.max_images_per_step = max_images_per_step
         self.events: list = []
         self.counters = collections.Counter()
@@ -221,7 +224,8 @@ class Scheduler:
             ctx.position = prefix.length
         program = P.start_program(ctx, req.skill, req.params, req.settings, req.image is not None)
         seq = Sequence(request=req, slot=slot, ctx=ctx, program=program, settings=req.settings,
-                       t_added=t_added, t_started=time.perf_counter(), image_cache_hit=cache_hit)
+                       t_added=t_added, t_started=time.perf_counter(), image_cache_hit=cache_hit,
+                       prefix=prefix if self.share_prefixes else None)
         seq.generator = torch.Generator(device="cpu")
         seq.generator.manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
         if req.request_id in self.record_for:
@@ -254,7 +258,8 @@ class Scheduler:
         else:
             embeds = torch.stack([s.feed.embeds if s.feed.embeds is not None else engine.embed_tokens(s.feed.tokens)
                                   for s in seqs])
-        hidden = engine.forward(embeds, [s.ctx.position for s in seqs], [s.slot for s in seqs], self.cache)
+        hidden = engine.forward(embeds, [s.ctx.position for s in seqs], [s.slot for s in seqs], self.cache,
+                                [s.prefix for s in seqs])
         self.counters["last_batch"] = len(seqs)
         results = [P.StepResult() for _ in seqs]
         self._sample(seqs, hidden, results)
@@ -266,25 +271,34 @@ class Scheduler:
         return list(zip(seqs, results))
 
     def _sample(self, seqs, hidden, results) -> None:
+        """Next tokens for every row that asked, as whole-batch tensor operations and
+        one host transfer: greedy rows by argmax, the others by their own temperature
+        and top-p, each drawing from its own seeded generator."""
         rows = [i for i, s in enumerate(seqs) if s.feed.sample is not None]
         if not rows:
             return
+        specs = [seqs[i].feed.sample for i in rows]
         with torch.inference_mode():
             logits = self.engine.logits(hidden[rows]).float()
             for j, i in enumerate(rows):
                 rec = seqs[i].recording
                 if rec is not None and len(rec["logits"]) < 8:
                     rec["logits"].append(logits[j].clone().cpu())
-            for j, i in enumerate(rows):
-                suppress = seqs[i].feed.sample.suppress
-                if suppress:
-                    logits[j, list(suppress)] = float("-inf")
-            tokens = logits.argmax(dim=-1).tolist()  # greedy rows: done
-            for j, i in enumerate(rows):
-                spec = seqs[i].feed.sample
-                if spec.temperature > 0:
-                    probs = top_p_filter(torch.softmax(logits[j] / spec.temperature, dim=-1), spec.top_p)
-                    tokens[j] = int(torch.multinomial(probs.cpu(), 1, generator=seqs[i].generator).item())
+            banned = [(j, t) for j, spec in enumerate(specs) for t in spec.suppress]
+            if banned:
+                logits[[j for j, _ in banned], [t for _, t in banned]] = float("-inf")
+            next_tokens = logits.argmax(dim=-1)
+            sampled = [j for j, spec in enumerate(specs) if spec.temperature > 0]
+            if sampled:
+                device = logits.device
+                temps = torch.tensor([specs[j].temperature for j in sampled], device=device).view(-1, 1)
+                top_p = torch.tensor([specs[j].top_p for j in sampled], device=device).view(-1, 1)
+                probs = top_p_filter(torch.softmax(logits[sampled] / temps, dim=-1), top_p)
+                draws = torch.stack([torch.rand((), generator=seqs[rows[j]].generator) for j in sampled]).to(device)
+                cdf = probs.cumsum(dim=-1)
+                picked = torch.searchsorted(cdf, (draws * cdf[:, -1]).view(-1, 1)).view(-1)
+                next_tokens[sampled] = picked.clamp_(max=probs.shape[-1] - 1)
+            tokens = next_tokens.tolist()
         for j, i in enumerate(rows):
             results[i].token = tokens[j]
 
@@ -346,6 +360,10 @@ class Scheduler:
         self.events.append(Failed(request_id, message))
 
     def _release(self, seq: Sequence) -> None:
+        if seq.released:
+            return
+        seq.released = True
+        seq.prefix = None
         if seq.slot not in self.free:
             heapq.heappush(self.free, seq.slot)
 
@@ -372,7 +390,7 @@ def slots_that_fit(engine, wanted: int, context: Optional[int] = None, share: fl
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the most likely tokens whose cumulative probability before them is within
-    top_p, renormalised.  Works on (V,) or (B, V)."""
+    top_p, renormalised.  Works on (V,) or (B, V); top_p a float or a (B, 1) tensor."""
     sorted_p, order = torch.sort(probs, dim=-1, descending=True)
     before = torch.cumsum(sorted_p, dim=-1) - sorted_p
     sorted_p = sorted_p.masked_fill(before > top_p, 0.0)

@@ -135,3 +135,24 @@ def test_context_overflow_ends_with_length():
     out = run_requests(sched, [req])["c"]
     assert out.error is None and out.finish_reason == "length"
     assert out.metrics["output_tokens"] <= 760 - 730
+
+
+def test_shared_image_prefix_read_in_place_equals_serial():
+    """Sequences on one image share its prefix KV (not copied per slot); answers are unchanged."""
+    engine = fixture_engine("main")
+    image = fixture_image("main", "landscape_800x600.png")
+
+    def requests():
+        return [EngineRequest(f"s{i}", skill, params, {"temperature": 0, "max_tokens": 12, "max_objects": 3}, image)
+                for i, (skill, params) in enumerate([
+                    ("caption", {"length": "short"}), ("query", {"question": "What is it?"}),
+                    ("query", {"question": "Why?", "reasoning": True}), ("detect", {"object": "cat"}),
+                    ("point", {"object": "dog"}), ("caption", {"length": "long"})])]
+
+    serial = {}
+    for req in requests():
+        serial[req.request_id] = summary(run_requests(Scheduler(engine, max_batch=1), [req])[req.request_id])
+    sched = Scheduler(engine, max_batch=8)
+    batched = run_requests(sched, requests())
+    assert {rid: summary(o) for rid, o in batched.items()} == serial
+    assert sched.stats()["image_encodes"] == 1
