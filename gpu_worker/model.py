@@ -285,29 +285,30 @@ def text_forward(embeds: torch.Tensor, positions: torch.Tensor, write_positions:
 def _attention_with_shared_prefixes(q, k_slot, v_slot, mask, prefixes):
     """softmax(q . [prefix keys, slot keys]) . [prefix values, slot values], computed
     in two parts merged with a common maximum, so rows that share a prefix read it
-    once.  q (B, H, T, D); slot keys (B, H, L, D); prefixes [(k (H, P, D), v, rows)]."""
+    once.  q (B, H, T, D); slot keys (B, H, L, D); prefixes [(k (H, P, D), v, rows)].
+    Scores and sums are float32 whatever the model dtype (as fused kernels do)."""
     b, h, t, d = q.shape
     scale = d ** -0.5
-    scores = torch.matmul(q, k_slot.transpose(-1, -2)) * scale  # (B, H, T, L)
+    scores = torch.matmul(q, k_slot.transpose(-1, -2)).float() * scale  # (B, H, T, L)
     scores = scores.masked_fill(~mask, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
     prefix_scores = []
     for k_p, _, idx in prefixes:
         # the group's rows side by side as one (H, n*T, D) matrix: one read of k_p for all of them
         q_g = q[idx].permute(1, 0, 2, 3).reshape(h, -1, d)
-        s_p = torch.matmul(q_g, k_p.transpose(-1, -2)) * scale  # (H, n*T, P)
+        s_p = torch.matmul(q_g, k_p.transpose(-1, -2)).float() * scale  # (H, n*T, P)
         s_p = s_p.view(h, len(idx), t, -1).permute(1, 0, 2, 3)  # (n, H, T, P)
         top[idx] = torch.maximum(top[idx], s_p.amax(dim=-1, keepdim=True))
         prefix_scores.append(s_p)
     weights = torch.exp(scores - top)
-    num = torch.matmul(weights, v_slot)
+    num = torch.matmul(weights.to(v_slot.dtype), v_slot).float()
     den = weights.sum(dim=-1, keepdim=True)
     for (_, v_p, idx), s_p in zip(prefixes, prefix_scores):
         w_p = torch.exp(s_p - top[idx])
         den[idx] += w_p.sum(dim=-1, keepdim=True)
-        part = torch.matmul(w_p.permute(1, 0, 2, 3).reshape(h, -1, w_p.shape[-1]), v_p)  # (H, n*T, D)
-        num[idx] += part.view(h, len(idx), t, d).permute(1, 0, 2, 3)
-    return num / den
+        part = torch.matmul(w_p.to(v_p.dtype).permute(1, 0, 2, 3).reshape(h, -1, w_p.shape[-1]), v_p)  # (H, n*T, D)
+        num[idx] += part.float().view(h, len(idx), t, d).permute(1, 0, 2, 3)
+    return (num / den).to(q.dtype)
 
 
 def lm_logits(hidden_last: torch.Tensor, w: dict) -> torch.Tensor:

@@ -156,3 +156,50 @@ def test_shared_image_prefix_read_in_place_equals_serial():
     batched = run_requests(sched, requests())
     assert {rid: summary(o) for rid, o in batched.items()} == serial
     assert sched.stats()["image_encodes"] == 1
+
+
+def test_split_softmax_attention_equals_full_attention():
+    """The shared-prefix attention (prefix part + slot part, merged) is plain attention."""
+    import torch
+    import torch.nn.functional as F
+
+    from gpu_worker.model import _attention_with_shared_prefixes
+
+    gen = torch.Generator().manual_seed(0)
+    b, h, t, d, p, slot = 5, 2, 3, 16, 40, 9
+    q = torch.randn(b, h, t, d, generator=gen)
+    k_prefix, v_prefix = torch.randn(h, p, d, generator=gen), torch.randn(h, p, d, generator=gen)
+    k_slot, v_slot = torch.randn(b, h, slot, d, generator=gen), torch.randn(b, h, slot, d, generator=gen)
+    mask = torch.rand(b, 1, t, slot, generator=gen) > 0.3
+    mask[..., 0] = True
+    rows = torch.tensor([0, 2, 3, 1, 4])
+    got = _attention_with_shared_prefixes(q, k_slot, v_slot, mask, [(k_prefix, v_prefix, rows)])
+    k_full = torch.cat([k_prefix.expand(b, h, p, d), k_slot], dim=2)
+    v_full = torch.cat([v_prefix.expand(b, h, p, d), v_slot], dim=2)
+    full_mask = torch.cat([torch.ones(b, 1, t, p, dtype=torch.bool), mask], dim=-1)
+    want = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=full_mask)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_engine_tracks_float32_reference():
+    """The serving dtype on GPUs is bf16: it must stay close to the float32 reference."""
+    import json
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from gpu_worker.engine import load_model
+    from shared.config import Config
+    from tests.engine_helpers import CONFORMANCE, request_from_case
+
+    engine = load_model(Config(model=os.path.join(CONFORMANCE, "main"), device="cpu", dtype="bfloat16"))
+    with open(os.path.join(CONFORMANCE, "main", "expected.json")) as f:
+        case = json.load(f)["cases"][0]
+    sched = Scheduler(engine, max_batch=1)
+    req = request_from_case(case, fixture_image("main", case["image"]))
+    out = run_requests(sched, [req], record=True)[req.request_id]
+    ref = load_file(os.path.join(CONFORMANCE, "main", "expected_tensors.safetensors"))[case["logits"]][0]
+    got = out.recording["logits"][0]
+    assert float((got - ref).abs().max() / ref.abs().max()) < 0.05
+    assert int(got.argmax()) == int(ref.argmax())
