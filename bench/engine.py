@@ -123,20 +123,24 @@ def bench_decode(engine, batches, context, reps, warmup, elt) -> list[dict]:
             print(f"  decode batch {b}: skipped, its KV cache ({need / 2**30:.1f} GiB) does not fit in free memory",
                   file=sys.stderr)
             continue
-        cache = engine.new_cache(b, context=cache_context)
         ids = torch.randint(1, cfg.vocab_size, (b,)).tolist()
         slots = list(range(b))
+        cache = None
+        try:
+            cache = engine.new_cache(b, context=cache_context)
 
-        def step():
-            # same position each time: the context stays at `context` keys per sequence
-            hidden = engine.forward(engine.embed_tokens(ids).view(b, 1, -1), [context - 1] * b, slots, cache)
-            engine.logits(hidden)
+            def step():
+                # same position each time: the context stays at `context` keys per sequence
+                hidden = engine.forward(engine.embed_tokens(ids).view(b, 1, -1), [context - 1] * b, slots, cache)
+                engine.logits(hidden)
 
-        seconds = time_it(step, engine.device, reps=reps, warmup=warmup)
-        cost = text_step_cost(cfg, b, 1, context - 1, elt)
-        rows.append(measurement(f"decode step, batch {b}, {context} ctx", seconds, cost,
-                                {"batch": b, "context": context,
-                                 "tokens_per_s": b / median(seconds), "kv_cache_gib": cache.bytes() / 2**30}))
+            seconds = time_it(step, engine.device, reps=reps, warmup=warmup)
+            cost = text_step_cost(cfg, b, 1, context - 1, elt)
+            rows.append(measurement(f"decode step, batch {b}, {context} ctx", seconds, cost,
+                                    {"batch": b, "context": context,
+                                     "tokens_per_s": b / median(seconds), "kv_cache_gib": cache.bytes() / 2**30}))
+        except (RuntimeError, MemoryError) as err:  # e.g. out of GPU memory: report it, go on with the rest
+            print(f"  decode batch {b}: failed: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
         del cache
         gc.collect()
         sync(engine.device)

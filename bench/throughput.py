@@ -161,6 +161,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
     ap.add_argument("--requests", type=int, help="timed completions per point (default max(64, 2 x concurrency))")
     ap.add_argument("--seconds", type=float, default=20.0, help="time cap per point (after warm-up)")
+    ap.add_argument("--budget", type=float, help="seconds for the whole run: points not started by then are skipped, "
+                    "so the table still prints inside an outer time limit")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args(argv)
@@ -191,15 +193,25 @@ def main(argv=None) -> dict:
     for name in workloads:
         max_tokens = WORKLOADS[name]
         for c in concurrencies:
+            if args.budget and time.perf_counter() - t0 > args.budget:
+                print(f"  {name} c={c}: skipped, over the --budget of {args.budget:.0f} s", file=sys.stderr, flush=True)
+                continue
             n = args.requests or (1 if args.quick else 4 if args.small else max(64, 2 * c))
-            point = run_point(engine, max_tokens, c, n, args.seconds, crops, tiling)
+            try:
+                point = run_point(engine, max_tokens, c, n, args.seconds, crops, tiling)
+            except (RuntimeError, MemoryError) as err:  # e.g. out of GPU memory: report it, go on with the rest
+                print(f"  {name} c={c}: failed: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
+                if engine.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             prompt_tokens = round(point["mean_input_tokens"]) - PREFIX_LEN  # input_tokens counts the image prefix
             cost = request_cost(engine.config, elt, n_crops, prompt_tokens, point["mean_output_tokens"], c,
                                 images_per_forward=8)  # the Scheduler's default max_images_per_step
             point.update({"workload": name, "max_tokens": max_tokens, "gflop_per_request": cost.flops / 1e9,
                           "gbytes_per_request": cost.bytes / 1e9, "kestrel_h100_req_per_s": KESTREL_H100.get((name, c))})
             rows.append(point)
-            print(f"  {name} c={c}: {point['req_per_s']:.2f} req/s over {point['requests']} requests",
+            print(f"  {name} c={c}: {point['req_per_s']:.2f} req/s, {point['output_tokens_per_s']:.1f} output tok/s, "
+                  f"p50 latency {point['p50_latency_ms']:.0f} ms over {point['requests']} requests",
                   file=sys.stderr, flush=True)
     peak_samples.append(measure_peaks(engine.device, engine.dtype, quick=args.small))
     peaks = best_peaks(peak_samples)
@@ -209,8 +221,9 @@ def main(argv=None) -> dict:
 
     results = {
         "setup": {"model": model, "device": str(engine.device), "device_name": describe_device(engine.device),
-                  "dtype": str(engine.dtype).replace("torch.", ""), "torch": torch.__version__, "code": code_version(), "load_s": load_s,
-                  "crops": n_crops, "tiling": tiling, "prompt_tokens": prompt_tokens, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
+                  "dtype": str(engine.dtype).replace("torch.", ""), "torch": torch.__version__, "code": code_version(),
+                  "load_s": load_s, "crops": n_crops, "tiling": tiling, "prompt_tokens": prompt_tokens,
+                  "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         "peaks": peaks.as_dict(),
         "peak_samples": [p.as_dict() for p in peak_samples],
         "rows": rows,
