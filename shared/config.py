@@ -59,6 +59,7 @@ class Config:
     max_objects_limit: int = field(default=200, metadata={"env": "MAX_OBJECTS_LIMIT", "help": "largest max_objects a request may ask for"})
     request_timeout: float = field(default=120.0, metadata={"env": "REQUEST_TIMEOUT", "help": "seconds before an unanswered request gets 504"})
     max_queue: int = field(default=256, metadata={"env": "MAX_QUEUE", "help": "requests waiting in the broker before 429"})
+    allow_remote_images: bool = field(default=False, metadata={"env": "ALLOW_REMOTE_IMAGES", "help": "fetch http(s) image_url: public addresses only, at most 3 redirects, MAX_BODY_BYTES, 10 s (off: data URLs only)"})
 
     # --- logging
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "DEBUG, INFO, WARNING"})
