@@ -32,8 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (code_version, PREFIX_LEN, Cost, describe_device, fmt, image_encode_cost, kv_bytes_per_position,  # noqa: E402
-                          best_peaks, load_engine, markdown_table, measure_peaks, median, sync, text_step_cost, time_it)
+from bench.common import (PREFIX_LEN, Cost, best_peaks, code_version, describe_device, fmt,  # noqa: E402
+                          image_encode_cost, kv_bytes_per_position, load_engine, markdown_table, measure_peaks,
+                          median, sync, text_step_cost, time_it)
 from gpu_worker.engine_types import ImageInput  # noqa: E402
 from gpu_worker.model import PrefixKV  # noqa: E402
 
@@ -163,7 +164,8 @@ def profile_decode(engine, batches, context, path: str) -> list[str]:
         ids = list(range(1, b + 1))
 
         def step():
-            engine.logits(engine.forward(engine.embed_tokens(ids).view(b, 1, -1), [context - 1] * b, list(range(b)), cache))
+            embeds = engine.embed_tokens(ids).view(b, 1, -1)
+            engine.logits(engine.forward(embeds, [context - 1] * b, list(range(b)), cache))
 
         for _ in range(3):
             step()
@@ -195,12 +197,14 @@ def print_report(results: dict) -> None:
     print(f"\n### Engine benchmark: {info['model']} on {info['device_name']} ({info['dtype']})\n")
     samples = ", ".join(f"{fmt(p['matmul_flops_per_s'] / 1e9)} GFLOP/s + {fmt(p['bandwidth_bytes_per_s'] / 1e9)} GB/s"
                         for p in results["peak_samples"])
-    print(f"Peaks measured in this run (best of start and end: {samples}): matmul {fmt(peaks['matmul_flops_per_s'] / 1e9)} GFLOP/s "
+    print(f"Peaks measured in this run (best of start and end: {samples}): "
+          f"matmul {fmt(peaks['matmul_flops_per_s'] / 1e9)} GFLOP/s "
           f"({peaks['matmul_n']}^3, {peaks['dtype']}); memory {fmt(peaks['bandwidth_bytes_per_s'] / 1e9)} GB/s "
           f"(copy {fmt(peaks['copy_bytes_per_s'] / 1e9)} GB/s counting read+write, "
           f"read-only sum {fmt(peaks['read_bytes_per_s'] / 1e9)} GB/s).  "
           f"Model load {info['load_s']:.1f} s; weights {fmt(info['weights_gib'])} GiB.  "
-          f"Load average at start / end: {info['load_average_at_start'][0]:.2f} / {info['load_average_at_end'][0]:.2f}.\n")
+          f"Load average at start / end: {info['load_average_at_start'][0]:.2f} / "
+          f"{info['load_average_at_end'][0]:.2f}.\n")
     header = ["what", "measured ms", "reps", "GFLOP", "GB moved", "compute floor ms", "memory floor ms",
               "bound", "% of floor", "tokens/s"]
     rows = []
@@ -214,13 +218,16 @@ def print_report(results: dict) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="random:full", help="random:full (default), random:tiny, random:small or a checkpoint")
+    ap.add_argument("--model", default="random:full",
+                    help="random:full (default), random:tiny, random:small or a checkpoint")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32")
+    ap.add_argument("--dtype", default="auto",
+                    help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32")
     ap.add_argument("--crops", help="crop counts for the image encode (default: 2,5 on CPU, 2,5,10,13 on CUDA)")
     ap.add_argument("--batches", help="decode batch sizes (default: 1,8,32 on CPU, 1,8,32,64 on CUDA)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens for the prefill measurement")
-    ap.add_argument("--context", type=int, default=PREFIX_LEN + 50, help="context positions per sequence while decoding")
+    ap.add_argument("--context", type=int, default=PREFIX_LEN + 50,
+                    help="context positions per sequence while decoding")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 2 crops, batches 1,2, one repetition each, small peak measurements")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -231,7 +238,10 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    default_crops, default_batches = ("2", "1,2") if args.quick else ("2,5,10,13", "1,8,32,64") if cuda else ("2,5", "1,8,32")
+    if args.quick:
+        default_crops, default_batches = "2", "1,2"
+    else:
+        default_crops, default_batches = ("2,5,10,13", "1,8,32,64") if cuda else ("2,5", "1,8,32")
     crop_counts = [int(x) for x in (args.crops or default_crops).split(",")]
     batches = [int(x) for x in (args.batches or default_batches).split(",")]
     # CPU: a 13-crop encode of the full model is ~10 TFLOP (minutes on 2 cores), so one

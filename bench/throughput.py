@@ -36,8 +36,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (code_version, PREFIX_LEN, Cost, best_peaks, describe_device, fmt, image_encode_cost,  # noqa: E402
-                          load_engine, markdown_table, measure_peaks, param_groups, sync, text_step_cost)
+from bench.common import (PREFIX_LEN, Cost, best_peaks, code_version, describe_device, fmt,  # noqa: E402
+                          image_encode_cost, load_engine, markdown_table, measure_peaks, param_groups, sync,
+                          text_step_cost)
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput  # noqa: E402
 from gpu_worker.scheduler import Scheduler  # noqa: E402
 
@@ -121,7 +122,8 @@ def request_cost(cfg, elt: int, n_crops: int, prompt_len: int, out_tokens: float
     image_weights = (p["vision"] + p["projection"] + p["text_blocks"]) * elt
     cost = Cost(image.flops, (image.bytes - image_weights) + image_weights / min(concurrency, images_per_forward))
     forwards = [text_step_cost(cfg, 1, prompt_len, PREFIX_LEN, elt)]
-    forwards += [text_step_cost(cfg, 1, 1, PREFIX_LEN + prompt_len + i, elt) for i in range(max(0, round(out_tokens) - 1))]
+    forwards += [text_step_cost(cfg, 1, 1, PREFIX_LEN + prompt_len + i, elt)
+                 for i in range(max(0, round(out_tokens) - 1))]
     for f in forwards:
         cost += Cost(f.flops, (f.bytes - text_weights) + text_weights / concurrency)
     return cost
@@ -136,12 +138,14 @@ def print_report(results: dict) -> None:
           "'% FLOP floor' = req/s x FLOPs per request / peak FLOP/s; '% memory floor' likewise with the bytes "
           "a request needs when its batch shares the weight reads.  Kestrel: one H100, Moondream 2, ChartQA.  "
           f"Load average at start / end: {s['load_average_at_start'][0]:.2f} / {s['load_average_at_end'][0]:.2f}.\n")
-    header = ["workload", "concurrency", "KV slots", "requests", "req/s", "output tok/s", "mean out tokens", "p50 latency ms",
+    header = ["workload", "concurrency", "KV slots", "requests", "req/s", "output tok/s", "mean out tokens",
+              "p50 latency ms",
               "GFLOP/req", "GB/req", "% FLOP floor", "% memory floor", "Kestrel H100 req/s"]
     rows = []
     for r in results["rows"]:
         anchor = KESTREL_H100.get((r["workload"], r["concurrency"]))
-        rows.append([r["workload"], r["concurrency"], r["kv_slots"], r["requests"], fmt(r["req_per_s"]), fmt(r["output_tokens_per_s"]),
+        rows.append([r["workload"], r["concurrency"], r["kv_slots"], r["requests"], fmt(r["req_per_s"]),
+                     fmt(r["output_tokens_per_s"]),
                      fmt(r["mean_output_tokens"]), fmt(r["p50_latency_ms"]), fmt(r["gflop_per_request"]),
                      fmt(r["gbytes_per_request"]), f"{100 * r['flop_fraction']:.1f}%",
                      f"{100 * r['memory_fraction']:.1f}%", anchor if anchor is not None else ""])
@@ -153,7 +157,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="default random:full (random:small with --small)")
     ap.add_argument("--device", default="cuda", help="cuda or cpu")
-    ap.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32")
+    ap.add_argument("--dtype", default="auto",
+                    help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32")
     ap.add_argument("--small", action="store_true", help="CPU smoke mode: reduced model, few requests, concurrency 1,4")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 2-crop images, concurrency 1,2, one timed request per point")
@@ -208,7 +213,8 @@ def main(argv=None) -> dict:
             cost = request_cost(engine.config, elt, n_crops, prompt_tokens, point["mean_output_tokens"], c,
                                 images_per_forward=8)  # the Scheduler's default max_images_per_step
             point.update({"workload": name, "max_tokens": max_tokens, "gflop_per_request": cost.flops / 1e9,
-                          "gbytes_per_request": cost.bytes / 1e9, "kestrel_h100_req_per_s": KESTREL_H100.get((name, c))})
+                          "gbytes_per_request": cost.bytes / 1e9,
+                          "kestrel_h100_req_per_s": KESTREL_H100.get((name, c))})
             rows.append(point)
             print(f"  {name} c={c}: {point['req_per_s']:.2f} req/s, {point['output_tokens_per_s']:.1f} output tok/s, "
                   f"p50 latency {point['p50_latency_ms']:.0f} ms over {point['requests']} requests",
