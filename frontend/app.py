@@ -31,6 +31,7 @@ import falcon
 import msgspec
 
 from frontend import schemas
+from frontend import remote_image
 from shared import protocol
 from shared.config import Config
 
@@ -149,15 +150,22 @@ def parse_request(body: bytes, schema: type[msgspec.Struct]) -> msgspec.Struct:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {ex}") from None
 
 
-def decode_image_url(url: str) -> bytes:
+def decode_image_url(url: str, fetch_remote: Optional[Callable[[str], bytes]] = None) -> bytes:
     """data:image/...;base64,<data> -> the encoded image bytes (still JPEG/PNG/...).
+    An http(s) URL is fetched with `fetch_remote` (remote_image.py) when remote
+    images are allowed (ALLOW_REMOTE_IMAGES), and refused otherwise.
 
     The bytes are decoded into pixels by a preprocess worker, which answers
     400/413/415/422 for images it cannot or will not read."""
     scheme = url.split(":", 1)[0].strip().lower()
     if scheme in ("http", "https"):
-        raise ApiError(400, "remote_image_disabled",
-                       "remote image URLs are disabled: send the image as a base64 data URL")
+        if fetch_remote is None:
+            raise ApiError(400, "remote_image_disabled",
+                           "remote image URLs are disabled: send the image as a base64 data URL")
+        try:
+            return fetch_remote(url.strip())
+        except remote_image.RemoteImageError as ex:
+            raise ApiError(ex.status, ex.code, ex.message) from None
     if scheme != "data":
         raise ApiError(400, "invalid_image_url", "image_url must be a data:image/...;base64, URL")
     header, comma, data = url.partition(",")
@@ -287,6 +295,7 @@ class SkillResource:
         self._schema = schema
         self._config = config
         self._client = client
+        self._fetch_remote = remote_image.fetcher(config)  # None unless ALLOW_REMOTE_IMAGES
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = parse_request(read_json_body(req, self._config.max_body_bytes), self._schema)
@@ -295,7 +304,7 @@ class SkillResource:
         except schemas.InvalidValue as ex:
             raise ApiError(422, "invalid_value", str(ex)) from None
         image_url = getattr(request, "image_url", None)
-        image = decode_image_url(image_url) if image_url is not None else None
+        image = decode_image_url(image_url, self._fetch_remote) if image_url is not None else None
         streaming = bool(getattr(request, "stream", False)) and self._skill in TEXT_SKILLS
 
         request_id = req.context.request_id
