@@ -179,6 +179,7 @@ class BrokerClient:
         broker_id = None
         last_heard = time.monotonic()
         next_ping = 0.0
+        warned = False
         try:
             while not self._closed.is_set():
                 ready = dict(poller.poll(100))
@@ -203,8 +204,12 @@ class BrokerClient:
                     with self._replies_lock:
                         waiting = any(not rid.startswith("status-") for rid in self._replies)
                     if waiting:
-                        log.warning("broker silent for %.1f s: failing open requests", now - last_heard)
+                        if not warned:  # once per outage, not once per request
+                            log.warning("broker silent for %.1f s: failing open requests", now - last_heard)
+                            warned = True
                         self._fail_all("the broker is not answering")
+                else:
+                    warned = False
         finally:
             dealer.close(linger=0)
             self._inbox.close(linger=0)
