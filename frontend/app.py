@@ -13,6 +13,8 @@ Routes:
     GET  /health       readiness, model and worker counts (503 until a GPU worker is ready)
     GET  /health/live  the process is alive (always 200)
     GET  /             a page to try the model (static/index.html)
+    GET  /openapi.json, /docs   the API description and a page rendering it (openapi.py)
+    GET  /metrics      Prometheus metrics (metrics.py)
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Callable, Iterator, Optional
 import falcon
 import msgspec
 
-from frontend import schemas
+from frontend import metrics, openapi, schemas
 from frontend import remote_image
 from shared import protocol
 from shared.config import Config
@@ -408,7 +410,11 @@ def create_app(config: Config, client=None) -> falcon.App:
         from frontend.broker_client import BrokerClient  # imported late: it starts a thread
         client = BrokerClient(config)
 
-    app = falcon.App(middleware=[RequestIdMiddleware(), AuthMiddleware(config.api_key)])
+    app_metrics = metrics.FrontendMetrics(client)
+    client = metrics.MeteredClient(client, app_metrics)  # times each request's events
+    # MetricsMiddleware first: its process_response runs last and sees the final status.
+    app = falcon.App(middleware=[metrics.MetricsMiddleware(app_metrics), RequestIdMiddleware(),
+                                 AuthMiddleware(config.api_key)])
     # Registration order matters only for equally specific types; Falcon picks
     # the most specific handler, so HTTPErrors never reach the catch-all.
     app.add_error_handler(Exception, handle_unexpected)
@@ -419,5 +425,8 @@ def create_app(config: Config, client=None) -> falcon.App:
     app.add_route("/health", HealthResource(config, client))
     app.add_route("/health/live", LiveResource())
     app.add_route("/", IndexResource())
+    app.add_route("/openapi.json", openapi.SpecResource(config))
+    app.add_route("/docs", openapi.DocsResource())
+    app.add_route("/metrics", metrics.MetricsResource(app_metrics))
     app.add_static_route("/static", str(STATIC_DIR))
     return app

@@ -1,0 +1,348 @@
+"""GET /openapi.json and GET /docs: the API described from the code itself.
+
+The request bodies come straight from the msgspec Structs the front end decodes
+with (frontend/schemas.py), so the document cannot drift from the validation.
+The answers are not decoded anywhere, so their shapes are written down here as
+Structs too, next to the code that builds them (frontend/app.py); the tests
+(tests/test_openapi.py) check the live service against this document.
+
+The document is OpenAPI 3.2: its `itemSchema` is the standard way to describe
+each event of a `text/event-stream` answer (3.1 has no way to say it).  Limits
+that depend on the configuration (longest question, largest max_tokens) are
+filled in from the running Config, so the document describes this server.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import falcon
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from frontend import schemas
+from shared.config import Config
+
+DOCS_HTML = Path(__file__).parent / "static" / "docs.html"
+REF = "#/components/schemas/{name}"
+
+
+# ---------------------------------------------------------------- answers (documentation only)
+class Metrics(msgspec.Struct):
+    """Timing and token counts of one text answer, as measured by the GPU worker."""
+
+    input_tokens: Union[int, UnsetType] = UNSET
+    output_tokens: Union[int, UnsetType] = UNSET
+    prefill_time_ms: Union[float, UnsetType] = UNSET
+    decode_time_ms: Union[float, UnsetType] = UNSET
+    ttft_ms: Union[float, UnsetType] = UNSET
+
+
+FinishReason = Literal["stop", "length", None]
+
+
+class Grounding(msgspec.Struct):
+    """Points the reasoning text refers to, for characters start_idx..end_idx of it."""
+
+    start_idx: int
+    end_idx: int
+    points: list[list[float]]
+
+
+class Reasoning(msgspec.Struct):
+    text: str
+    grounding: list[Grounding]
+
+
+class CaptionResponse(msgspec.Struct):
+    request_id: str
+    caption: str
+    metrics: Metrics
+    finish_reason: FinishReason
+
+
+class QueryResponse(msgspec.Struct):
+    request_id: str
+    answer: str
+    metrics: Metrics
+    finish_reason: FinishReason
+    reasoning: Union[Reasoning, UnsetType] = UNSET  # only when the request asked for reasoning
+
+
+class Box(msgspec.Struct):
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+
+class Point(msgspec.Struct):
+    x: float
+    y: float
+
+
+class DetectResponse(msgspec.Struct):
+    request_id: str
+    objects: list[Box]
+
+
+class PointResponse(msgspec.Struct):
+    request_id: str
+    points: list[Point]
+
+
+class StreamChunk(msgspec.Struct):
+    """An event of a streamed answer: the next piece of text."""
+
+    chunk: str
+    completed: Literal[False]
+
+
+class StreamEnd(msgspec.Struct):
+    """The last event of a streamed answer that succeeded."""
+
+    chunk: Literal[""]
+    completed: Literal[True]
+    request_id: str
+    metrics: Metrics
+    finish_reason: FinishReason
+    reasoning: Union[Reasoning, UnsetType] = UNSET
+
+
+class StreamErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+    status: int
+
+
+class StreamError(msgspec.Struct):
+    """The last event of a streamed answer that failed after it had started."""
+
+    error: StreamErrorDetail
+    completed: Literal[True]
+    request_id: str
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error answer."""
+
+    error: ErrorDetail
+    request_id: Optional[str]
+
+
+class HealthWorkers(msgspec.Struct):
+    preprocess: int
+    gpu: int
+
+
+class HealthQueue(msgspec.Struct):
+    queued: int
+    in_flight: int
+
+
+class HealthModel(msgspec.Struct):
+    """The configured model, plus what the GPU worker reports (device, dtype, ...)."""
+
+    name: str
+    revision: str
+
+
+class Health(msgspec.Struct):
+    status: Literal["ok", "loading", "unavailable"]
+    ready: bool
+    model: HealthModel
+    auth_required: bool
+    workers: HealthWorkers
+    queue: Union[HealthQueue, UnsetType] = UNSET  # absent when the broker does not answer
+    note: Union[str, UnsetType] = UNSET  # set for the random-weight test model
+
+
+class Live(msgspec.Struct):
+    status: Literal["alive"]
+
+
+# The answer Struct of each /v1 route, and whether it can stream.
+ANSWERS: dict[str, tuple[type[msgspec.Struct], bool]] = {
+    "caption": (CaptionResponse, True),
+    "query": (QueryResponse, True),
+    "detect": (DetectResponse, False),
+    "point": (PointResponse, False),
+}
+
+# The statuses a /v1 route answers besides 200 (401 only with an API key).
+ERRORS = {
+    400: "Malformed: not JSON, a missing field, a wrong type, a bad data URL or an unreadable image.",
+    401: "Missing or wrong X-Moondream-Auth header.",
+    413: "The body or the image is too large.",
+    415: "The body is not JSON, or the image format is not supported.",
+    422: "Well-formed but invalid values (unknown length, max_tokens above the limit, ...).",
+    429: "The queue is full; retry after Retry-After seconds.",
+    500: "A bug or a failed generation.",
+    503: "No GPU or preprocess worker, or the broker is unavailable; retry after Retry-After seconds.",
+    504: "The request took longer than REQUEST_TIMEOUT.",
+}
+
+
+# ---------------------------------------------------------------- the document
+def _components() -> dict:
+    request_schemas = [schema for _, schema in schemas.ROUTES.values()]
+    answer_schemas = [schema for schema, _ in ANSWERS.values()]
+    _, components = msgspec.json.schema_components(
+        [*request_schemas, *answer_schemas, StreamChunk, StreamEnd, StreamError, ErrorBody, Health, Live],
+        ref_template=REF,
+    )
+    return components
+
+
+def _apply_limits(components: dict, config: Config) -> None:
+    """Write the configured limits into the request schemas (schemas.py leaves
+    them to check(), which answers 422 above them)."""
+    settings = components["Settings"]["properties"]
+    settings["max_tokens"]["maximum"] = config.max_tokens_limit
+    settings["max_objects"]["maximum"] = config.max_objects_limit
+    for name, field in (("QueryRequest", "question"), ("DetectRequest", "object"), ("PointRequest", "object")):
+        components[name]["properties"][field]["maxLength"] = config.max_text_chars
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": REF.format(name=name)}
+
+
+def _json(name: str) -> dict:
+    return {"application/json": {"schema": _ref(name)}}
+
+
+REQUEST_ID_HEADER = {"X-Request-ID": {
+    "description": "The request's id: the client's X-Request-ID when it sent a sane one, else a new one.",
+    "schema": {"type": "string"},
+}}
+
+
+def _response(description: str, content: Optional[dict] = None, **extra) -> dict:
+    response: dict[str, Any] = {"description": description, "headers": copy.deepcopy(REQUEST_ID_HEADER)}
+    if content is not None:
+        response["content"] = content
+    response.update(extra)
+    return response
+
+
+def _error_responses(statuses) -> dict:
+    return {str(status): _response(ERRORS[status], _json("ErrorBody")) for status in statuses}
+
+
+def _sse_content() -> dict:
+    """text/event-stream: each event's `data` is one JSON object."""
+    return {"text/event-stream": {
+        "itemSchema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {"data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"oneOf": [_ref("StreamChunk"), _ref("StreamEnd"), _ref("StreamError")]},
+            }},
+        },
+    }}
+
+
+def _skill_operation(path: str, skill: str, schema: type, auth: bool) -> dict:
+    answer, streams = ANSWERS[skill]
+    content = _json(answer.__name__)
+    description = f"Runs Moondream's {skill} skill on the image."
+    if streams:
+        content.update(_sse_content())
+        description += (' With "stream": true the answer is server-sent events: StreamChunk events, then one'
+                        " StreamEnd (or StreamError when it fails after it started).")
+    statuses = [400, *([401] if auth else []), 413, 415, 422, 429, 500, 503, 504]
+    operation = {
+        "operationId": skill,
+        "summary": (schema.__doc__ or path).strip(),
+        "description": description,
+        "tags": ["skills"],
+        "parameters": [{
+            "name": "X-Request-ID", "in": "header", "required": False,
+            "description": "Your id for the request (letters, digits and ._:-, at most 128), echoed back.",
+            "schema": {"type": "string"},
+        }],
+        "requestBody": {"required": True, "content": _json(schema.__name__)},
+        "responses": {"200": _response("The answer.", content), **_error_responses(statuses)},
+    }
+    if auth:
+        operation["security"] = [{"apiKey": []}]
+    return operation
+
+
+def _get(operation_id: str, summary: str, responses: dict, tag: str = "service") -> dict:
+    return {"get": {"operationId": operation_id, "summary": summary, "tags": [tag], "responses": responses}}
+
+
+def build_spec(config: Config) -> dict:
+    """The OpenAPI document of a front end running with `config`."""
+    components = _components()
+    _apply_limits(components, config)
+    auth = bool(config.api_key)
+    paths: dict[str, dict] = {
+        path: {"post": _skill_operation(path, skill, schema, auth)}
+        for path, (skill, schema) in schemas.ROUTES.items()
+    }
+    health = _response("Ready (200) or not yet (503): model, workers, queue.", _json("Health"))
+    paths["/health"] = _get("health", "Readiness: 200 once a GPU worker is ready, 503 until then.",
+                            {"200": health, "503": copy.deepcopy(health)})
+    paths["/health/live"] = _get("live", "Liveness: 200 while the front end runs.",
+                                 {"200": _response("Alive.", _json("Live"))})
+    text = {"schema": {"type": "string"}}
+    paths["/metrics"] = _get("metrics", "Prometheus metrics (text exposition format).",
+                             {"200": _response("Metrics.", {"text/plain": text})})
+    paths["/openapi.json"] = _get("openapi", "This document.",
+                                  {"200": _response("OpenAPI document.", {"application/json": {"schema": {"type": "object"}}})},
+                                  tag="documentation")
+    paths["/docs"] = _get("docs", "A page that renders this document.",
+                          {"200": _response("HTML page.", {"text/html": text})}, tag="documentation")
+    paths["/"] = _get("index", "A page to try the model.",
+                      {"200": _response("HTML page.", {"text/html": text})}, tag="documentation")
+
+    spec: dict[str, Any] = {
+        "openapi": "3.2.0",
+        "info": {
+            "title": "Moondream 2 serving API",
+            "version": "1",
+            "description": ("Moondream's REST API. Images are base64 data URLs. Every error is JSON: "
+                            '{"error": {"code", "message"}, "request_id"}.'),
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+    if auth:
+        spec["components"]["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-Moondream-Auth"}}
+    return spec
+
+
+# ---------------------------------------------------------------- resources
+class SpecResource:
+    """GET /openapi.json"""
+
+    def __init__(self, config: Config):
+        # Built once: the configuration does not change while the process runs.
+        self._body = msgspec.json.encode(build_spec(config))
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self._body
+
+
+class DocsResource:
+    """GET /docs: a self-contained page (no CDN) that renders /openapi.json in the browser."""
+
+    def __init__(self):
+        self._html = DOCS_HTML.read_bytes()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_HTML
+        resp.data = self._html
