@@ -8,6 +8,7 @@ takes the process down.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -121,6 +122,7 @@ class PreprocessWorker:
                     self.pending.append((msg, bytes(blob) if blob is not None else b""))
                 # Cancel and anything else: jobs are short; the broker drops stale replies.
             self._finish_running()
+            self._give_up_if_stuck()
             self._start_next()
             if self.link.keep_alive():
                 self.pending.clear()  # a new broker does not know these jobs
@@ -137,6 +139,14 @@ class PreprocessWorker:
                 continue
             future = self.executor.submit(preprocess, data, self.config.max_image_pixels, self.config.max_image_side)
             self.running = (job, future, time.monotonic())
+
+    def _give_up_if_stuck(self) -> None:
+        """A decode thread cannot be interrupted: past the time limit the process exits,
+        supervisord starts a fresh one and the broker retries or fails the job."""
+        if self.running is not None and time.monotonic() - self.running[2] > self.config.preprocess_timeout:
+            log.error("request %s: preprocessing took over %.1f s; exiting", self.running[0].request_id,
+                      self.config.preprocess_timeout)
+            os._exit(3)
 
     def _finish_running(self) -> None:
         if self.running is None or not self.running[1].done():

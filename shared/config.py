@@ -35,6 +35,7 @@ class Config:
 
     # --- processes
     preprocess_workers: int = field(default=2, metadata={"env": "PREPROCESS_WORKERS", "help": "number of image-decode processes (supervisord numprocs)"})
+    preprocess_timeout: float = field(default=60.0, metadata={"env": "PREPROCESS_TIMEOUT", "help": "seconds one image may take to decode; a worker stuck longer exits and is restarted"})
     port: int = field(default=5000, metadata={"env": "PORT", "help": "HTTP port of the front end"})
     host: str = field(default="0.0.0.0", metadata={"env": "HOST", "help": "HTTP listen address"})
     http_threads: int = field(default=32, metadata={"env": "HTTP_THREADS", "help": "waitress threads (each open stream holds one)"})
