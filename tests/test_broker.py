@@ -246,3 +246,13 @@ def test_json_logs_have_one_line_per_request_without_secrets(services):
     assert len(done) == 1 and done[0]["request_id"] == rid and done[0]["status"] == 503
     assert done[0]["process"] == "broker" and done[0]["total_ms"] >= done[0]["preprocess_ms"] > 0
     assert "hush-hush" not in s.broker_log()
+
+
+def test_preprocess_worker_stuck_past_its_time_limit_exits_and_the_job_is_taken_back(services):
+    s = services(PREPROCESS_TIMEOUT=0.3, NO_GPU_GRACE=0.5)
+    worker = s.start("preprocess_worker")
+    s.wait_for(preprocess=1)
+    events = list(s.client.submit(Submit(request_id="slow", skill="caption", params={}, settings={}, has_image=True), big_jpeg()))
+    assert worker.wait(timeout=10) == 3  # supervisord would start a fresh one
+    # Taken back into the queue; with no worker left it ends with a 503 instead of hanging.
+    assert [(e.status, e.code) for e in events] == [(503, "no_preprocess_worker")]
