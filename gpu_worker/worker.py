@@ -4,9 +4,9 @@ Two threads, as in vLLM's EngineCore:
 
 * the I/O thread (`BrokerIO`) owns the socket to the broker: it registers,
   heartbeats, reconnects, puts incoming messages on `inbox` and sends what the
-  main thread pushes to it.  Heartbeats keep flowing while a long GPU step runs,
-  but stop when the main loop has made no progress for GPU_STEP_TIMEOUT seconds,
-  so a hung GPU looks dead to the broker.
+  main thread pushes to it.  Heartbeats keep flowing while a long GPU step runs;
+  when the main loop has made no progress for GPU_STEP_TIMEOUT seconds (a hung
+  GPU) it ends the process, and supervisord starts a fresh one.
 * the main thread runs the scheduler: take every waiting message (without
   blocking while there is work, so new requests join the running batch and
   Cancels apply at once), run one step, hand its events to the I/O thread.
@@ -14,6 +14,7 @@ Two threads, as in vLLM's EngineCore:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -68,8 +69,13 @@ class BrokerIO(threading.Thread):
                 if link.socket in ready:
                     for item in link.receive(0):
                         self.inbox.put(item)
+                if not self.healthy():
+                    # A step that never returns (a hung GPU) cannot be interrupted: exit, so the
+                    # broker fails its requests and supervisord starts a fresh worker.
+                    log.error("no progress for %.1f s (GPU_STEP_TIMEOUT); exiting", self.config.gpu_step_timeout)
+                    os._exit(4)
                 # Lost the broker: the main loop drops its work before we wait to reconnect.
-                link.keep_alive(healthy=self.healthy(), on_lost=lambda: self.inbox.put(RECONNECTED))
+                link.keep_alive(on_lost=lambda: self.inbox.put(RECONNECTED))
         finally:
             link.close()
             outbox.close(linger=0)

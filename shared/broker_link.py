@@ -94,9 +94,8 @@ class BrokerLink:
             if not isinstance(msg, Heartbeat):
                 received.append((msg, blob))
 
-    def keep_alive(self, healthy: bool = True, on_lost: Optional[Callable[[], None]] = None) -> bool:
-        """Heartbeat when due (unless not `healthy`: a hung worker must look dead);
-        reconnect when the broker went silent.  True after a reconnect: the caller
+    def keep_alive(self, on_lost: Optional[Callable[[], None]] = None) -> bool:
+        """Heartbeat when due; reconnect when the broker went silent.  True after a reconnect: the caller
         must drop the work it held (the broker has given up on it); `on_lost` is
         called as soon as the broker is given up, before the backoff wait."""
         now = time.monotonic()
@@ -110,7 +109,7 @@ class BrokerLink:
             self.backoff = min(self.backoff * 2, MAX_BACKOFF)
             self.connect()
             return True
-        if now >= self.next_heartbeat and healthy:
+        if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.config.heartbeat_interval
             self.send(Heartbeat(worker_id=self.worker_id, free=self.capacity()))
         return False

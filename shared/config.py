@@ -30,7 +30,7 @@ class Config:
     hf_token: str = field(default="", metadata={"env": "HF_TOKEN", "help": "Hugging Face token (optional)", "secret": True})
     batch_size: int = field(default=32, metadata={"env": "BATCH_SIZE", "help": "max sequences decoding together in the GPU worker"})
     batch_timeout: float = field(default=0.005, metadata={"env": "BATCH_TIMEOUT", "help": "seconds the GPU worker waits to gather new requests when idle"})
-    gpu_step_timeout: float = field(default=120.0, metadata={"env": "GPU_STEP_TIMEOUT", "help": "seconds one GPU step may take before the worker stops heartbeating and the broker treats it as hung"})
+    gpu_step_timeout: float = field(default=120.0, metadata={"env": "GPU_STEP_TIMEOUT", "help": "seconds one GPU step may take; a GPU worker stuck longer exits (supervisord restarts it)"})
     image_cache_mb: int = field(default=2048, metadata={"env": "IMAGE_CACHE_MB", "help": "bytes budget (MiB) of encoded-image KV prefixes kept for reuse"})
 
     # --- processes
