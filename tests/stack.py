@@ -152,7 +152,7 @@ class Stack:
         last = None
         while time.monotonic() < end:
             if self.process.poll() is not None:
-                raise RuntimeError(f"supervisord exited: {self.log('supervisord')[-2000:]}")
+                raise RuntimeError(f"supervisord exited:\n{self.log_tails()}")
             try:
                 code, body = self.health()
                 last = body
@@ -161,7 +161,15 @@ class Stack:
             except (OSError, ValueError) as err:
                 last = err
             time.sleep(0.2)
-        raise TimeoutError(f"stack not ready after {timeout} s: {last}; {self.states()}")
+        raise TimeoutError(f"stack not ready after {timeout} s: {last}; {self.states()}\n{self.log_tails()}")
+
+    def log_tails(self, lines: int = 15) -> str:
+        """The end of every log in the run directory (for failure messages)."""
+        parts = []
+        for path in sorted(self.run_dir.glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
 
     def stop(self) -> None:
         if self.process.poll() is None:
