@@ -1,8 +1,9 @@
 """The whole service under supervisord, used through the official `moondream` client.
 
-Expected answers come from running the engine in this process on the same
-input: the client sends each image as a JPEG (quality 95) data URL, so the
-expectation decodes those same JPEG bytes the way the preprocess workers do.
+Uses the `stack` fixture (tests/conftest.py).  Expected answers come from running
+the engine in this process on the same input: the client sends each image as a
+JPEG (quality 95) data URL, so the expectation decodes those same JPEG bytes the
+way the preprocess workers do.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from gpu_worker.engine_types import EngineRequest, ImageInput
 from gpu_worker.scheduler import Scheduler
 from preprocess_worker.worker import preprocess
 from tests.engine_helpers import CONFORMANCE, fixture_engine, run_requests
-from tests.stack import running_stack
 
 pytestmark = pytest.mark.timeout(240)  # a 2-core machine under load needs it; usually ~20-40 s each
 
@@ -37,12 +37,6 @@ def settings_for(skill: str) -> dict:
     return REGION_SETTINGS if skill in ("detect", "point") else SETTINGS
 IMAGES = sorted(os.listdir(os.path.join(CONFORMANCE, "main", "images")))
 PHOTO = "photo_773x767.jpg"
-
-
-@pytest.fixture(scope="module")
-def stack():
-    with running_stack(preprocess_workers=2) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
