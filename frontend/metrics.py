@@ -155,7 +155,7 @@ class MetricsMiddleware:
         req.context.metrics_started = time.monotonic()
 
     def process_response(self, req, resp, resource, req_succeeded) -> None:
-        route = req.uri_template if resource is not None and req.uri_template else UNMATCHED_ROUTE
+        route = self._route(req, resource)
         started = getattr(req.context, "metrics_started", time.monotonic())
         self._m.requests.labels(route, req.method, str(resp.status_code)).inc()
 
@@ -166,6 +166,16 @@ class MetricsMiddleware:
             resp.stream = _TimedBody(resp.stream, done)
         else:
             done()
+
+
+    @staticmethod
+    def _route(req: falcon.Request, resource) -> str:
+        """The route's template, never the raw path: label values must stay few."""
+        if resource is not None and req.uri_template:
+            return req.uri_template
+        if req.path.startswith("/static/") and resource is None:  # static files have no template
+            return "/static"
+        return UNMATCHED_ROUTE
 
 
 class MetricsResource:

@@ -71,6 +71,7 @@ def test_traffic_moves_counters_and_histograms(warm):
     assert final["completed"] and "metrics" in final
     assert post(stack, "/v1/caption", {"image_url": IMAGE_URL, "length": "huge"})[0] == 422
     assert post(stack, "/no/such/route", {})[0] == 404
+    urllib.request.urlopen(stack.url + "/static/app.js", timeout=10).read()
 
     # A stream's latency is recorded when the server closes it, just after the last byte.
     end = time.monotonic() + 5
@@ -85,6 +86,7 @@ def test_traffic_moves_counters_and_histograms(warm):
     assert delta(before, after, requests, route="/v1/caption", method="POST", status="422") == 1
     assert delta(before, after, requests, route="/v1/query", method="POST", status="200") == 1
     assert delta(before, after, requests, route="unmatched", method="POST", status="404") == 1
+    assert delta(before, after, requests, route="/static", method="GET", status="200") == 1  # one label for all files
 
     latency = "moondream_http_request_duration_seconds"
     assert delta(before, after, latency + "_count", route="/v1/caption") == 3  # the 422 too

@@ -24,8 +24,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from frontend.openapi import build_spec
 from tests.frontend_helpers import SMALL_IMAGE, warm_up
-from tests.stack import running_stack
+from tests.stack import config_from_env, running_stack
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -91,6 +92,20 @@ def few_tokens(case):
     if isinstance(body, dict) and isinstance(body.get("settings") or {}, dict):
         body["settings"] = {"max_tokens": MAX_TOKENS_LIMIT, **(body.get("settings") or {})}
     return case
+
+
+def test_api_key_is_documented_only_when_required():
+    """With VLM_API_KEY set the document names the header and the 401 answer."""
+    open_spec = build_spec(config_from_env({}))
+    keyed = build_spec(config_from_env({"VLM_API_KEY": "k"}))
+    assert "securitySchemes" not in open_spec["components"]
+    assert "401" not in open_spec["paths"]["/v1/query"]["post"]["responses"]
+    assert keyed["components"]["securitySchemes"]["apiKey"] == {
+        "type": "apiKey", "in": "header", "name": "X-Moondream-Auth"}
+    for path in SKILL_ROUTES:
+        operation = keyed["paths"][path]["post"]
+        assert operation["security"] == [{"apiKey": []}] and "401" in operation["responses"]
+    assert "security" not in keyed["paths"]["/health"]["get"]  # health and docs stay open
 
 
 def _run_generated(api, method: str, path: str, mode: GenerationMode) -> None:
