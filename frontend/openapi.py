@@ -179,6 +179,7 @@ ANSWERS: dict[str, tuple[type[msgspec.Struct], bool]] = {
 ERRORS = {
     400: "Malformed: not JSON, a missing field, a wrong type, a bad data URL or an unreadable image.",
     401: "Missing or wrong X-Moondream-Auth header.",
+    403: "image_url is a remote URL whose address is not public (only with ALLOW_REMOTE_IMAGES).",
     413: "The body or the image is too large.",
     415: "The body is not JSON, or the image format is not supported.",
     422: "Well-formed but invalid values (unknown length, max_tokens above the limit, ...).",
@@ -251,7 +252,8 @@ def _sse_content() -> dict:
     }}
 
 
-def _skill_operation(path: str, skill: str, schema: type, auth: bool) -> dict:
+def _skill_operation(path: str, skill: str, schema: type, config: Config) -> dict:
+    auth = bool(config.api_key)
     answer, streams = ANSWERS[skill]
     content = _json(answer.__name__)
     description = f"Runs Moondream's {skill} skill on the image."
@@ -259,7 +261,8 @@ def _skill_operation(path: str, skill: str, schema: type, auth: bool) -> dict:
         content.update(_sse_content())
         description += (' With "stream": true the answer is server-sent events: StreamChunk events, then one'
                         " StreamEnd (or StreamError when it fails after it started).")
-    statuses = [400, *([401] if auth else []), 413, 415, 422, 429, 500, 503, 504]
+    statuses = [400, *([401] if auth else []), *([403] if config.allow_remote_images else []),
+                413, 415, 422, 429, 500, 503, 504]
     operation = {
         "operationId": skill,
         "summary": (schema.__doc__ or path).strip(),
@@ -288,7 +291,7 @@ def build_spec(config: Config) -> dict:
     _apply_limits(components, config)
     auth = bool(config.api_key)
     paths: dict[str, dict] = {
-        path: {"post": _skill_operation(path, skill, schema, auth)}
+        path: {"post": _skill_operation(path, skill, schema, config)}
         for path, (skill, schema) in schemas.ROUTES.items()
     }
     health = _response("Ready (200) or not yet (503): model, workers, queue.", _json("Health"))
