@@ -11,7 +11,10 @@ cases with a real image cover the successful answers, streamed and not.
 from __future__ import annotations
 
 import base64
+import shutil
+import tempfile
 import urllib.request
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -151,3 +154,38 @@ def test_real_answers_conform(api, path, body):
         assert response.headers["content-type"][0].startswith("text/event-stream")
         assert '"completed":true' in response.text
 
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                    reason="chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)")
+def test_docs_page_renders_the_document(stack, api):
+    """/docs builds its route list in the browser from /openapi.json, with no network beyond the server."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    user_data = tempfile.mkdtemp(prefix="chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", f"--user-data-dir={user_data}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(stack.url + "/docs")
+        operations = sum(len(item) for item in api.raw_schema["paths"].values())
+        WebDriverWait(driver, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".op")) == operations)
+        paths = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".op .path")]
+        assert set(paths) == set(api.raw_schema["paths"])
+        assert driver.find_element(By.ID, "schema-QueryRequest").text == "QueryRequest"
+        assert "question" in driver.find_element(By.ID, "schemas").text
+        assert driver.find_element(By.ID, "title").text == api.raw_schema["info"]["title"]
+    finally:
+        driver.quit()
+        shutil.rmtree(user_data, ignore_errors=True)
