@@ -33,6 +33,7 @@ TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0
 
 # Requests that matched no route share one label, so scanners cannot add label values.
 UNMATCHED_ROUTE = "unmatched"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # Status fields that the broker may send in the future -> (metric name, help, type).
 # Read with getattr: absent fields are simply not exported.
@@ -157,7 +158,8 @@ class MetricsMiddleware:
     def process_response(self, req, resp, resource, req_succeeded) -> None:
         route = self._route(req, resource)
         started = getattr(req.context, "metrics_started", time.monotonic())
-        self._m.requests.labels(route, req.method, str(resp.status_code)).inc()
+        method = req.method if req.method in KNOWN_METHODS else "other"  # clients choose the method too
+        self._m.requests.labels(route, method, str(resp.status_code)).inc()
 
         def done() -> None:
             self._m.latency.labels(route).observe(time.monotonic() - started)
@@ -166,7 +168,6 @@ class MetricsMiddleware:
             resp.stream = _TimedBody(resp.stream, done)
         else:
             done()
-
 
     @staticmethod
     def _route(req: falcon.Request, resource) -> str:
