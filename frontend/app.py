@@ -150,6 +150,8 @@ def parse_request(body: bytes, schema: type[msgspec.Struct]) -> msgspec.Struct:
         raise ApiError(400, "invalid_request", str(ex)) from None
     except msgspec.DecodeError as ex:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {ex}") from None
+    except RecursionError:  # msgspec skips unknown fields recursively: {"a":{"a":...}} 2000 deep
+        raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
 
 
 def decode_image_url(url: str, fetch_remote: Optional[Callable[[str], bytes]] = None) -> bytes:
