@@ -1,0 +1,129 @@
+"""Fault injection on the real stack under real supervisord: while a dozen
+clients send mixed requests (every skill, some streamed), one process is
+SIGKILLed.  Every request must get exactly one answer:
+
+* a 200 with the complete body or stream, and the answer that request must get
+  (known from the engine run in-process: nothing misrouted, nothing cut short);
+* or a clean error: JSON 503/504, or a stream that ends with one error event;
+* or, only when the front end itself is killed, a broken connection, which the
+  client sees at once.
+
+Never a hang.  Then supervisord has restarted the process, new requests succeed,
+and no other process was restarted.  The load and the checks are in bench/soak.py
+(the soak runs the same thing for minutes with random kills).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+
+import pytest
+
+from bench.soak import CASES, Reply, expected_answers, run_load, send
+from tests.stack import running_stack
+
+pytestmark = pytest.mark.timeout(300)
+
+REQUEST_TIMEOUT = 20.0  # the stack's own deadline (504)
+CLIENT_TIMEOUT = REQUEST_TIMEOUT + 15  # past this a request counts as hung
+CLIENTS = 12
+LOAD_SECONDS = 9.0
+KILL_AFTER = 2.5  # seconds into the load: requests are in every stage by then
+
+# Which program to kill, and which reply kinds are acceptable while it dies.
+TARGETS = {
+    # Its job is re-run on the other preprocess worker: nobody notices.
+    "preprocess": ("preprocess:preprocess_00", {"ok"}),
+    # Generations are not retried: 503 worker_died, then 503 no_gpu_worker until it is back.
+    "gpu_worker": ("gpu_worker", {"ok", "error"}),
+    # Front ends fail what they had in flight (503 broker_unavailable) and reconnect.
+    "broker": ("broker", {"ok", "error"}),
+    # Open connections break; new ones are refused until it is back.
+    "frontend": ("frontend", {"ok", "error", "dropped", "refused"}),
+}
+PROGRAMS = ("broker", "gpu_worker", "preprocess:preprocess_00", "preprocess:preprocess_01", "frontend")
+
+
+@pytest.fixture(scope="module")
+def stack():
+    with running_stack(preprocess_workers=2, REQUEST_TIMEOUT=REQUEST_TIMEOUT) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return expected_answers(CASES)
+
+
+def wait_for(predicate, timeout: float, what: str, stack=None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if predicate():
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    detail = f"; states {stack.states()}" if stack is not None else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
+
+
+def describe(replies: list[Reply]) -> str:
+    """Counts by (kind, status, code), each with its slowest reply."""
+    groups = collections.defaultdict(list)
+    for r in replies:
+        groups[(r.kind, r.status, r.code)].append(r.ended - r.started)
+    return ", ".join(f"{k}: {len(t)} (slowest {max(t):.1f} s)" for k, t in sorted(groups.items(), key=str))
+
+
+def serves_correctly(stack, expected) -> None:
+    """One request of each skill (two streamed) gets its exact answer."""
+    picks = [c for c in CASES if c.skill in ("detect", "point")][:2] + [c for c in CASES if c.stream][:2]
+    picks += [c for c in CASES if c.skill == "caption" and not c.stream][:1]
+    for case in picks:
+        reply = send(stack.url, case, CLIENT_TIMEOUT)
+        assert reply.kind == "ok", (case, reply)
+        assert reply.answer == expected[case], (case, reply.answer)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_sigkill_under_load(stack, expected, target):
+    program, allowed = TARGETS[target]
+    stack.wait_ready(60)
+    serves_correctly(stack, expected)  # also warms the model up
+    before = {name: stack.pid(name) for name in PROGRAMS}
+    killed = {}
+
+    def kill() -> None:
+        time.sleep(KILL_AFTER)
+        os.kill(before[program], signal.SIGKILL)
+        killed["at"] = time.monotonic()
+
+    replies = run_load(stack.url, CASES, CLIENTS, LOAD_SECONDS, CLIENT_TIMEOUT, seed=list(TARGETS).index(target), during=kill)
+    summary = describe(replies)
+
+    # Exactly one answer each, of an allowed kind, and no hang.
+    assert replies, "no request was sent"
+    assert all(r.kind in allowed for r in replies), (summary, [r for r in replies if r.kind not in allowed][:3])
+    # The kill landed while requests were open.
+    assert any(r.started < killed["at"] < r.ended for r in replies if r.kind != "refused"), summary
+    # Every 200 is complete and is this request's answer.
+    wrong = [r for r in replies if r.kind == "ok" and r.answer != expected[r.case]]
+    assert not wrong, (summary, wrong[:3])
+    # Errors are the service's own, for the outage: 503 (worker died, broker lost) or 504.
+    assert all(r.status in (503, 504) for r in replies if r.kind == "error"), summary
+    # A broken connection is seen at once, not after a timeout.
+    assert all(r.ended - killed["at"] < 5 for r in replies if r.kind == "dropped"), summary
+
+    # supervisord restarted it, the stack is whole again, and nothing else was restarted.
+    wait_for(lambda: stack.pid(program) not in (0, before[program]), 60, f"a new {program}", stack)
+    wait_for(lambda: stack.states().get(program) == "RUNNING", 60, f"{program} RUNNING", stack)
+    stack.wait_ready(60)
+    serves_correctly(stack, expected)
+    after = {name: stack.pid(name) for name in PROGRAMS}
+    assert {n: p for n, p in after.items() if n != program} == {n: p for n, p in before.items() if n != program}
+    # Nothing left behind in the broker.
+    wait_for(lambda: stack.health()[1].get("queue", {}).get("in_flight") == 0, 20, "no request in flight", stack)
+    print(f"\n{target}: {summary}")
