@@ -88,7 +88,7 @@ class Engine:
         lo, hi = min(slots), max(slots) + 1
         live = max(start_pos) + t
         offsets = torch.arange(t, device=self.device).view(1, t)
-        if hi - lo <= b + max(1, b // 4):  # dense: row r of the batch is slot lo + r
+        if hi - lo <= 2 * b + 1:  # dense: row r is slot lo + r (padding rows cost less than a gather)
             n = hi - lo
             row_of = [s - lo for s in slots]
             index = torch.tensor(row_of, device=self.device)
