@@ -30,6 +30,10 @@ from gpu_worker.model import PrefixKV
 VALID_LENGTHS = ("short", "normal", "long")
 
 
+class PromptTooLong(ValueError):
+    """The request's prompt does not fit in the context: the client's fault (422)."""
+
+
 class ImageCache:
     """Encoded image prefixes by pixel hash, least recently used first out, bounded in bytes."""
 
@@ -82,7 +86,8 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, engine, max_batch: int = 32, image_cache_bytes: int = 1 << 30,
-                 max_images_per_step: int = 8, context: Optional[int] = None, share_prefixes: bool = True):
+                 max_images_per_step: int = 8, context: Optional[int] = None, share_prefixes: bool = True,
+                 max_encode_crops: int = 40):
         self.engine = engine
         self.max_batch = slots_that_fit(engine, max_batch, context)
         self.cache = engine.new_cache(self.max_batch, context)
@@ -92,6 +97,7 @@ class Scheduler:
         self.images = ImageCache(image_cache_bytes)
         self.share_prefixes = share_prefixes
         self.max_images_per_step = max_images_per_step
+        self.max_encode_crops = max_encode_crops
         self.events: list = []
         self.counters = collections.Counter()
         self.record_for: set[str] = set()  # request ids whose logits and feeds tests want
@@ -170,8 +176,22 @@ class Scheduler:
         req.settings = s
 
     def _admit(self) -> None:
+        """Start waiting requests in free slots.  While others are decoding, only
+        `max_encode_crops` crops of new images are encoded per step, so a burst of
+        large images delays the running streams by one bounded step, not by all of it."""
         batch: list[tuple[EngineRequest, float]] = []
+        crops_budget = self.max_encode_crops if self.running else None
+        new_keys: set[str] = set()
         while self.waiting and len(batch) < len(self.free):
+            req = self.waiting[0][0]
+            key = req.image.key if req.image is not None else ""
+            needs_encode = req.image is not None and key not in new_keys and self.images.get(key) is None
+            if needs_encode and crops_budget is not None:
+                if batch and crops_budget < len(req.image.crops):
+                    break
+                crops_budget -= len(req.image.crops)
+            if needs_encode and key:
+                new_keys.add(key)
             batch.append(self.waiting.popleft())
         if not batch:
             return
@@ -320,10 +340,13 @@ class Scheduler:
             if seq.recording is not None:
                 seq.recording["feeds"].append(seq.feed.tokens)
             if seq.ctx.position + seq.feed.length > self.cache.context:
-                raise ValueError("the prompt does not fit in the model's context")
+                raise PromptTooLong(f"the prompt needs {seq.ctx.position + seq.feed.length} positions; "
+                                    f"the model's context holds {self.cache.context}")
         except StopIteration as stop:
             output, finish = stop.value
             self._finish_ok(seq, output, finish)
+        except PromptTooLong as err:
+            self._finish_failed(seq, str(err), status=422)
         except Exception as err:
             self._finish_failed(seq, f"{type(err).__name__}: {err}")
 
@@ -351,10 +374,10 @@ class Scheduler:
         self._release(seq)
         self.events.append(Finished(seq.request.request_id, output, finish, metrics))
 
-    def _finish_failed(self, seq: Sequence, message: str) -> None:
+    def _finish_failed(self, seq: Sequence, message: str, status: int = 500) -> None:
         self.running.pop(seq.request.request_id, None)
         self._release(seq)
-        self.events.append(Failed(seq.request.request_id, message))
+        self.events.append(Failed(seq.request.request_id, message, status))
 
     def _fail(self, request_id: str, message: str) -> None:
         self.events.append(Failed(request_id, message))

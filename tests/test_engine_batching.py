@@ -203,3 +203,30 @@ def test_bfloat16_engine_tracks_float32_reference():
     got = out.recording["logits"][0]
     assert float((got - ref).abs().max() / ref.abs().max()) < 0.05
     assert int(got.argmax()) == int(ref.argmax())
+
+
+def test_prompt_longer_than_context_is_refused_as_client_error():
+    sched = Scheduler(fixture_engine("main"), max_batch=1, context=760)
+    image = fixture_image("main", "small_96x64.png")
+    req = EngineRequest("long", "query", {"question": "why " * 40}, {"temperature": 0, "max_tokens": 5}, image)
+    sched.add(req)
+    events = []
+    while sched.has_work():
+        events += sched.step()
+    assert len(events) == 1 and events[0].status == 422 and "context" in events[0].message
+
+
+def test_new_images_are_encoded_a_few_at_a_time_while_others_decode():
+    engine = fixture_engine("main")
+    sched = Scheduler(engine, max_batch=8, max_encode_crops=2)  # one 2-crop image per step while running
+    running = EngineRequest("r", "caption", {}, {"temperature": 0, "max_tokens": 20}, fixture_image("main", "small_96x64.png"))
+    sched.add(running)
+    sched.step()
+    names = ["square_378.png", "tall_300x1500.png", "gray_500x400.png"]
+    for i, name in enumerate(names[:2]):
+        sched.add(EngineRequest(f"n{i}", "caption", {}, {"temperature": 0, "max_tokens": 3}, fixture_image("main", name)))
+    encodes_before = sched.stats()["image_encodes"]
+    sched.step()
+    assert sched.stats()["image_encodes"] == encodes_before + 1  # the second image waits a step
+    sched.step()
+    assert sched.stats()["image_encodes"] == encodes_before + 2
