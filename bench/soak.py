@@ -11,6 +11,7 @@ worker, the front end) at regular intervals.  Every request is classified:
 
     answered    200 with the expected answer (complete body, or complete stream)
     errored     a clean error: JSON 4xx/5xx, or a stream ending with an error event
+                (errored_with_no_fault_open: those not overlapping any kill-to-recovery window)
     dropped     the connection broke while the front end was being killed (allowed)
     refused     no connection: the front end was restarting (nothing was sent)
     lost        no answer: a hang, or a broken connection with the front end alive
@@ -97,6 +98,9 @@ CASES = [
     _case("point", "small_96x64.png", object="hand"),
     _case("point", "gray_500x400.png", object="sun"),
 ]
+
+
+PROBE = CASES[0]  # an image caption: goes through every process type
 
 
 def distinguishable(expected: dict) -> int:
@@ -300,7 +304,7 @@ class Supervisor:
 def soak(base_url: str, supervisor: Optional[Supervisor], duration: float, concurrency: int, kills: int,
          seed: int, timeout: float, expected: dict) -> dict:
     rng = random.Random(seed)
-    killed: list[tuple[float, float, str]] = []  # (killed at, back at, program)
+    killed: list[tuple[float, float, float, str]] = []  # (killed at, restarted at, serving at, program)
 
     def killer() -> None:
         if supervisor is None or kills == 0:
@@ -318,23 +322,28 @@ def soak(base_url: str, supervisor: Optional[Supervisor], duration: float, concu
                 continue
             os.kill(pid, signal.SIGKILL)
             at = time.monotonic()
-            back = _wait_back(supervisor, name, pid, base_url, deadline=at + 60)
-            killed.append((at, back, name))
-            print(f"  t={at - start:6.1f} s  SIGKILL {name} (pid {pid}); serving again after {back - at:.1f} s", flush=True)
+            restarted, back = _wait_back(supervisor, name, pid, base_url, deadline=at + 60)
+            killed.append((at, restarted, back, name))
+            print(f"  t={at - start:6.1f} s  SIGKILL {name} (pid {pid}): RUNNING again after {restarted - at:.1f} s, "
+                  f"a probe request answered after {back - at:.1f} s", flush=True)
 
     print(f"soak: {duration:.0f} s, {concurrency} clients, {kills} kills, against {base_url}", flush=True)
     replies = run_load(base_url, CASES, concurrency, duration, timeout, seed=seed, during=killer)
     return report(replies, killed, expected)
 
 
-def _wait_back(supervisor: Supervisor, name: str, old_pid: int, base_url: str, deadline: float) -> float:
-    """When the program has a new pid and /health says ready again."""
+def _wait_back(supervisor: Supervisor, name: str, old_pid: int, base_url: str, deadline: float) -> tuple[float, float]:
+    """(when supervisord has the program RUNNING under a new pid, when a probe
+    request through every process type is answered 200 again)."""
+    restarted = float("nan")
     while time.monotonic() < deadline:
-        pid = supervisor.pid(name)
-        if pid not in (0, old_pid) and _health(base_url) == 200:
-            return time.monotonic()
+        if restarted != restarted:  # nan: not restarted yet
+            if supervisor.pid(name) not in (0, old_pid) and supervisor.states().get(name) == "RUNNING":
+                restarted = time.monotonic()
+        if send(base_url, PROBE, timeout=30).kind == "ok" and restarted == restarted:
+            return restarted, time.monotonic()
         time.sleep(0.2)
-    return float("nan")
+    return restarted, float("nan")
 
 
 def _health(base_url: str) -> int:
@@ -352,16 +361,19 @@ def _health(base_url: str) -> int:
 def report(replies: list[Reply], killed: list, expected: dict) -> dict:
     """Count the replies by outcome; a broken connection counts as lost unless
     the front end was killed while the request was open."""
-    frontend_down = [(at, back) for at, back, name in killed if name == "frontend"]
+    frontend_down = [(at, back) for at, _, back, name in killed if name == "frontend"]
     counts = collections.Counter()
     errors = collections.Counter()
     examples = collections.defaultdict(list)
+    outside = 0
     for r in replies:
         if r.kind == "ok":
             kind = "misrouted" if misrouted(r, expected) else "answered"
         elif r.kind == "error":
             kind = "errored"
             errors[f"{r.status} {r.code}"] += 1
+            if not any(r.ended >= at - 1 and r.started <= back + 1 for at, _, back, _ in killed):
+                outside += 1  # an error while every process was up: not the price of a fault
         elif r.kind == "dropped":
             kind = "dropped" if any(r.started - 1 <= at <= r.ended + 1 for at, _ in frontend_down) else "lost"
         elif r.kind == "hang":
@@ -377,7 +389,9 @@ def report(replies: list[Reply], killed: list, expected: dict) -> dict:
         "sent": sent,
         **{k: counts[k] for k in ("answered", "errored", "dropped", "refused", "lost", "misrouted", "unclean")},
         "errors_by_status": dict(errors.most_common()),
-        "kills": [{"program": name, "serving_again_after_s": round(back - at, 1)} for at, back, name in killed],
+        "errored_with_no_fault_open": outside,
+        "kills": [{"program": name, "running_again_after_s": round(restarted - at, 1),
+                   "serving_again_after_s": round(back - at, 1)} for at, restarted, back, name in killed],
         "examples": {k: v for k, v in examples.items() if v},
     }
 
