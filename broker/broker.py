@@ -58,6 +58,7 @@ class Worker:
     jobs: set = field(default_factory=set)  # request ids it holds right now
     idle_since: float = 0.0  # for least-recently-used choice
     reported_free: int = -1  # GPU: free slots from its last Heartbeat
+    stats: dict = field(default_factory=dict)  # GPU: its scheduler counters from its last Heartbeat
 
     @property
     def free(self) -> int:
@@ -92,6 +93,7 @@ class Broker:
         self.frontend = self._bind(config.broker_frontend_bind)
         self.backend = self._bind(config.broker_backend_bind)
         self.workers: dict[bytes, Worker] = {}
+        self.workers_lost: dict[str, int] = {protocol.GPU: 0, protocol.PREPROCESS: 0}
         self.requests: dict[str, Request] = {}
         self.preprocess_queue: deque[str] = deque()
         self.gpu_queue: deque[str] = deque()
@@ -209,6 +211,10 @@ class Broker:
             queued=queued,
             in_flight=len(self.requests) - queued,
             broker_id=self.broker_id,
+            gpu_slots=sum(w.capacity for w in gpus),
+            gpu_free_slots=sum(w.free for w in gpus),
+            gpu_stats=_sum_counters(w.stats for w in gpus),
+            worker_restarts=dict(self.workers_lost),
         )
 
     # ------------------------------------------------------------------ workers
@@ -230,6 +236,7 @@ class Broker:
         worker.expires_at = time.monotonic() + self.config.heartbeat_expiry
         if isinstance(msg, Heartbeat):
             worker.reported_free = msg.free
+            worker.stats = dict(msg.stats)
             if worker.kind == protocol.GPU and msg.free >= 0:
                 # free counts the slots not held by our jobs, so this is its total now
                 # (off by the messages in flight for a moment; the next beat corrects it).
@@ -245,6 +252,9 @@ class Broker:
             self._job_done(worker, msg.request_id)
             req = self._request_held_by(worker, msg.request_id)
             if req is not None:
+                if isinstance(msg, Result) and "preprocess_ms_worker" in req.marks:
+                    msg.metrics["preprocess_time_ms"] = round(req.marks["preprocess_ms_worker"], 3)
+                    frames = [None] + protocol.encode(msg)
                 self.finish(req, frames[1:], msg)
         else:
             log.warning("unexpected %s from worker %s dropped", type(msg).__name__, worker.worker_id)
@@ -274,7 +284,8 @@ class Broker:
         req = self._request_held_by(worker, msg.request_id)
         if req is None:
             return
-        if crops is None or msg.n_crops < 1 or len(crops) != msg.n_crops * CROP_BYTES:
+        pixel_bytes = _product(msg.pixels_shape) if msg.pixels_shape else 0
+        if crops is None or msg.n_crops < 1 or len(crops) != msg.n_crops * CROP_BYTES + pixel_bytes:
             self.finish(req, None, Error(req.request_id, 500, "preprocess_failed", "preprocess worker sent bad crops"))
             return
         req.marks["preprocessed"] = time.monotonic()
@@ -285,7 +296,11 @@ class Broker:
         self._queue_for_gpu(req, Generate(
             request_id=s.request_id, skill=s.skill, params=s.params, settings=s.settings, stream=s.stream,
             has_image=True, n_crops=msg.n_crops, tiling=tuple(msg.tiling), image_key=msg.image_key,
-            deadline=req.deadline))
+            deadline=req.deadline, pixels_shape=tuple(msg.pixels_shape)))
+
+    def _gpu_wants_pixels(self) -> bool:
+        """The transformers engine takes whole images, not crops: then preprocessing ships both."""
+        return any(w.kind == protocol.GPU and w.model.get("engine") == "transformers" for w in self.workers.values())
 
     def _request_held_by(self, worker: Worker, request_id: str) -> Optional[Request]:
         """The live request this worker is working on, or None (finished, cancelled, moved)."""
@@ -305,6 +320,7 @@ class Broker:
         if worker is None:
             return
         log.warning("%s worker %s removed: %s (%d jobs in flight)", worker.kind, worker.worker_id, reason, len(worker.jobs))
+        self.workers_lost[worker.kind] = self.workers_lost.get(worker.kind, 0) + 1
         now = time.monotonic()
         for rid in sorted(worker.jobs):
             req = self.requests.get(rid)
@@ -341,7 +357,7 @@ class Broker:
             req.attempts += 1
             req.marks.setdefault("preprocess_start", time.monotonic())
             worker.jobs.add(req.request_id)
-            job = PreprocessJob(request_id=req.request_id, deadline=req.deadline)
+            job = PreprocessJob(request_id=req.request_id, deadline=req.deadline, want_pixels=self._gpu_wants_pixels())
             self.send_to_worker(worker.identity, protocol.encode(job, req.image))
         while self.gpu_queue:
             worker = self._pick(protocol.GPU)
@@ -447,3 +463,20 @@ class Broker:
             worker = self.workers.get(identity)
             if worker is not None:  # gone without a goodbye; the main loop re-dispatches its work
                 self.remove_worker(identity, f"unreachable ({exc.strerror})")
+
+
+def _sum_counters(dicts) -> dict:
+    """Numeric counters of several workers, added up per key."""
+    total: dict = {}
+    for d in dicts:
+        for key, value in d.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def _product(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= int(dim)
+    return n

@@ -24,7 +24,6 @@ import numpy as np
 import zmq
 
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput, TextChunk
-from gpu_worker.scheduler import Scheduler
 from shared import protocol
 from shared.broker_link import BrokerLink
 from shared.protocol import Cancel, Chunk, Error, Generate, Result
@@ -39,7 +38,7 @@ class BrokerIO(threading.Thread):
     """Socket I/O with the broker, on its own thread (ZeroMQ sockets stay in one thread)."""
 
     def __init__(self, config, context: zmq.Context, outbox_address: str, model_info: dict,
-                 free_slots, healthy):
+                 free_slots, healthy, stats=dict):
         super().__init__(name="broker-io", daemon=True)
         self.config = config
         self.context = context
@@ -47,13 +46,15 @@ class BrokerIO(threading.Thread):
         self.model_info = model_info
         self.free_slots = free_slots  # callable: the scheduler's free capacity (a benign racy read)
         self.healthy = healthy  # callable: False when the main loop looks hung
+        self.stats = stats  # callable: scheduler counters for the heartbeats (a benign racy read)
         self.inbox: queue.Queue = queue.Queue()
         self.stopping = False
 
     def run(self) -> None:
         outbox = self.context.socket(zmq.PULL)
         outbox.bind(self.outbox_address)
-        link = BrokerLink(self.config, protocol.GPU, capacity=self.free_slots, model=self.model_info, context=self.context)
+        link = BrokerLink(self.config, protocol.GPU, capacity=self.free_slots, model=self.model_info,
+                          stats=self.stats, context=self.context)
         try:
             while not self.stopping:
                 poller = zmq.Poller()  # rebuilt each time: a reconnect replaces link.socket
@@ -84,15 +85,18 @@ class BrokerIO(threading.Thread):
 class GpuWorker:
     def __init__(self, config, model, context=None):
         self.config = config
-        self.scheduler = Scheduler(model, max_batch=config.batch_size, image_cache_bytes=config.image_cache_mb << 20)
+        # the native engine's continuous batching, or the transformers engine's one-at-a-time
+        self.scheduler = model.create_scheduler(max_batch=config.batch_size, image_cache_bytes=config.image_cache_mb << 20)
         self.active: set[str] = set()  # request ids the scheduler holds for the broker
+        self.streaming: set[str] = set()  # of which the client wants text chunks as they come
         self.stopping = False
         self.last_progress = time.monotonic()
         context = context or zmq.Context.instance()
         address = f"inproc://gpu-worker-outbox-{uuid.uuid4().hex}"
         self.io = BrokerIO(config, context, address, dict(model.info),
                            free_slots=lambda: max(0, self.scheduler.free_slots()),
-                           healthy=lambda: time.monotonic() - self.last_progress < config.gpu_step_timeout)
+                           healthy=lambda: time.monotonic() - self.last_progress < config.gpu_step_timeout,
+                           stats=self._stats)
         self.outbox = context.socket(zmq.PUSH)  # main thread only
         self.outbox.setsockopt(zmq.LINGER, 0)
         self.outbox.connect(address)
@@ -113,6 +117,12 @@ class GpuWorker:
             self.io.stopping = True
             self.io.join(timeout=2)
             self.outbox.close()
+
+    def _stats(self) -> dict:
+        try:
+            return {k: v for k, v in self.scheduler.stats().items() if isinstance(v, (int, float))}
+        except RuntimeError:  # read from the I/O thread while the scheduler changes: skip this beat
+            return {}
 
     def send(self, msg: protocol.Message) -> None:
         self.outbox.send_multipart(protocol.encode(msg))
@@ -148,7 +158,7 @@ class GpuWorker:
                 return True
             if isinstance(msg, Cancel):
                 self.scheduler.abort(msg.request_id)
-                self.active.discard(msg.request_id)
+                self._forget(msg.request_id)
             else:
                 log.warning("unexpected %s from the broker dropped", type(msg).__name__)
         except Exception:  # one bad request must not stop the others
@@ -166,13 +176,17 @@ class GpuWorker:
             return  # duplicate delivery; the first one answers
         image = None
         if msg.has_image:
-            expected = msg.n_crops * int(np.prod(CROP_SHAPE))
-            if crops is None or msg.n_crops < 1 or len(crops) != expected:
+            crop_bytes = msg.n_crops * int(np.prod(CROP_SHAPE))
+            pixel_bytes = int(np.prod(msg.pixels_shape)) if msg.pixels_shape else 0
+            if crops is None or msg.n_crops < 1 or len(crops) != crop_bytes + pixel_bytes:
                 self.send(Error(rid, 400, "invalid_image", "crops missing or of the wrong size"))
                 return
             # A writable copy: the frame's memory is read-only and torch wants to own its input.
-            pixels = np.frombuffer(crops, dtype=np.uint8).reshape(msg.n_crops, *CROP_SHAPE).copy()
-            image = ImageInput(crops=pixels, tiling=tuple(msg.tiling), key=msg.image_key)
+            frame = np.frombuffer(crops, dtype=np.uint8)
+            image = ImageInput(crops=frame[:crop_bytes].reshape(msg.n_crops, *CROP_SHAPE).copy(),
+                               tiling=tuple(msg.tiling), key=msg.image_key)
+            if pixel_bytes:  # the decoded image itself, for the transformers engine
+                image.pixels = frame[crop_bytes:].reshape(tuple(msg.pixels_shape)).copy()
         request = EngineRequest(request_id=rid, skill=msg.skill, params=dict(msg.params),
                                 settings=dict(msg.settings), image=image)
         try:
@@ -181,6 +195,8 @@ class GpuWorker:
             self.send(Error(rid, 422, "invalid_request", str(exc)))
             return
         self.active.add(rid)
+        if msg.stream:
+            self.streaming.add(rid)
 
     # ------------------------------------------------------------------ stepping and output
     def _step(self) -> None:
@@ -199,13 +215,19 @@ class GpuWorker:
         if rid not in self.active:
             return  # cancelled meanwhile
         if isinstance(event, TextChunk):
-            self.send(Chunk(rid, event.text))
+            if rid in self.streaming:  # a non-streamed answer arrives whole in its Result
+                self.send(Chunk(rid, event.text))
         elif isinstance(event, Finished):
-            self.active.discard(rid)
+            self._forget(rid)
             self.send(Result(rid, event.output, event.finish_reason, event.metrics))
         elif isinstance(event, Failed):
-            self.active.discard(rid)
-            self.send(Error(rid, event.status, "generation_failed", event.message))
+            self._forget(rid)
+            code = "invalid_request" if 400 <= event.status < 500 else "generation_failed"
+            self.send(Error(rid, event.status, code, event.message))
+
+    def _forget(self, rid: str) -> None:
+        self.active.discard(rid)
+        self.streaming.discard(rid)
 
     def _drop_all(self, why: str, reply: bool = False) -> None:
         for rid in sorted(self.active):
@@ -215,3 +237,4 @@ class GpuWorker:
         if self.active:
             log.warning("dropped %d requests: %s", len(self.active), why)
         self.active.clear()
+        self.streaming.clear()

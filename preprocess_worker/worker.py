@@ -50,6 +50,7 @@ class PreprocessedImage:
     tiling: tuple[int, int]
     key: str
     size_wh: tuple[int, int]
+    pixels: Optional[np.ndarray] = None  # the decoded RGB image, when asked for
 
 
 def _refused_format(data: bytes) -> Optional[str]:
@@ -98,10 +99,11 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
             raise ImageRejected(422, "invalid_image", f"the image data is corrupt ({type(exc).__name__})") from None
 
 
-def preprocess(data: bytes, max_pixels: int, max_side: int) -> PreprocessedImage:
+def preprocess(data: bytes, max_pixels: int, max_side: int, want_pixels: bool = False) -> PreprocessedImage:
     image = decode_image(data, max_pixels, max_side)
     tiled = tile_image(image)
-    return PreprocessedImage(crops=tiled.crops, tiling=tiled.tiling, key=pixels_key(image), size_wh=image.size)
+    return PreprocessedImage(crops=tiled.crops, tiling=tiled.tiling, key=pixels_key(image), size_wh=image.size,
+                             pixels=np.asarray(image) if want_pixels else None)
 
 
 class PreprocessWorker:
@@ -137,7 +139,8 @@ class PreprocessWorker:
                 # The broker has answered 504 already; a reply (any) frees us there.
                 self.link.send(Error(job.request_id, 504, "timeout", "request timed out before preprocessing"))
                 continue
-            future = self.executor.submit(preprocess, data, self.config.max_image_pixels, self.config.max_image_side)
+            future = self.executor.submit(preprocess, data, self.config.max_image_pixels, self.config.max_image_side,
+                                          job.want_pixels)
             self.running = (job, future, time.monotonic())
 
     def _give_up_if_stuck(self) -> None:
@@ -166,4 +169,8 @@ class PreprocessWorker:
             return
         reply = Preprocessed(request_id=job.request_id, n_crops=len(result.crops), tiling=result.tiling,
                              image_key=result.key, size_wh=result.size_wh, preprocess_ms=round(elapsed_ms, 2))
-        self.link.send(reply, memoryview(np.ascontiguousarray(result.crops)).cast("B"))
+        frame = memoryview(np.ascontiguousarray(result.crops)).cast("B")
+        if result.pixels is not None:  # the transformers engine wants the image itself, after the crops
+            reply.pixels_shape = tuple(result.pixels.shape)
+            frame = result.crops.tobytes() + np.ascontiguousarray(result.pixels).tobytes()
+        self.link.send(reply, frame)

@@ -68,6 +68,10 @@ class Status(Message):
     queued: int = 0
     in_flight: int = 0
     broker_id: str = ""  # changes when the broker restarts: clients fail what they had in flight
+    gpu_slots: int = 0  # sequences the GPU workers can hold, summed
+    gpu_free_slots: int = 0  # of which free now (from their last heartbeats)
+    gpu_stats: dict = {}  # the GPU workers' scheduler counters, summed
+    worker_restarts: dict = {}  # kind -> workers lost (died or went silent) since the broker started
 
 
 # ---------------------------------------------------------------- workers <-> broker
@@ -84,6 +88,7 @@ class Ready(Message):
 class Heartbeat(Message):
     worker_id: str = ""
     free: int = -1  # GPU worker: free capacity now; -1 = unknown / not a worker
+    stats: dict = {}  # GPU worker: its scheduler's counters (running, waiting, image cache, steps)
 
 
 class PreprocessJob(Message):
@@ -91,6 +96,7 @@ class PreprocessJob(Message):
 
     request_id: str
     deadline: float = 0.0
+    want_pixels: bool = False  # also ship the decoded RGB image (for MOONDREAM_ENGINE=transformers)
 
 
 class Preprocessed(Message):
@@ -102,6 +108,7 @@ class Preprocessed(Message):
     image_key: str  # sha256 of the decoded RGB pixels: the GPU worker's image-cache key
     size_wh: tuple[int, int]
     preprocess_ms: float = 0.0
+    pixels_shape: tuple = ()  # (H, W, 3) when the decoded image follows the crops in the same frame
 
 
 class Generate(Message):
@@ -117,6 +124,7 @@ class Generate(Message):
     tiling: tuple[int, int] = (1, 1)
     image_key: str = ""
     deadline: float = 0.0
+    pixels_shape: tuple = ()  # (H, W, 3) when the decoded image follows the crops in the frame
 
 
 # ---------------------------------------------------------------- replies (GPU/preprocess -> broker -> front end)
