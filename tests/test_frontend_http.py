@@ -135,9 +135,16 @@ def test_hanging_up_mid_stream_cancels_the_request(stack):
 def test_hanging_up_while_waiting_cancels_the_request(stack):
     # No stream: nothing is written until the end, so waitress has to notice the
     # closed connection by itself (channel_request_lookahead in frontend/__main__.py).
-    with start_long_caption(stack, stream=False, request_id="hangup-wait"):
-        time.sleep(0.3)
-    assert "code=cancelled" in broker_outcome(stack, "hangup-wait"), stack.log("broker")[-1000:]
+    # The longest caption the context allows decodes for ~2.5 s here; on a machine
+    # loaded by other jobs the front end can be starved for that long, so a lost
+    # race gets one more try before it counts as a failure.
+    for attempt in range(2):
+        with start_long_caption(stack, stream=False, request_id=f"hangup-wait-{attempt}"):
+            time.sleep(0.3)
+        outcome = broker_outcome(stack, f"hangup-wait-{attempt}")
+        if "code=cancelled" in outcome:
+            break
+    assert "code=cancelled" in outcome, stack.log("broker")[-1000:]
 
 
 def test_body_just_over_the_limit_gets_a_json_413(stack):
