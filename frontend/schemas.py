@@ -69,6 +69,10 @@ SpatialRef = Annotated[
 ]
 
 
+DEFAULT_MAX_TOKENS = 768  # the model's own defaults (gpu_worker/programs.py)
+DEFAULT_MAX_OBJECTS = 50
+
+
 class Settings(msgspec.Struct):
     """Sampling settings; a field left out takes the model's default."""
 
@@ -109,6 +113,11 @@ class Settings(msgspec.Struct):
             raise InvalidValue(f"settings.max_tokens must be between 1 and {config.max_tokens_limit}")
         if not 1 <= given.get("max_objects", 1) <= config.max_objects_limit:
             raise InvalidValue(f"settings.max_objects must be between 1 and {config.max_objects_limit}")
+        # the engine's defaults (768 tokens, 50 objects) must respect this server's limits too
+        if "max_tokens" not in given and config.max_tokens_limit < DEFAULT_MAX_TOKENS:
+            given["max_tokens"] = config.max_tokens_limit
+        if "max_objects" not in given and config.max_objects_limit < DEFAULT_MAX_OBJECTS:
+            given["max_objects"] = config.max_objects_limit
         return given
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from frontend.app import create_app
 from frontend.schemas import MAX_SPATIAL_REFS
-from shared.config import load_config
+from shared.config import Config, load_config
 
 API_KEY = "test-key-123"
 
@@ -357,3 +357,11 @@ def test_schemas_describe_the_routes():
     assert components["QueryRequest"]["required"] == ["question"]
     assert set(components["DetectRequest"]["required"]) == {"image_url", "object"}
     assert components["CaptionRequest"]["properties"]["length"]["enum"] == ["short", "normal", "long"]
+
+
+def test_defaults_left_out_respect_the_server_limits():
+    from frontend.schemas import Settings
+
+    assert Settings().check(Config(max_tokens_limit=16, max_objects_limit=5)) == {"max_tokens": 16, "max_objects": 5}
+    assert Settings().check(Config()) == {}  # within the limits the engine's defaults apply
+    assert Settings(max_tokens=8).check(Config(max_tokens_limit=16))["max_tokens"] == 8
