@@ -158,7 +158,8 @@ class Reply:
     ended: float = 0.0
 
 
-def send(base_url: str, case: Case, timeout: float, api_key: Optional[str] = None) -> Reply:
+def send(base_url: str, case: Case, timeout: float, api_key: Optional[str] = None,
+         extra_headers: Optional[dict] = None) -> Reply:
     """POST one case and classify the reply.  `timeout` bounds every socket
     operation and the whole exchange: past it, the request counts as a hang."""
     url = urllib.parse.urlsplit(base_url)
@@ -167,6 +168,7 @@ def send(base_url: str, case: Case, timeout: float, api_key: Optional[str] = Non
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["X-Moondream-Auth"] = api_key
+    headers.update(extra_headers or {})
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
     try:
         try:

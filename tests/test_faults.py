@@ -134,6 +134,23 @@ def test_sigkill_under_load(stack, expected, target):
     print(f"\n{target}: {summary}")
 
 
+def test_concurrent_requests_with_the_same_client_request_id_get_their_own_answers(stack, expected):
+    """X-Request-ID is the client's to choose and need not be unique: it must not route
+    one request's answer to another (the answers of these cases all differ)."""
+    import concurrent.futures
+
+    stack.wait_ready(60)
+    cases = [c for c in CASES if c.image is None or c.skill in ("detect", "point")]
+    assert len({repr(expected[c]) for c in cases}) == len(cases)
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        for _ in range(2):
+            replies = list(pool.map(lambda c: send(stack.url, c, CLIENT_TIMEOUT, extra_headers={"X-Request-ID": "same-id"}),
+                                    cases))
+            for reply in replies:
+                assert reply.kind == "ok", reply
+                assert reply.answer == expected[reply.case], reply
+
+
 @pytest.mark.xfail(reason="after a broker restart, workers register again only once their heartbeat expiry has "
                           "passed plus a 1 s backoff (~4 s here), because the new broker silently drops messages from "
                           "workers it does not know; meanwhile requests get 503 no_gpu_worker / no_preprocess_worker. "
