@@ -219,8 +219,9 @@ def load_checkpoint(model: str, revision: str, device: str = "auto", dtype: str 
         return _random_checkpoint(model, revision, device, dtype)
     if os.path.isdir(model):
         return _load_directory(model, revision, device, dtype, source=model)
-    if os.path.sep in model and not model.count("/") == 1:
-        raise ModelLoadError(f"MOONDREAM_MODEL={model} is neither a directory nor a hub id")
+    if model.startswith(("/", ".", "~")) or model.count("/") != 1:
+        raise ModelLoadError(f"MOONDREAM_MODEL={model} is not a directory here, nor a hub id like vikhyatk/moondream2 "
+                             "(a checkpoint directory holds config.json, model.safetensors and tokenizer.json)")
     directory = _download(model, revision, hf_token)
     return _load_directory(directory, revision, device, dtype, source=f"{model}@{revision}")
 

@@ -45,6 +45,10 @@ def test_hub_unreachable_is_one_line(monkeypatch, tmp_path):
     expect_error(Config(model="vikhyatk/moondream2", device="cpu"), "vikhyatk/moondream2@2025-06-21", "hub")
 
 
+def test_missing_directory_is_named():
+    expect_error(Config(model="/no/such/checkpoint", device="cpu"), "/no/such/checkpoint", "not a directory")
+
+
 def test_unknown_revision(monkeypatch):
     expect_error(Config(model="vikhyatk/moondream2", revision="2024-01-01", device="cpu"), "2024-01-01")
 
