@@ -16,10 +16,11 @@ import http.client
 import io
 import json
 import os
+import socket
 import string
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -197,6 +198,42 @@ def test_bodies_around_the_size_limit(stack, path, size, filler):
     body = head + filler * max(0, (size - len(head) - len(tail)) // len(filler)) + tail
     assert len(body) <= MAX_BODY + BODY_SLACK_BYTES
     post_json(stack, path, body)
+
+
+def read_raw_response(sock: socket.socket) -> tuple[int, bytes, bytes]:
+    """(status, headers, body) of the one response on a Connection: close socket."""
+    data = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, head, body
+
+
+header_bytes = st.binary(max_size=60).filter(lambda b: b"\r" not in b and b"\n" not in b)
+
+
+@pytest.mark.xfail(reason="requests that are not valid HTTP are answered by waitress itself (400/413/431, "
+                          "plain text), not by the app: fix in frontend/__main__.py by giving waitress's "
+                          "Error.to_response our JSON error shape", strict=False)
+@settings(FUZZ, max_examples=DEEP or 30, phases=[Phase.explicit, Phase.generate])  # no shrinking: it fails today
+@given(request_line=st.sampled_from([b"POST /v1/query HTTP/1.1", b"POST /v1/query HTTP/9.9", b"POST /v1/query",
+                                     b"POST  HTTP/1.1", b"\x00\xff /v1/query HTTP/1.1", b"POST /v1/query?\xff HTTP/1.1"]),
+       lines=st.lists(header_bytes, max_size=4),
+       content_length=st.sampled_from([b"14", b"-1", b"abc", b"99999999999999999999", b"14, 14", b""]))
+def test_malformed_http_gets_a_json_answer(stack, request_line, lines, content_length):
+    body = b'{"question":1}'
+    raw = (request_line + b"\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+           + b"".join(line + b"\r\n" for line in lines) + b"Content-Length: " + content_length + b"\r\n\r\n" + body)
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(raw)
+        status, head, answer = read_raw_response(sock)  # socket.timeout here: a hang
+    assert status in ALLOWED, (status, head[:200])
+    assert b"application/json" in head.lower(), (head[:300], answer[:200])
+    json.loads(answer)
 
 
 def test_the_stack_is_still_whole(stack, pids):
