@@ -31,6 +31,7 @@ import argparse
 import base64
 import collections
 import dataclasses
+import functools
 import http.client
 import json
 import os
@@ -63,8 +64,7 @@ class Case:
     def body(self) -> dict:
         body = {**dict(self.params), "settings": SETTINGS}
         if self.image:
-            data = (IMAGE_DIR / self.image).read_bytes()
-            body["image_url"] = "data:image/png;base64," + base64.b64encode(data).decode()
+            body["image_url"] = _data_url(self.image)
         if self.stream:
             body["stream"] = True
         return body
@@ -72,6 +72,11 @@ class Case:
     @property
     def answer_key(self) -> str:
         return {"caption": "caption", "query": "answer", "detect": "objects", "point": "points"}[self.skill]
+
+
+@functools.lru_cache(maxsize=None)
+def _data_url(image: str) -> str:
+    return "data:image/png;base64," + base64.b64encode((IMAGE_DIR / image).read_bytes()).decode()
 
 
 def _case(skill, image=None, stream=False, **params) -> Case:
@@ -110,15 +115,15 @@ def distinguishable(expected: dict) -> int:
     return sum(counts[json.dumps(a)] == 1 for a in expected.values())
 
 
-def expected_answers(cases: list[Case], model_dir: Optional[str] = None) -> dict[Case, object]:
-    """Each case's answer from the engine run in this process (greedy, so exact)."""
+def expected_answers(cases: list[Case]) -> dict[Case, object]:
+    """Each case's answer from the test model (tests/conformance/main) run in this
+    process, greedily, so exactly what the stack must answer."""
     from gpu_worker.engine_types import EngineRequest, ImageInput
     from gpu_worker.scheduler import Scheduler
     from preprocess_worker.worker import preprocess
     from tests.engine_helpers import fixture_engine, run_requests
 
-    engine = fixture_engine("main") if model_dir is None else _load(model_dir)
-    scheduler = Scheduler(engine, max_batch=len(cases))
+    scheduler = Scheduler(fixture_engine("main"), max_batch=len(cases))
     requests = {}
     for case in cases:
         image = None
@@ -134,13 +139,6 @@ def expected_answers(cases: list[Case], model_dir: Optional[str] = None) -> dict
         assert outcome.error is None, (case, outcome.error)
         answers[case] = outcome.output[case.answer_key]
     return answers
-
-
-def _load(model_dir: str):
-    from gpu_worker.engine import load_model
-    from shared.config import Config
-
-    return load_model(Config(model=model_dir, device="cpu", dtype="float32"))
 
 
 # ---------------------------------------------------------------- one request
@@ -405,7 +403,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--kills", type=int, default=8, help="SIGKILLs, evenly spread over the duration")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=60, help="seconds without an answer that count as lost")
-    parser.add_argument("--url", help="a running stack's base URL (default: start one)")
+    parser.add_argument("--url", help="a running stack's base URL (default: start one); it must serve the "
+                        "test model (MOONDREAM_MODEL=tests/conformance/main) for the answers to be checked")
     parser.add_argument("--run-dir", help="with --url: its RUN_DIR, so processes can be killed via supervisorctl")
     parser.add_argument("--json", help="write the report here too")
     args = parser.parse_args(argv)
