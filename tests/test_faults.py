@@ -151,6 +151,26 @@ def test_concurrent_requests_with_the_same_client_request_id_get_their_own_answe
                 assert reply.answer == expected[reply.case], reply
 
 
+def test_overload_gets_429_and_nothing_is_lost(expected):
+    """A burst far over MAX_QUEUE: every request gets its answer or a JSON 429, at once
+    for the refused ones; afterwards nothing is stuck and requests succeed."""
+    import concurrent.futures
+
+    with running_stack(preprocess_workers=2, MAX_QUEUE=3, REQUEST_TIMEOUT=REQUEST_TIMEOUT) as small:
+        serves_correctly(small, expected)
+        burst = [CASES[i % len(CASES)] for i in range(30)]
+        with concurrent.futures.ThreadPoolExecutor(len(burst)) as pool:
+            replies = list(pool.map(lambda c: send(small.url, c, CLIENT_TIMEOUT), burst))
+        summary = describe(replies)
+        assert all(r.kind == "ok" or (r.status, r.code) == (429, "overloaded") for r in replies), summary
+        assert any(r.status == 429 for r in replies) and any(r.kind == "ok" for r in replies), summary
+        assert [r for r in replies if r.kind == "ok" and r.answer != expected[r.case]] == []
+        assert max(r.ended - r.started for r in replies if r.status == 429) < 5, summary
+        wait_for(lambda: small.health()[1].get("queue", {}).get("in_flight") == 0, REQUEST_TIMEOUT, "an empty broker", small)
+        serves_correctly(small, expected)
+        print(f"\noverload: {summary}")
+
+
 @pytest.mark.xfail(reason="after a broker restart, workers register again only once their heartbeat expiry has "
                           "passed plus a 1 s backoff (~4 s here), because the new broker silently drops messages from "
                           "workers it does not know; meanwhile requests get 503 no_gpu_worker / no_preprocess_worker. "
