@@ -42,10 +42,26 @@ class RemoteImageError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address leads to: mapped (::ffff:a.b.c.d), 6to4
+    (2002:AABB:CCDD::), NAT64 (64:ff9b::a.b.c.d), IPv4-compatible (::a.b.c.d), Teredo."""
+    found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if ip in NAT64 or ip in IPV4_COMPATIBLE:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [v4 for v4 in found if v4 is not None]
+
+
 def is_public_address(ip: IPAddress) -> bool:
-    """May the server connect to this address on a client's behalf?"""
+    """May the server connect to this address on a client's behalf?  Also judges
+    any IPv4 address embedded in an IPv6 one (::ffff:127.0.0.1 is 127.0.0.1)."""
+    if isinstance(ip, ipaddress.IPv6Address) and not all(map(is_public_address, embedded_ipv4(ip))):
+        return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+        return True  # judged as the IPv4 address above (the ::ffff:0:0/96 block itself counts as private)
     return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
                 or ip.is_reserved or ip.is_unspecified) and ip.is_global
 

@@ -39,13 +39,15 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108020000009
     "240.0.0.1", "255.255.255.255",                        # reserved, broadcast
     "100.64.0.1",                                          # shared address space (carrier NAT)
     "::ffff:127.0.0.1", "::ffff:10.0.0.1",                 # IPv4-mapped IPv6
+    "2002:7f00:1::", "64:ff9b::a00:1", "::127.0.0.1",      # 6to4, NAT64, IPv4-compatible leading to private ones
     "192.0.2.1", "2001:db8::1",                            # documentation
 ])
 def test_non_public_addresses_are_refused(address):
     assert not is_public_address(ipaddress.ip_address(address))
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8",
+                                     "2002:808:808::1"])
 def test_public_addresses_are_allowed(address):
     assert is_public_address(ipaddress.ip_address(address))
 
