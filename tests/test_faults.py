@@ -185,3 +185,41 @@ def test_workers_register_with_a_restarted_broker_within_two_seconds(stack):
     stack.wait_ready(30)  # every worker registered with the new broker
     took = time.monotonic() - started
     assert took < 2.0, f"workers registered {took:.1f} s after the new broker started"
+
+
+@pytest.mark.xfail(reason="frontend/broker_client.py fails every open request when it first hears the new "
+                          "broker_id, including requests it sent to the new broker after the restart: the client "
+                          "gets 503 'the broker restarted' while the new broker holds (and would run) the request. "
+                          "Fix: note the connection (zmq socket monitor: EVENT_DISCONNECTED / EVENT_CONNECTED) each "
+                          "request was sent on, and fail only those sent before the reconnect", strict=False)
+def test_a_request_sent_after_a_broker_restart_is_not_failed_as_forgotten(tmp_path):
+    import socket
+    import uuid
+
+    from frontend.broker_client import BrokerClient
+    from shared.protocol import Submit
+    from tests.stack import ProcessGroup, config_from_env, stack_env
+
+    env = stack_env(tmp_path, NO_GPU_GRACE=30)  # no workers: the broker holds what it gets
+    config = config_from_env(env)
+    group = ProcessGroup(env, tmp_path)
+    client = BrokerClient(config)
+    try:
+        broker = group.start("broker", "broker-1")
+        wait_for(lambda: client.status(0.5) is not None, 30, "the broker")
+        broker.send_signal(signal.SIGKILL)
+        broker.wait(timeout=10)
+        group.start("broker", "broker-2")
+        port = int(config.broker_frontend_addr.rsplit(":", 1)[1])
+        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() is None, 30,
+                 "the new broker to listen")
+        stream = client.submit(Submit(request_id=uuid.uuid4().hex, skill="query", params={"question": "q"},
+                                      settings={}), None)
+        try:
+            event = stream.next_event(timeout=2.0)
+        except TimeoutError:
+            return  # still waiting for a GPU worker at the new broker: right
+        assert False, f"a request sent to the new broker was failed: {event}"
+    finally:
+        client.close()
+        group.stop_all()
