@@ -134,6 +134,40 @@ def test_sigkill_under_load(stack, expected, target):
     print(f"\n{target}: {summary}")
 
 
+def test_frozen_gpu_worker_counts_as_dead_then_rejoins(stack, expected):
+    """SIGSTOP (a hung GPU, say) rather than SIGKILL: its requests get 503 once its
+    heartbeats stop, nothing waits for it; after SIGCONT the same process registers
+    again (it drops the work the broker gave up on) and serves."""
+    stack.wait_ready(60)
+    serves_correctly(stack, expected)
+    pid = stack.pid("gpu_worker")
+    expiry = stack.config.heartbeat_expiry
+    frozen = {}
+
+    def freeze() -> None:
+        time.sleep(KILL_AFTER)
+        os.kill(pid, signal.SIGSTOP)
+        frozen["at"] = time.monotonic()
+        time.sleep(2 * expiry)
+        os.kill(pid, signal.SIGCONT)
+
+    try:
+        replies = run_load(stack.url, CASES, CLIENTS, LOAD_SECONDS, CLIENT_TIMEOUT, seed=7, during=freeze)
+    finally:
+        os.kill(pid, signal.SIGCONT)  # never leave it stopped
+    summary = describe(replies)
+    allowed = {(503, "worker_died"), (503, "no_gpu_worker"), (504, "timeout")}
+    assert all(r.kind == "ok" or (r.kind == "error" and (r.status, r.code) in allowed) for r in replies), summary
+    assert [r for r in replies if r.kind == "ok" and r.answer != expected[r.case]] == []
+    # Requests open when it froze are answered within the heartbeat expiry (plus the broker's tick).
+    stuck = [r for r in replies if r.started < frozen["at"] < r.ended and r.ended - frozen["at"] > expiry + 3]
+    assert not stuck, (summary, stuck[:3])
+    stack.wait_ready(60)
+    assert stack.pid("gpu_worker") == pid  # the same process, not a restart
+    serves_correctly(stack, expected)
+    print(f"\nfrozen gpu_worker: {summary}")
+
+
 def test_concurrent_requests_with_the_same_client_request_id_get_their_own_answers(stack, expected):
     """X-Request-ID is the client's to choose and need not be unique: it must not route
     one request's answer to another (the answers of these cases all differ)."""
