@@ -173,8 +173,9 @@ def test_real_bomb_within_the_limits_is_decoded_without_leaking(stack, watched):
 
 
 @pytest.mark.xfail(reason="preprocess worker keeps freed pixel buffers in glibc malloc arenas (decode runs on a "
-                          "helper thread): ~200-430 MiB after big images; fix: malloc_trim(0) after a large job "
-                          "in preprocess_worker/worker.py, or MALLOC_ARENA_MAX=2", strict=False)
+                          "helper thread): ~200-430 MiB after big images; fix: ctypes malloc_trim(0) after a large "
+                          "job in preprocess_worker/worker.py (measured: back to ~65 MiB; MALLOC_ARENA_MAX=1 "
+                          "only caps it at ~240 MiB)", strict=False)
 def test_memory_is_given_back_after_big_images(stack, watched):
     now = memory(stack)
     for name in WORKERS[:2]:
