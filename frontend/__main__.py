@@ -5,7 +5,10 @@ config.broker_frontend_addr.  Settings come from the environment (shared/config.
 """
 from __future__ import annotations
 
+import json
+
 import waitress
+import waitress.utilities
 
 from frontend.app import create_app
 from frontend.broker_client import BrokerClient
@@ -18,9 +21,28 @@ from shared.logs import setup_logging
 BODY_SLACK_BYTES = 1024 * 1024
 
 
+def json_waitress_errors() -> None:
+    """Requests that never reach the app (malformed HTTP, a Content-Length far over
+    the limit) are answered by waitress itself, in plain text.  The API promises
+    JSON errors everywhere, so waitress's one error renderer gets our shape.
+    (waitress has no hook for this; its Error classes all render through here.)"""
+
+    def to_response(self, ident=None):
+        code = _WAITRESS_CODES.get(self.code, "bad_request" if self.code < 500 else "internal_error")
+        body = json.dumps({"error": {"code": code, "message": f"{self.reason}: {self.body}"},
+                           "request_id": None}).encode()
+        return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
+
+    waitress.utilities.Error.to_response = to_response
+
+
+_WAITRESS_CODES = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large", 500: "internal_error"}
+
+
 def main() -> None:
     config = load_config()
     setup_logging("frontend", config)
+    json_waitress_errors()
     client = BrokerClient(config)
     try:
         waitress.serve(

@@ -216,10 +216,7 @@ def read_raw_response(sock: socket.socket) -> tuple[int, bytes, bytes]:
 header_bytes = st.binary(max_size=60).filter(lambda b: b"\r" not in b and b"\n" not in b)
 
 
-@pytest.mark.xfail(reason="requests that are not valid HTTP are answered by waitress itself (400/413/431, "
-                          "plain text), not by the app: fix in frontend/__main__.py by giving waitress's "
-                          "Error.to_response our JSON error shape", strict=False)
-@settings(FUZZ, max_examples=DEEP or 30, phases=[Phase.explicit, Phase.generate])  # no shrinking: it fails today
+@settings(FUZZ, max_examples=DEEP or 30)
 @given(request_line=st.sampled_from([b"POST /v1/query HTTP/1.1", b"POST /v1/query HTTP/9.9", b"POST /v1/query",
                                      b"POST  HTTP/1.1", b"\x00\xff /v1/query HTTP/1.1", b"POST /v1/query?\xff HTTP/1.1"]),
        lines=st.lists(header_bytes, max_size=4),

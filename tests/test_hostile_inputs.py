@@ -172,10 +172,6 @@ def test_real_bomb_within_the_limits_is_decoded_without_leaking(stack, watched):
     print(f"7000x7000 PNG ({len(data) // 1024} KiB), memory after each round: {rounds}")
 
 
-@pytest.mark.xfail(reason="preprocess worker keeps freed pixel buffers in glibc malloc arenas (decode runs on a "
-                          "helper thread): ~200-430 MiB after big images; fix: ctypes malloc_trim(0) after a large "
-                          "job in preprocess_worker/worker.py (measured: back to ~65 MiB; MALLOC_ARENA_MAX=1 "
-                          "only caps it at ~240 MiB)", strict=False)
 def test_memory_is_given_back_after_big_images(stack, watched):
     now = memory(stack)
     for name in WORKERS[:2]:
@@ -237,8 +233,6 @@ def test_one_gigabyte_body_is_refused_without_being_read(stack, watched):
     assert sent < 64 * MiB, f"the client got to send {sent / MiB:.0f} MiB before the answer"
 
 
-@pytest.mark.xfail(reason="waitress answers a Content-Length far over MAX_BODY_BYTES itself, in plain text "
-                          "(frontend/__main__.py: max_request_body_size); the API promises JSON errors", strict=False)
 def test_one_gigabyte_content_length_gets_a_json_413(stack):
     import http.client
 
