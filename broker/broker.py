@@ -31,7 +31,7 @@ import zmq
 from shared import protocol
 from shared.logs import log_request
 from shared.protocol import (
-    Cancel, Chunk, Error, Generate, Heartbeat, PreprocessJob, Preprocessed, Ready,
+    Cancel, Chunk, Error, Generate, Heartbeat, PreprocessJob, Preprocessed, Ready, RegisterAgain,
     Result, Status, StatusQuery, Submit,
 )
 
@@ -230,8 +230,10 @@ class Broker:
             return
         worker = self.workers.get(identity)
         if worker is None:
-            # Not registered (e.g. we restarted): it stops hearing from us and re-registers.
-            log.debug("%s from an unregistered worker dropped", type(msg).__name__)
+            # Not registered (we restarted, or dropped it as silent): ask it to register
+            # now rather than wait until it gives up on us.
+            log.debug("%s from an unregistered worker dropped; asking it to register", type(msg).__name__)
+            self.send_to_worker(identity, protocol.encode(RegisterAgain()))
             return
         worker.expires_at = time.monotonic() + self.config.heartbeat_expiry
         if isinstance(msg, Heartbeat):

@@ -18,7 +18,7 @@ import msgspec
 import zmq
 
 from shared import protocol
-from shared.protocol import Heartbeat, Ready
+from shared.protocol import Heartbeat, Ready, RegisterAgain
 
 log = logging.getLogger("broker_link")
 
@@ -43,6 +43,7 @@ class BrokerLink:
         self.context = context or zmq.Context.instance()
         self.socket: Optional[zmq.Socket] = None
         self.backoff = MIN_BACKOFF
+        self.register_again = False
         self.connect()
 
     def connect(self) -> None:
@@ -93,7 +94,9 @@ class BrokerLink:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("malformed message from the broker dropped: %s", exc)
                 continue
-            if not isinstance(msg, Heartbeat):
+            if isinstance(msg, RegisterAgain):
+                self.register_again = True  # handled by keep_alive, which drops the work we held
+            elif not isinstance(msg, Heartbeat):
                 received.append((msg, blob))
 
     def keep_alive(self, on_lost: Optional[Callable[[], None]] = None) -> bool:
@@ -101,6 +104,15 @@ class BrokerLink:
         must drop the work it held (the broker has given up on it); `on_lost` is
         called as soon as the broker is given up, before the backoff wait."""
         now = time.monotonic()
+        if self.register_again:
+            # A broker that does not know us (it restarted): what we held is forgotten there.
+            log.warning("the broker does not know this worker: registering again")
+            self.register_again = False
+            if on_lost is not None:
+                on_lost()
+            self.send(Ready(kind=self.kind, worker_id=self.worker_id, capacity=max(1, self.capacity()),
+                            model=self.model, secret=self.config.worker_secret))
+            return True
         if now - self.last_heard > self.config.heartbeat_expiry:
             log.warning("broker silent for %.1f s; reconnecting in %.0f s", now - self.last_heard, self.backoff)
             if on_lost is not None:

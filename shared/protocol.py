@@ -91,6 +91,10 @@ class Heartbeat(Message):
     stats: dict = {}  # GPU worker: its scheduler's counters (running, waiting, image cache, steps)
 
 
+class RegisterAgain(Message):
+    """Broker -> worker: "I do not know you" (the broker restarted): send Ready now."""
+
+
 class PreprocessJob(Message):
     """Decode and tile; image bytes follow as the next frame."""
 
@@ -155,7 +159,7 @@ class Error(Message):
 
 
 AnyMessage = Union[
-    Submit, Cancel, StatusQuery, Status, Ready, Heartbeat, PreprocessJob,
+    Submit, Cancel, StatusQuery, Status, Ready, Heartbeat, RegisterAgain, PreprocessJob,
     Preprocessed, Generate, Chunk, Result, Error,
 ]
 

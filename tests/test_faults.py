@@ -205,11 +205,6 @@ def test_overload_gets_429_and_nothing_is_lost(expected):
         print(f"\noverload: {summary}")
 
 
-@pytest.mark.xfail(reason="after a broker restart, workers register again only once their heartbeat expiry has "
-                          "passed plus a 1 s backoff (~4 s here), because the new broker silently drops messages from "
-                          "workers it does not know; meanwhile requests get 503 no_gpu_worker / no_preprocess_worker. "
-                          "Fix: the broker tells an unknown worker to register (a reply to its Heartbeat), and "
-                          "BrokerLink sends Ready at once", strict=False)
 def test_workers_register_with_a_restarted_broker_within_two_seconds(stack):
     stack.wait_ready(60)
     old = stack.pid("broker")
