@@ -85,6 +85,8 @@ class BrokerClient:
         self.context = context or zmq.Context.instance()
         self._replies: dict[str, queue.Queue] = {}  # request_id -> its reply queue
         self._replies_lock = threading.Lock()
+        self._sent_on: dict[str, int] = {}  # request_id -> number of the connection it went out on
+        self._connection = 0  # I/O thread: counts the broker connections lost so far
         self._closed = threading.Event()
         self._ids = itertools.count()
 
@@ -150,18 +152,26 @@ class BrokerClient:
 
     def _forget(self, request_id: str) -> Optional[queue.Queue]:
         with self._replies_lock:
+            self._sent_on.pop(request_id, None)
             return self._replies.pop(request_id, None)
 
     def _deliver(self, request_id: str, event, final: bool) -> None:
         with self._replies_lock:
             replies = self._replies.pop(request_id, None) if final else self._replies.get(request_id)
+            if final:
+                self._sent_on.pop(request_id, None)
         if replies is not None:  # unknown or finished request ids are dropped
             replies.put(event)
 
-    def _fail_all(self, why: str) -> None:
+    def _fail_all(self, why: str, sent_before_connection: Optional[int] = None) -> None:
+        """Fail every open request; with `sent_before_connection`, only those sent on an
+        earlier connection (a restarted broker never saw them; later ones it holds)."""
         with self._replies_lock:
-            failing = [rid for rid in self._replies if not rid.startswith("status-")]
+            failing = [rid for rid in self._replies if not rid.startswith("status-")
+                       and (sent_before_connection is None or self._sent_on.get(rid, -1) < sent_before_connection)]
             failing = [(rid, self._replies.pop(rid)) for rid in failing]
+            for rid, _ in failing:
+                self._sent_on.pop(rid, None)
         for request_id, replies in failing:
             replies.put(_unavailable(request_id, why))
 
@@ -170,9 +180,13 @@ class BrokerClient:
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a broker we are not connected to
         dealer.connect(self.config.broker_frontend_addr)
+        # Connection events number the connections, so that a restarted broker fails only
+        # the requests sent to its predecessor.
+        monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         poller.register(self._inbox, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         interval = self.config.heartbeat_interval
         expiry = self.config.heartbeat_expiry
         unsent: list[tuple[float, str, list]] = []  # (first try, request_id, frames) waiting for a connection
@@ -184,6 +198,13 @@ class BrokerClient:
             while not self._closed.is_set():
                 ready = dict(poller.poll(100))
                 now = time.monotonic()
+                if monitor in ready:
+                    while True:
+                        try:
+                            monitor.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._connection += 1  # the broker went away; what we send next goes to its successor
                 if self._inbox in ready:
                     while True:
                         try:
@@ -211,6 +232,8 @@ class BrokerClient:
                 else:
                     warned = False
         finally:
+            dealer.disable_monitor()
+            monitor.close(linger=0)
             dealer.close(linger=0)
             self._inbox.close(linger=0)
 
@@ -220,6 +243,9 @@ class BrokerClient:
         for first_try, request_id, frames in unsent:
             try:
                 dealer.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                with self._replies_lock:
+                    if request_id in self._replies:
+                        self._sent_on[request_id] = self._connection
             except zmq.ZMQError:
                 if now - first_try > expiry:
                     self._deliver(request_id, _unavailable(request_id, "cannot reach the broker"), final=True)
@@ -242,7 +268,7 @@ class BrokerClient:
             if isinstance(msg, Status):
                 if broker_id is not None and msg.broker_id and msg.broker_id != broker_id:
                     log.warning("broker restarted: failing the requests it forgot")
-                    self._fail_all("the broker restarted")
+                    self._fail_all("the broker restarted", sent_before_connection=self._connection)
                 broker_id = msg.broker_id or broker_id
                 if not msg.request_id.startswith(_PING_PREFIX):
                     self._deliver(msg.request_id, msg, final=True)

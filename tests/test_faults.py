@@ -216,11 +216,6 @@ def test_workers_register_with_a_restarted_broker_within_two_seconds(stack):
     assert took < 2.0, f"workers registered {took:.1f} s after the new broker started"
 
 
-@pytest.mark.xfail(reason="frontend/broker_client.py fails every open request when it first hears the new "
-                          "broker_id, including requests it sent to the new broker after the restart: the client "
-                          "gets 503 'the broker restarted' while the new broker holds (and would run) the request. "
-                          "Fix: note the connection (zmq socket monitor: EVENT_DISCONNECTED / EVENT_CONNECTED) each "
-                          "request was sent on, and fail only those sent before the reconnect", strict=False)
 def test_a_request_sent_after_a_broker_restart_is_not_failed_as_forgotten(tmp_path):
     import socket
     import uuid
