@@ -8,6 +8,7 @@ takes the process down.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import time
@@ -106,6 +107,9 @@ BIG_IMAGE_PIXELS = 4_000_000
 
 
 def release_freed_memory() -> None:
+    # A failed decode leaves the image in a reference cycle (exception -> traceback ->
+    # frame -> image): collect it first, then hand the pages back.
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
@@ -123,6 +127,7 @@ class PreprocessWorker:
     def __init__(self, config, context=None):
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self.trim_pending = False  # give freed memory back once the failed job is forgotten
         self.pending: list[tuple[PreprocessJob, bytes]] = []  # jobs not started (normally at most one)
         self.running: Optional[tuple[PreprocessJob, Future, float]] = None
         self.stopping = False
@@ -137,6 +142,10 @@ class PreprocessWorker:
                     self.pending.append((msg, bytes(blob) if blob is not None else b""))
                 # Cancel and anything else: jobs are short; the broker drops stale replies.
             self._finish_running()
+            if self.trim_pending and self.running is None:
+                # after the failed job's exception (and the image its traceback holds) is gone
+                self.trim_pending = False
+                release_freed_memory()
             self._give_up_if_stuck()
             self._start_next()
             if self.link.keep_alive():
@@ -174,10 +183,12 @@ class PreprocessWorker:
             result = future.result()
         except ImageRejected as exc:
             log.info("request %s: image rejected: %s", job.request_id, exc.message)
+            self.trim_pending = True  # a failed decode may have allocated the whole image first
             self.link.send(Error(job.request_id, exc.status, exc.code, exc.message))
             return
         except Exception as exc:  # a bug or an exotic failure: answer, keep serving
             log.exception("request %s: preprocessing failed", job.request_id)
+            self.trim_pending = True
             self.link.send(Error(job.request_id, 422, "invalid_image", f"could not process the image ({type(exc).__name__})"))
             return
         if result.size_wh[0] * result.size_wh[1] >= BIG_IMAGE_PIXELS:

@@ -284,11 +284,6 @@ def test_image_just_under_the_pixel_limit_with_missing_data_is_422(stack, watche
     assert took < QUICK_S * 2, f"{took:.1f} s"
 
 
-@pytest.mark.xfail(reason="preprocess_worker/worker.py calls malloc_trim only after a big image decoded "
-                          "successfully; when Pillow allocated a big image and then failed (422), ~200 MiB stay in "
-                          "the decode thread's arena (once an earlier big image has raised glibc's mmap threshold, "
-                          "Pillow's blocks come from the arena). Fix: release on the error paths too (a finally), "
-                          "or for every job whose header declared >= BIG_IMAGE_PIXELS", strict=False)
 def test_memory_is_given_back_after_a_big_image_that_fails_to_decode(stack, watched):
     now = memory(stack)
     for name in WORKERS[:2]:
