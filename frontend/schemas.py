@@ -49,7 +49,7 @@ def decode_body(body: bytes, schema: type[msgspec.Struct]):
 ImageUrl = Annotated[
     str,
     Meta(description="The image as a base64 data URL: data:image/jpeg;base64,... "
-         "(remote http(s) URLs are refused)."),
+         "http(s) URLs only where the server enables ALLOW_REMOTE_IMAGES (public addresses only)."),
 ]
 
 Model = Annotated[
