@@ -198,3 +198,17 @@ def running_stack(preprocess_workers: int = 2, ready_timeout: float = 90.0, keep
         stack.stop()
         if not (keep_run_dir or os.environ.get("KEEP_RUN_DIR")):  # KEEP_RUN_DIR=1 keeps the logs for a look
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def wait_for(predicate, timeout: float, what: str, stack=None) -> None:
+    """Poll `predicate` (errors count as not yet) until true, or fail naming `what`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if predicate():
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    detail = f"; states {stack.states()}" if stack is not None else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")

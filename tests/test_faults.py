@@ -22,7 +22,7 @@ import time
 import pytest
 
 from bench.soak import CASES, Reply, expected_answers, run_load, send
-from tests.stack import running_stack
+from tests.stack import running_stack, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,19 +58,6 @@ def stack():
 @pytest.fixture(scope="module")
 def expected():
     return expected_answers(CASES)
-
-
-def wait_for(predicate, timeout: float, what: str, stack=None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if predicate():
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    detail = f"; states {stack.states()}" if stack is not None else ""
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
 
 
 def describe(replies: list[Reply]) -> str:

@@ -26,6 +26,7 @@ from gpu_worker.engine_types import EngineRequest, ImageInput
 from gpu_worker.scheduler import Scheduler
 from preprocess_worker.worker import preprocess
 from tests.engine_helpers import CONFORMANCE, fixture_engine, run_requests
+from tests.stack import wait_for
 
 pytestmark = pytest.mark.timeout(240)  # a 2-core machine under load needs it; usually ~20-40 s each
 
@@ -171,18 +172,6 @@ def sse_events(url: str, body: dict) -> list:
             if line.startswith(b"data: "):
                 events.append(json.loads(line[6:]))
     return events
-
-
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if predicate():
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_gpu_worker_killed_mid_stream_then_restarted(stack):
