@@ -4,6 +4,7 @@
 `TransformersEngine` (the official remote code, see transformers_engine.py)."""
 from __future__ import annotations
 
+import collections
 from typing import Optional, Sequence
 
 import numpy as np
@@ -33,6 +34,8 @@ class Engine:
             "engine": self.kind,
             "test_model": checkpoint.test_model,
         }
+        # concatenated adapters of recent batches' variant sets (M.LoraBatch), newest last
+        self._adapter_sets: collections.OrderedDict = collections.OrderedDict()
 
     def create_scheduler(self, max_batch: int = 32, image_cache_bytes: int = 1 << 30, **kwargs):
         from gpu_worker.scheduler import Scheduler
@@ -47,16 +50,41 @@ class Engine:
         return self.tokenizer.decode(list(ids))
 
     # -- images
+    # -- variants
+    def lora_batch(self, adapters: Sequence) -> Optional[M.LoraBatch]:
+        """Row i's variant adapter (or None for the base model) -> the LoraBatch that
+        applies them all in one forward; None when no row has one."""
+        distinct = tuple(dict.fromkeys(a for a in adapters if a is not None))
+        if not distinct:
+            return None
+        entry = self._adapter_sets.get(distinct)
+        if entry is None:
+            entry = M.concat_adapters(distinct)
+            self._adapter_sets[distinct] = entry
+            if len(self._adapter_sets) > 4:  # holds adapters alive: keep only a few sets
+                self._adapter_sets.popitem(last=False)
+        else:
+            self._adapter_sets.move_to_end(distinct)
+        layers, spans = entry
+        mask = torch.zeros(len(adapters), 1, spans[-1][1], device=self.device, dtype=self.dtype)
+        for row, adapter in enumerate(adapters):
+            if adapter is not None:
+                start, end = spans[distinct.index(adapter)]
+                mask[row, 0, start:end] = 1
+        return M.LoraBatch(layers=layers, mask=mask)
+
     @torch.inference_mode()
-    def encode_images(self, images: list) -> list[M.PrefixKV]:
+    def encode_images(self, images: list, adapters: Optional[Sequence] = None) -> list[M.PrefixKV]:
         """Vision encoder over all crops of all images in one forward, then the
-        [BOS, image] prefix prefill of all images in one batch."""
+        [BOS, image] prefix prefill of all images in one batch.  adapters[i] is the
+        variant image i is encoded for (None: the base model)."""
         crops = [M.crops_to_input(torch.from_numpy(np.ascontiguousarray(im.crops)).to(self.device), self.dtype)
                  for im in images]
         embeddings = M.encode_crops(crops, [tuple(im.tiling) for im in images], self.weights, self.config)
         bos = self.embed_tokens([self.config.tokenizer["bos_id"]])
         prefix = torch.stack([torch.cat([bos, e], dim=0) for e in embeddings])
-        _, prefixes = M.prefill_prefixes(prefix, self.weights, self.config, self.rope)
+        lora = self.lora_batch(adapters) if adapters else None
+        _, prefixes = M.prefill_prefixes(prefix, self.weights, self.config, self.rope, lora)
         return [M.PrefixKV(k=[t.contiguous() for t in p.k], v=[t.contiguous() for t in p.v], length=p.length)
                 for p in prefixes]
 
@@ -73,12 +101,13 @@ class Engine:
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, start_pos: list[int], slots: list[int], cache: M.KVCache,
-                prefixes: Optional[list] = None) -> torch.Tensor:
+                prefixes: Optional[list] = None, adapters: Optional[list] = None) -> torch.Tensor:
         """(B, T, C) new inputs, sequence i at positions start_pos[i].. of slot slots[i]
         -> (B, C) raw hidden state of each sequence's last position.
 
         prefixes[i] is row i's image PrefixKV (also copied in its slot) or None; rows
         of the batch on the same image read it once together (SharedPrefixPlan).
+        adapters[i] is row i's variant adapter or None (LoraBatch).
 
         When the slots are nearly consecutive the batch is laid out over the slot range
         lo..hi, padding rows for the missing slots, so attention reads the cache in
@@ -106,8 +135,14 @@ class Engine:
             positions = write = torch.tensor(start_pos, device=self.device).view(b, 1) + offsets
             rows = torch.tensor(slots, device=self.device)
         plan = self._shared_prefix_plan(prefixes or [None] * b, row_of, slots, start_pos, t)
+        lora = None
+        if adapters and any(a is not None for a in adapters):
+            per_row = [None] * embeds.shape[0]  # padding rows of the dense layout get none
+            for i, adapter in enumerate(adapters):
+                per_row[row_of[i]] = adapter
+            lora = self.lora_batch(per_row)
         hidden = M.text_forward(embeds, positions, write, rows, live, cache, self.weights, self.config,
-                                self.rope, plan)
+                                self.rope, plan, lora)
         return hidden[torch.tensor(row_of, device=self.device), -1]
 
     def _shared_prefix_plan(self, prefixes, row_of, slots, start_pos, t) -> Optional[M.SharedPrefixPlan]:

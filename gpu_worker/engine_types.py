@@ -23,6 +23,7 @@ class EngineRequest:
     settings: dict = field(default_factory=dict)  # temperature, top_p, max_tokens, max_objects; missing = model defaults
     image: Optional[ImageInput] = None  # None only for a text-only query
     seed: Optional[int] = None  # sampling seed; None = random
+    variant: Optional[str] = None  # fine-tuned variant id (settings["variant"] is moved here); None = base model
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Failed:
     request_id: str
     message: str
     status: int = 500
+    code: str = ""  # machine-readable reason for the client; "" = derived from status
 
 
 EngineEvent = Union[TextChunk, Finished, Failed]

@@ -33,9 +33,17 @@ def _layer_norm(x, w, name):
     return F.layer_norm(x, (x.shape[-1],), w[name + ".weight"], w[name + ".bias"], eps=1e-5)
 
 
-def _mlp(x, w, name):
-    h = F.gelu(_linear(x, w, name + ".fc1"), approximate="tanh")
-    return _linear(h, w, name + ".fc2")
+def _mlp(x, w, name, adapt=None):
+    """fc1 -> GELU (tanh) -> fc2; `adapt(linear, u)` adds a variant's low-rank term
+    (text blocks only): fc1's input is x, fc2's is the GELU output."""
+    h = _linear(x, w, name + ".fc1")
+    if adapt is not None:
+        h = h + adapt("mlp.fc1", x)
+    h = F.gelu(h, approximate="tanh")
+    out = _linear(h, w, name + ".fc2")
+    if adapt is not None:
+        out = out + adapt("mlp.fc2", h)
+    return out
 
 
 # ------------------------------------------------------------------------- vision
@@ -168,11 +176,14 @@ class PrefixKV:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def _text_attention(x, w, name, cfg, cos, sin, attend):
+def _text_attention(x, w, name, cfg, cos, sin, attend, adapt=None):
     """x (B, T, C). `attend(q, k_new, v_new) -> (B, H, T, head_dim)` stores the new
-    keys and values where they belong and attends."""
+    keys and values where they belong and attends.  A variant's qkv and proj terms
+    both take x, the block's layer-normed input (docs/model.md)."""
     b, t, _ = x.shape
     qkv = _linear(x, w, name + ".qkv")
+    if adapt is not None:
+        qkv = qkv + adapt("attn.qkv", x)
     q_dim = cfg.n_heads * cfg.head_dim
     kv_dim = cfg.n_kv_heads * cfg.head_dim
     # rotary on the q and k heads in one go (fewer small ops per layer)
@@ -181,21 +192,61 @@ def _text_attention(x, w, name, cfg, cos, sin, attend):
     q, k = qk[:, :cfg.n_heads], qk[:, cfg.n_heads:]
     v = qkv[..., q_dim + kv_dim:].view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     out = attend(q, k, v)
-    return _linear(out.transpose(1, 2).reshape(b, t, q_dim), w, name + ".proj")
+    out = _linear(out.transpose(1, 2).reshape(b, t, q_dim), w, name + ".proj")
+    if adapt is not None:
+        out = out + adapt("attn.proj", x)
+    return out
 
 
-def _text_blocks(x, w, cfg, cos, sin, attend_for_layer):
+@dataclass(eq=False)
+class LoraBatch:
+    """The variants' adapters of one batched forward, applied unmerged, per row.
+
+    The adapters present in the batch are concatenated along the rank axis
+    (`layers[i][linear] = (A_cat (R, in), B_cat (out, R))`), and `mask` (B, 1, R)
+    keeps, for each row, only the rank columns of its own adapter.  So one pair of
+    thin matmuls per linear serves every row, base rows included (their mask is all
+    zero, which adds exactly 0.0): no merged weights, no batch split per variant."""
+
+    layers: list
+    mask: torch.Tensor
+
+    def adapter_for(self, layer: int):
+        pairs = self.layers[layer]
+
+        def adapt(linear: str, u: torch.Tensor) -> torch.Tensor:
+            a, b = pairs[linear]
+            return F.linear(F.linear(u, a) * self.mask, b)
+        return adapt
+
+
+def concat_adapters(adapters: tuple) -> tuple[list, list[tuple[int, int]]]:
+    """Distinct adapters -> per-layer concatenated (A, B) and each one's rank columns."""
+    spans, start = [], 0
+    for adapter in adapters:
+        spans.append((start, start + adapter.rank))
+        start += adapter.rank
+    layers = [{name: (torch.cat([a.layers[i][name][0] for a in adapters]),
+                      torch.cat([a.layers[i][name][1] for a in adapters], dim=1))
+               for name in adapters[0].layers[i]} for i in range(len(adapters[0].layers))]
+    return layers, spans
+
+
+def _text_blocks(x, w, cfg, cos, sin, attend_for_layer, lora: "LoraBatch | None" = None):
     for i in range(cfg.n_layers):
         b = f"text.blocks.{i}"
+        adapt = lora.adapter_for(i) if lora is not None else None
         h = _layer_norm(x, w, b + ".ln")
-        attn = _text_attention(h, w, b + ".attn", cfg, cos, sin, attend_for_layer(i))
-        x = x + attn + _mlp(h, w, b + ".mlp")
+        attn = _text_attention(h, w, b + ".attn", cfg, cos, sin, attend_for_layer(i), adapt)
+        x = x + attn + _mlp(h, w, b + ".mlp", adapt)
     return x
 
 
-def prefill_prefixes(embeds: torch.Tensor, w: dict, cfg: ModelConfig, rope) -> tuple[torch.Tensor, list[PrefixKV]]:
+def prefill_prefixes(embeds: torch.Tensor, w: dict, cfg: ModelConfig, rope,
+                     lora: "LoraBatch | None" = None) -> tuple[torch.Tensor, list[PrefixKV]]:
     """[BOS, image tokens] for B images at positions 0..729, attending bidirectionally.
-    Returns the hidden states and each image's PrefixKV."""
+    Returns the hidden states and each image's PrefixKV (a variant's prefix differs
+    from the base model's: its adapters act here too)."""
     b, t, _ = embeds.shape
     positions = torch.arange(t, device=embeds.device)
     cos = rope[0][positions].view(1, 1, t, -1)
@@ -209,7 +260,7 @@ def prefill_prefixes(embeds: torch.Tensor, w: dict, cfg: ModelConfig, rope) -> t
             return F.scaled_dot_product_attention(q, k, v)  # no mask: bidirectional within the prefix
         return attend
 
-    hidden = _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer)
+    hidden = _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer, lora)
     prefixes = [PrefixKV(k=[k[i] for k in ks], v=[v[i] for v in vs], length=t) for i in range(b)]
     return hidden, prefixes
 
@@ -234,15 +285,15 @@ class SharedPrefixPlan:
 
 def text_forward(embeds: torch.Tensor, positions: torch.Tensor, write_positions: torch.Tensor,
                  rows: "slice | torch.Tensor", live: int, cache: KVCache, w: dict, cfg: ModelConfig, rope,
-                 plan: "SharedPrefixPlan | None" = None) -> torch.Tensor:
+                 plan: "SharedPrefixPlan | None" = None, lora: "LoraBatch | None" = None) -> torch.Tensor:
     """B rows, each feeding T new positions `positions` (B, T), attending causally to
     everything at or before each position in its slot; keys/values are stored at
     `write_positions` (equal to positions, except padding rows that write to the
     cache's scratch position).  `rows` names the cache slots of the B rows: a slice
     when they are consecutive slots (read in place, no copy) or an index tensor
     (gathered).  `live` bounds the positions read.  With a `plan`, rows sharing an
-    image read its prefix once (see SharedPrefixPlan).  Returns hidden (B, T, C)
-    before post_ln."""
+    image read its prefix once (see SharedPrefixPlan).  `lora` adds each row's
+    variant adapter (see LoraBatch).  Returns hidden (B, T, C) before post_ln."""
     b, t, _ = embeds.shape
     cos = rope[0][positions].unsqueeze(1)  # (B, 1, T, 16)
     sin = rope[1][positions].unsqueeze(1)
@@ -280,7 +331,7 @@ def text_forward(embeds: torch.Tensor, positions: torch.Tensor, write_positions:
             return out
         return attend
 
-    return _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer)
+    return _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer, lora)
 
 
 def _attention_with_shared_prefixes(q, k_slot, v_slot, mask, prefixes):

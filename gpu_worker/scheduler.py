@@ -26,6 +26,7 @@ import torch
 from gpu_worker import programs as P
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, TextChunk
 from gpu_worker.model import PrefixKV
+from gpu_worker.variants import Adapter, VariantError, VariantNotFound
 
 VALID_LENGTHS = ("short", "normal", "long")
 
@@ -76,6 +77,7 @@ class Sequence:
     image_cache_hit: bool = False
     released: bool = False
     prefix: Optional[PrefixKV] = None  # its image's KV (also copied into its slot): batch rows on one image read it once
+    adapter: Optional[Adapter] = None  # its variant's adapter, held for its whole life (eviction cannot touch it)
     t_added: float = 0.0
     t_started: float = 0.0
     t_first_output: float = 0.0
@@ -87,12 +89,14 @@ class Sequence:
 class Scheduler:
     def __init__(self, engine, max_batch: int = 32, image_cache_bytes: int = 1 << 30,
                  max_images_per_step: int = 8, context: Optional[int] = None, share_prefixes: bool = True,
-                 max_encode_crops: int = 40):
+                 max_encode_crops: int = 40, variants=None):
         self.engine = engine
+        self.variants = variants  # gpu_worker.variants.VariantStore, or None: base model only
         self.max_batch = slots_that_fit(engine, max_batch, context)
         self.cache = engine.new_cache(self.max_batch, context)
         self.free = list(range(self.max_batch))  # a heap: the lowest free slot is taken first, keeping batches dense
         self.waiting: collections.deque[tuple[EngineRequest, float]] = collections.deque()
+        self.awaiting_variant: dict[str, list[tuple[EngineRequest, float]]] = {}  # variant downloads in progress
         self.running: dict[str, Sequence] = {}
         self.images = ImageCache(image_cache_bytes)
         self.share_prefixes = share_prefixes
@@ -105,15 +109,22 @@ class Scheduler:
 
     # ------------------------------------------------------------------ public API
     def add(self, req: EngineRequest) -> None:
-        """Queue a request.  Raises ValueError when its parameters are invalid."""
+        """Queue a request.  Raises ValueError when its parameters are invalid
+        (a VariantError, with its own status, for a variant it cannot serve)."""
         self._validate(req)
-        self.waiting.append((req, time.perf_counter()))
+        entry = (req, time.perf_counter())
+        if req.variant is not None and self._variant_status(req.variant) == "fetching":
+            self.awaiting_variant.setdefault(req.variant, []).append(entry)
+            return
+        self.waiting.append(entry)
 
     def abort(self, request_id: str) -> None:
         for i, (req, _) in enumerate(self.waiting):
             if req.request_id == request_id:
                 del self.waiting[i]
                 return
+        for entries in self.awaiting_variant.values():
+            entries[:] = [e for e in entries if e[0].request_id != request_id]
         seq = self.running.pop(request_id, None)
         if seq is not None:
             seq.program.close()
@@ -121,7 +132,7 @@ class Scheduler:
             self.counters["aborted"] += 1
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or any(self.awaiting_variant.values()))
 
     def free_slots(self) -> int:
         return len(self.free) - len(self.waiting)
@@ -132,11 +143,16 @@ class Scheduler:
             "image_cache_entries": len(self.images.entries), "image_cache_bytes": self.images.bytes,
             "image_cache_hits": self.images.hits, "image_encodes": self.counters["image_encodes"],
             "steps": self.counters["steps"], "last_batch": self.counters["last_batch"],
+            **(self.variants.stats() if self.variants is not None else {}),
         }
+
+    def loaded_variants(self) -> list[str]:
+        return list(self.variants.loaded) if self.variants is not None else []
 
     def step(self) -> list:
         """One iteration; returns the TextChunk / Finished / Failed events it produced."""
         self.events = []
+        self._collect_downloads()
         self._admit()
         if self.running:
             self._run_feeds()
@@ -148,6 +164,7 @@ class Scheduler:
         cfg = self.engine.config
         s = dict(P.DEFAULT_SETTINGS)
         s.update({k: v for k, v in (req.settings or {}).items() if v is not None})
+        req.variant = s.pop("variant", None) or req.variant
         if req.skill not in ("caption", "query", "detect", "point"):
             raise ValueError(f"unknown skill {req.skill!r}")
         if req.image is None and req.skill != "query":
@@ -175,6 +192,34 @@ class Scheduler:
             raise ValueError("temperature must be >= 0 and top_p in [0, 1]")
         req.settings = s
 
+    # ------------------------------------------------------------------ variants
+    def _variant_status(self, variant: str) -> str:
+        if self.variants is None:
+            raise VariantNotFound(f"variant {variant} is not available: this server serves the base model only")
+        return self.variants.status(variant)
+
+    def _collect_downloads(self) -> None:
+        """Requests whose variant finished downloading join the queue (or fail with its error)."""
+        if self.variants is None or not self.awaiting_variant:
+            return
+        for variant, err in self.variants.poll_downloads():
+            for req, t_added in self.awaiting_variant.pop(variant, []):
+                if err is None:
+                    self.waiting.append((req, t_added))
+                else:
+                    self.events.append(Failed(req.request_id, str(err), err.status, err.code))
+
+    def _adapter_for(self, req: EngineRequest) -> Optional[Adapter]:
+        """Loads the variant if needed (within this step: others wait at most one step)."""
+        return self.variants.get(req.variant) if req.variant is not None else None
+
+    @staticmethod
+    def _image_cache_key(req: EngineRequest) -> str:
+        """An encoded prefix belongs to one variant: its adapters act in the prefix prefill."""
+        if req.image is None or not req.image.key:
+            return ""
+        return f"{req.variant}|{req.image.key}" if req.variant else req.image.key
+
     def _admit(self) -> None:
         """Start waiting requests in free slots.  While others are decoding, only
         `max_encode_crops` crops of new images are encoded per step, so a burst of
@@ -184,7 +229,7 @@ class Scheduler:
         new_keys: set[str] = set()
         while self.waiting and len(batch) < len(self.free):
             req = self.waiting[0][0]
-            key = req.image.key if req.image is not None else ""
+            key = self._image_cache_key(req)
             needs_encode = req.image is not None and key not in new_keys and self.images.get(key) is None
             if needs_encode and crops_budget is not None:
                 if batch and crops_budget < len(req.image.crops):
@@ -195,47 +240,57 @@ class Scheduler:
             batch.append(self.waiting.popleft())
         if not batch:
             return
-        prefixes, cache_hits = self._prefixes_for([req for req, _ in batch])
+        adapters = {}
+        for req, t_added in list(batch):
+            try:
+                adapters[req.request_id] = self._adapter_for(req)
+            except VariantError as err:  # a bad file fails its own requests only
+                self.events.append(Failed(req.request_id, str(err), err.status, err.code))
+                batch.remove((req, t_added))
+        prefixes, cache_hits = self._prefixes_for([req for req, _ in batch], adapters)
         for req, t_added in batch:
             prefix = prefixes.get(req.request_id)
             if isinstance(prefix, Exception):
                 self._fail(req.request_id, f"image encoding failed: {prefix}")
                 continue
             try:
-                self._start(req, prefix, t_added, req.request_id in cache_hits)
+                self._start(req, prefix, t_added, req.request_id in cache_hits, adapters[req.request_id])
             except Exception as err:  # a broken request must not take the batch down
                 self._fail(req.request_id, f"could not start: {err}")
 
-    def _prefixes_for(self, requests: list[EngineRequest]) -> tuple[dict, set]:
+    def _prefixes_for(self, requests: list[EngineRequest], adapters: dict) -> tuple[dict, set]:
         """Prefix per request id, from the image cache or encoded now (several images per
-        forward), and the ids that were cache hits."""
+        forward, each under its request's variant), and the ids that were cache hits."""
         out, hits, to_encode = {}, set(), collections.OrderedDict()
         for req in requests:
             if req.image is None:
                 continue
-            cached = self.images.get(req.image.key)
+            key = self._image_cache_key(req)
+            cached = self.images.get(key)
             if cached is not None:
                 self.images.hits += 1
                 hits.add(req.request_id)
                 out[req.request_id] = cached
             else:
-                to_encode.setdefault(req.image.key or req.request_id, []).append(req)
+                to_encode.setdefault(key or req.request_id, []).append(req)
         groups = list(to_encode.items())
         for start in range(0, len(groups), self.max_images_per_step):
             chunk = groups[start:start + self.max_images_per_step]
             try:
-                encoded = self.engine.encode_images([reqs[0].image for _, reqs in chunk])
+                encoded = self.engine.encode_images([reqs[0].image for _, reqs in chunk],
+                                                    [adapters.get(reqs[0].request_id) for _, reqs in chunk])
             except Exception as err:
                 encoded = [err] * len(chunk)
             for (key, reqs), prefix in zip(chunk, encoded):
                 if not isinstance(prefix, Exception):
                     self.counters["image_encodes"] += 1
-                    self.images.put(reqs[0].image.key, prefix)
+                    self.images.put(self._image_cache_key(reqs[0]), prefix)
                 for req in reqs:
                     out[req.request_id] = prefix
         return out, hits
 
-    def _start(self, req: EngineRequest, prefix: Optional[PrefixKV], t_added: float, cache_hit: bool) -> None:
+    def _start(self, req: EngineRequest, prefix: Optional[PrefixKV], t_added: float, cache_hit: bool,
+               adapter: Optional[Adapter] = None) -> None:
         slot = heapq.heappop(self.free)
         ctx = P.ProgramContext(engine=self.engine, emit=lambda text, rid=req.request_id: self._emit(rid, text),
                                context=self.cache.context)
@@ -245,7 +300,7 @@ class Scheduler:
         program = P.start_program(ctx, req.skill, req.params, req.settings, req.image is not None)
         seq = Sequence(request=req, slot=slot, ctx=ctx, program=program, settings=req.settings,
                        t_added=t_added, t_started=time.perf_counter(), image_cache_hit=cache_hit,
-                       prefix=prefix if self.share_prefixes else None)
+                       prefix=prefix if self.share_prefixes else None, adapter=adapter)
         seq.generator = torch.Generator(device="cpu")
         seq.generator.manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
         if req.request_id in self.record_for:
@@ -279,7 +334,7 @@ class Scheduler:
             embeds = torch.stack([s.feed.embeds if s.feed.embeds is not None else engine.embed_tokens(s.feed.tokens)
                                   for s in seqs])
         hidden = engine.forward(embeds, [s.ctx.position for s in seqs], [s.slot for s in seqs], self.cache,
-                                [s.prefix for s in seqs])
+                                [s.prefix for s in seqs], [s.adapter for s in seqs])
         self.counters["last_batch"] = len(seqs)
         results = [P.StepResult() for _ in seqs]
         self._sample(seqs, hidden, results)
@@ -387,6 +442,7 @@ class Scheduler:
             return
         seq.released = True
         seq.prefix = None
+        seq.adapter = None
         if seq.slot not in self.free:
             heapq.heappush(self.free, seq.slot)
 

@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput, TextChunk
+from gpu_worker.variants import VariantError, VariantStore, default_cache_dir
 from shared import protocol
 from shared.broker_link import BrokerLink
 from shared.protocol import Cancel, Chunk, Error, Generate, Result
@@ -86,7 +87,9 @@ class GpuWorker:
     def __init__(self, config, model, context=None):
         self.config = config
         # the native engine's continuous batching, or the transformers engine's one-at-a-time
-        self.scheduler = model.create_scheduler(max_batch=config.batch_size, image_cache_bytes=config.image_cache_mb << 20)
+        extra = {"variants": variant_store(config, model)} if model.kind == "native" else {}
+        self.scheduler = model.create_scheduler(max_batch=config.batch_size, image_cache_bytes=config.image_cache_mb << 20,
+                                                **extra)
         self.active: set[str] = set()  # request ids the scheduler holds for the broker
         self.streaming: set[str] = set()  # of which the client wants text chunks as they come
         self.stopping = False
@@ -191,6 +194,9 @@ class GpuWorker:
                                 settings=dict(msg.settings), image=image)
         try:
             self.scheduler.add(request)
+        except VariantError as exc:  # unknown (404), bad id (400): answered before any GPU work
+            self.send(Error(rid, exc.status, exc.code, str(exc)))
+            return
         except ValueError as exc:
             self.send(Error(rid, 422, "invalid_request", str(exc)))
             return
@@ -222,7 +228,7 @@ class GpuWorker:
             self.send(Result(rid, event.output, event.finish_reason, event.metrics))
         elif isinstance(event, Failed):
             self._forget(rid)
-            code = "invalid_request" if 400 <= event.status < 500 else "generation_failed"
+            code = event.code or ("invalid_request" if 400 <= event.status < 500 else "generation_failed")
             self.send(Error(rid, event.status, code, event.message))
 
     def _forget(self, rid: str) -> None:
@@ -238,3 +244,13 @@ class GpuWorker:
             log.warning("dropped %d requests: %s", len(self.active), why)
         self.active.clear()
         self.streaming.clear()
+
+
+def variant_store(config, model) -> VariantStore:
+    """The variants this worker can serve: VARIANT_DIR, then the official cache layout."""
+    directories = [p for p in (config.variant_dir, default_cache_dir() / "md_variants") if str(p)]
+    return VariantStore(model.config, model.device, model.dtype, directories,
+                        max_count=config.max_loaded_variants, max_bytes=config.variant_cache_mb << 20,
+                        file_max_bytes=config.variant_max_mb << 20,
+                        download_url=config.moondream_endpoint if config.variant_download else "",
+                        download_key=config.moondream_api_key, download_timeout=config.variant_download_timeout)

@@ -33,6 +33,17 @@ class Config:
     gpu_step_timeout: float = field(default=120.0, metadata={"env": "GPU_STEP_TIMEOUT", "help": "seconds one GPU step may take; a GPU worker stuck longer exits (supervisord restarts it)"})
     image_cache_mb: int = field(default=2048, metadata={"env": "IMAGE_CACHE_MB", "help": "bytes budget (MiB) of encoded-image KV prefixes kept for reuse"})
 
+    # --- fine-tuned variants (LoRA adapters; docs/operations.md "Variants")
+    model_name: str = field(default="moondream2", metadata={"env": "MODEL_NAME", "help": "name of the base model in `model` fields (`<name>/<variant id>` selects a variant)"})
+    variant_dir: str = field(default="", metadata={"env": "VARIANT_DIR", "help": "directory of variants (`<dir>/<id>/final.pt`), searched before the official cache `<HF hub cache>/md_variants`"})
+    max_loaded_variants: int = field(default=8, metadata={"env": "MAX_LOADED_VARIANTS", "help": "variants kept loaded at once (least recently used out)"})
+    variant_cache_mb: int = field(default=1024, metadata={"env": "VARIANT_CACHE_MB", "help": "bytes budget (MiB) of loaded variant adapters"})
+    variant_max_mb: int = field(default=512, metadata={"env": "VARIANT_MAX_MB", "help": "largest variant file read or downloaded (MiB)"})
+    variant_download: bool = field(default=False, metadata={"env": "VARIANT_DOWNLOAD", "help": "download a missing variant from MOONDREAM_ENDPOINT, as the official code does (off)"})
+    variant_download_timeout: float = field(default=60.0, metadata={"env": "VARIANT_DOWNLOAD_TIMEOUT", "help": "seconds one variant download may take"})
+    moondream_endpoint: str = field(default="https://api.moondream.ai", metadata={"env": "MOONDREAM_ENDPOINT", "help": "where VARIANT_DOWNLOAD fetches `/v1/variants/<id>/download`"})
+    moondream_api_key: str = field(default="", metadata={"env": "MOONDREAM_API_KEY", "help": "key sent (X-Moondream-Auth) with variant downloads", "secret": True})
+
     # --- processes
     preprocess_workers: int = field(default=2, metadata={"env": "PREPROCESS_WORKERS", "help": "number of image-decode processes (supervisord numprocs)"})
     preprocess_timeout: float = field(default=60.0, metadata={"env": "PREPROCESS_TIMEOUT", "help": "seconds one image may take to decode; a worker stuck longer exits and is restarted"})

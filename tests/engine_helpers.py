@@ -7,22 +7,36 @@ import functools
 import os
 import uuid
 
+from pathlib import Path
+
 from PIL import Image
 
 from gpu_worker.engine import load_model
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput, TextChunk
 from gpu_worker.scheduler import Scheduler
+from gpu_worker.variants import VariantStore
 from shared.config import Config
 from shared.image_tiling import pixels_key, tile_image
 
 CONFORMANCE = os.path.join(os.path.dirname(__file__), "conformance")
-SETS = ("main", "edge", "edge-reasoning", "edge-grounding", "rev-2025-04-14")
+SETS = ("main", "edge", "edge-reasoning", "edge-grounding", "rev-2025-04-14", "variants")
+VARIANTS_DIR = os.path.join(CONFORMANCE, "variants", "variants")  # ft-alpha@100 (rank 4), ft-beta@7 (rank 8)
 
 
 @functools.lru_cache(maxsize=None)
 def fixture_engine(set_name: str = "main"):
     cfg = Config(model=os.path.join(CONFORMANCE, set_name), device="cpu", dtype="float32")
     return load_model(cfg)
+
+
+def variant_store(engine, directory: str = VARIANTS_DIR, **kwargs) -> VariantStore:
+    return VariantStore(engine.config, engine.device, engine.dtype, [Path(directory)], **kwargs)
+
+
+def fixture_scheduler(set_name: str = "variants", **kwargs) -> Scheduler:
+    """A scheduler on a fixture model that also serves the fixture variants."""
+    engine = fixture_engine(set_name)
+    return Scheduler(engine, variants=variant_store(engine), **kwargs)
 
 
 def image_input(image: Image.Image) -> ImageInput:

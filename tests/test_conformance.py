@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from gpu_worker.scheduler import Scheduler, top_p_filter
+from gpu_worker.scheduler import top_p_filter
 from shared.image_tiling import tile_image
-from tests.engine_helpers import CONFORMANCE, SETS, fixture_engine, fixture_image, request_from_case, run_requests
+from tests.engine_helpers import (CONFORMANCE, SETS, fixture_engine, fixture_image, fixture_scheduler,
+                                  request_from_case, run_requests)
 
 
 def expected(set_name):
@@ -86,7 +87,8 @@ def test_vision_output_and_image_embedding():
 
 @pytest.fixture(scope="module")
 def schedulers():
-    return {s: Scheduler(fixture_engine(s), max_batch=2) for s in SETS}
+    # one scheduler per set for all its cases: a cache that mixed up variants would fail the next case
+    return {s: fixture_scheduler(s, max_batch=2) for s in SETS}
 
 
 @pytest.mark.parametrize("set_name,index,case", list(all_cases()))

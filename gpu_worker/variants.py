@@ -1,0 +1,282 @@
+"""Fine-tuned variants: LoRA adapters on the text decoder, found, checked, loaded, kept.
+
+A variant (`ft-alpha@100`: fine-tune id @ step) adds B (A u) to the output of four
+linears in every text block (docs/model.md, "Fine-tuned variants"):
+
+    attn.qkv  u = h, the block's layer-normed input
+    attn.proj u = h as well (NOT the attention output that proj multiplies)
+    mlp.fc1   u = h
+    mlp.fc2   u = the GELU output that fc2 multiplies
+
+Files are flat state dicts (`<dir>/<id>/final.pt`) loaded with weights_only=True.
+`VariantStore` finds them (an operator's directory, then the official cache
+layout `<hf cache>/md_variants/<id>/final.pt`), optionally downloads a missing
+one in the background, and keeps the loaded ones in an LRU bounded by count and
+bytes.  Running sequences hold their `Adapter` object, so evicting it from the
+store never changes a request in flight.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("gpu_worker.variants")
+
+ADAPTED = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+# The training code's names -> the model's, by substring replacement in this order.
+_TRAINING_NAMES = (
+    ("text_model.transformer.h", "text.blocks"),
+    (".mixer", ".attn"),
+    (".out_proj", ".proj"),
+    (".Wqkv", ".qkv"),
+    (".parametrizations.weight.0", ""),
+)
+
+# Ids as the official code makes them (`<finetune>@<step>`); nothing that can name
+# another directory: no "/", "\", NUL, leading dot, ".." (the first character is
+# alphanumeric and dots never repeat).
+_VARIANT_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_@+-]|\.(?!\.)){0,127}")
+MAX_VARIANT_ID = 128
+
+
+class VariantError(ValueError):
+    """A variant request that cannot be served; `status` is the HTTP status."""
+
+    status = 422
+    code = "invalid_variant"
+
+
+class BadVariantId(VariantError):
+    status = 400
+    code = "invalid_variant_id"
+
+
+class VariantNotFound(VariantError):
+    status = 404
+    code = "variant_not_found"
+
+
+class VariantInvalid(VariantError):
+    """The file exists but is not a usable adapter for this model."""
+
+    status = 422
+    code = "invalid_variant"
+
+
+def check_variant_id(variant: str) -> str:
+    """Return the id, or raise BadVariantId: ids become directory names."""
+    if not isinstance(variant, str) or not _VARIANT_ID.fullmatch(variant):
+        shown = repr(variant)[:80]
+        raise BadVariantId(f"variant {shown} is not a valid variant id (letters, digits, . _ @ + -, "
+                           f"at most {MAX_VARIANT_ID} characters, no path)")
+    return variant
+
+
+def default_cache_dir() -> Path:
+    """Where the official code keeps variants: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+@dataclass(eq=False)  # hashed by identity: a reloaded file is another Adapter
+class Adapter:
+    """One variant's low-rank pairs: layers[i][name] = (A (rank, in), B (out, rank))."""
+
+    variant: str
+    rank: int
+    layers: list  # per block: {linear name: (A, B)}
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for pair in layer.values() for t in pair)
+
+
+def model_key(name: str) -> str:
+    for old, new in _TRAINING_NAMES:
+        name = name.replace(old, new)
+    return name
+
+
+def adapter_from_state_dict(variant: str, state: object, cfg, device, dtype) -> Adapter:
+    """Check a loaded state dict against the model's shapes and build the Adapter.
+    Raises VariantInvalid naming the first problem."""
+    if not isinstance(state, dict) or not state:
+        raise VariantInvalid(f"variant {variant}: the file does not hold a state dict of tensors")
+    tensors = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise VariantInvalid(f"variant {variant}: entry {str(key)[:80]!r} is not a named tensor")
+        tensors[model_key(key)] = value
+    in_dims = {"attn.qkv": cfg.dim, "attn.proj": cfg.dim, "mlp.fc1": cfg.dim, "mlp.fc2": cfg.ff_dim}
+    out_dims = {"attn.qkv": (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, "attn.proj": cfg.dim,
+                "mlp.fc1": cfg.ff_dim, "mlp.fc2": cfg.dim}
+    layers, rank, used = [], None, set()
+    for i in range(cfg.n_layers):
+        layer = {}
+        for name in ADAPTED:
+            prefix = f"text.blocks.{i}.{name}"
+            a, b = tensors.get(prefix + ".A"), tensors.get(prefix + ".B")
+            if a is None or b is None:
+                raise VariantInvalid(f"variant {variant}: {prefix}.A/.B missing (every block needs all four adapters)")
+            r = a.shape[0] if a.dim() == 2 else -1
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_dims[name] or b.shape != (out_dims[name], r) or r < 1:
+                raise VariantInvalid(f"variant {variant}: {prefix} has A {tuple(a.shape)} and B {tuple(b.shape)}; "
+                                     f"this model needs A (rank, {in_dims[name]}) and B ({out_dims[name]}, rank)")
+            if not (a.is_floating_point() and b.is_floating_point()):
+                raise VariantInvalid(f"variant {variant}: {prefix} is not floating point")
+            rank = r if rank is None else rank
+            if r != rank:
+                raise VariantInvalid(f"variant {variant}: {prefix} has rank {r}, other adapters rank {rank}")
+            layer[name] = (a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous())
+            used.update((prefix + ".A", prefix + ".B"))
+        layers.append(layer)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise VariantInvalid(f"variant {variant}: unexpected entry {extra[0]!r} (blocks beyond the model's {cfg.n_layers}?)")
+    for layer in layers:
+        for a, b in layer.values():
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise VariantInvalid(f"variant {variant}: the adapter holds NaN or infinite values")
+    return Adapter(variant=variant, rank=rank, layers=layers)
+
+
+def load_adapter_file(variant: str, path: Path, cfg, device, dtype, max_bytes: int) -> Adapter:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise VariantInvalid(f"variant {variant}: the file is {size} bytes, more than VARIANT_MAX_MB allows")
+    try:
+        # weights_only: a pickle that asks to run code is refused, not run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise VariantInvalid(f"variant {variant}: not a loadable weights-only state dict ({first_line})") from None
+    return adapter_from_state_dict(variant, state, cfg, device, dtype)
+
+
+class VariantStore:
+    """Finds, loads and keeps adapters for the scheduler (which runs on one thread).
+
+    `status(id)` says whether a variant can be used now ("ready"), must wait for a
+    download ("fetching"), or raises VariantNotFound / BadVariantId.  `get(id)` loads
+    it (raising VariantInvalid for a bad file).  Downloads run on a background
+    thread; `poll_downloads()` reports the ones that ended."""
+
+    def __init__(self, cfg, device, dtype, directories: list[Path], max_count: int = 8,
+                 max_bytes: int = 1 << 30, file_max_bytes: int = 512 << 20,
+                 download_url: str = "", download_key: str = "", download_timeout: float = 60.0):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.directories = [Path(d) for d in directories if str(d)]
+        self.max_count, self.max_bytes, self.file_max_bytes = max_count, max_bytes, file_max_bytes
+        self.download_url, self.download_key, self.download_timeout = download_url.rstrip("/"), download_key, download_timeout
+        self.loaded: collections.OrderedDict[str, Adapter] = collections.OrderedDict()
+        self.bytes = 0
+        self.loads = 0
+        self.evictions = 0
+        self._downloads: dict[str, concurrent.futures.Future] = {}
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    # -- lookup
+    def path_of(self, variant: str) -> Optional[Path]:
+        check_variant_id(variant)
+        for directory in self.directories:
+            path = directory / variant / "final.pt"
+            if path.is_file():
+                return path
+        return None
+
+    def status(self, variant: str) -> str:
+        check_variant_id(variant)
+        if variant in self.loaded or self.path_of(variant) is not None:
+            return "ready"
+        if variant in self._downloads:
+            return "fetching"
+        if self.download_url:
+            self._start_download(variant)
+            return "fetching"
+        places = ", ".join(str(d / variant / "final.pt") for d in self.directories) or "no variant directory configured"
+        raise VariantNotFound(f"variant {variant} is not available on this server (looked for {places})")
+
+    def get(self, variant: str) -> Adapter:
+        adapter = self.loaded.get(variant)
+        if adapter is not None:
+            self.loaded.move_to_end(variant)
+            return adapter
+        path = self.path_of(variant)
+        if path is None:
+            raise VariantNotFound(f"variant {variant} is not available on this server")
+        adapter = load_adapter_file(variant, path, self.cfg, self.device, self.dtype, self.file_max_bytes)
+        self._keep(adapter)
+        self.loads += 1
+        log.info("loaded variant %s (rank %d, %.1f MB)", variant, adapter.rank, adapter.bytes() / 1e6)
+        return adapter
+
+    def _keep(self, adapter: Adapter) -> None:
+        size = adapter.bytes()
+        # the oldest go first; the new one stays even when it alone is over the budget
+        while self.loaded and (len(self.loaded) >= self.max_count or self.bytes + size > self.max_bytes):
+            _, old = self.loaded.popitem(last=False)
+            self.bytes -= old.bytes()
+            self.evictions += 1
+        self.loaded[adapter.variant] = adapter
+        self.bytes += size
+
+    # -- downloads (off unless VARIANT_DOWNLOAD_URL is set)
+    def _start_download(self, variant: str) -> None:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="variant-download")
+        self._downloads[variant] = self._pool.submit(self._download, variant)
+
+    def _download(self, variant: str) -> None:
+        target_dir = self.directories[0] / variant if self.directories else None
+        if target_dir is None:
+            raise VariantNotFound(f"variant {variant}: no directory to download into")
+        url = f"{self.download_url}/v1/variants/{variant}/download"
+        headers = {"X-Moondream-Auth": self.download_key} if self.download_key else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.download_timeout) as r:
+                declared = r.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > self.file_max_bytes:
+                    raise VariantInvalid(f"variant {variant}: the download is {declared} bytes, over VARIANT_MAX_MB")
+                data = r.read(self.file_max_bytes + 1)
+        except urllib.error.HTTPError as err:
+            raise VariantNotFound(f"variant {variant} could not be downloaded (HTTP {err.code})") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise VariantNotFound(f"variant {variant} could not be downloaded ({getattr(err, 'reason', err)})") from None
+        if len(data) > self.file_max_bytes:
+            raise VariantInvalid(f"variant {variant}: the download is larger than VARIANT_MAX_MB")
+        target_dir.mkdir(parents=True, exist_ok=True)
+        # written whole, then renamed: a half-written file is never found as final.pt
+        with tempfile.NamedTemporaryFile(dir=target_dir, delete=False, suffix=".part") as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, target_dir / "final.pt")
+        log.info("downloaded variant %s (%d bytes)", variant, len(data))
+
+    def poll_downloads(self) -> list[tuple[str, Optional[VariantError]]]:
+        """Downloads that ended since the last call: (variant, None) or (variant, error)."""
+        done = []
+        for variant, future in list(self._downloads.items()):
+            if future.done():
+                del self._downloads[variant]
+                err = future.exception()
+                if err is not None and not isinstance(err, VariantError):
+                    err = VariantNotFound(f"variant {variant} could not be downloaded ({type(err).__name__})")
+                done.append((variant, err))
+        return done
+
+    def stats(self) -> dict:
+        return {"variants_loaded": len(self.loaded), "variant_bytes": self.bytes, "variant_loads": self.loads,
+                "variant_evictions": self.evictions}
