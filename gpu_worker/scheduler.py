@@ -164,7 +164,8 @@ class Scheduler:
         cfg = self.engine.config
         s = dict(P.DEFAULT_SETTINGS)
         s.update({k: v for k, v in (req.settings or {}).items() if v is not None})
-        req.variant = s.pop("variant", None) or req.variant
+        if "variant" in s:
+            req.variant = s.pop("variant")
         if req.skill not in ("caption", "query", "detect", "point"):
             raise ValueError(f"unknown skill {req.skill!r}")
         if req.image is None and req.skill != "query":
