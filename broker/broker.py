@@ -59,6 +59,7 @@ class Worker:
     idle_since: float = 0.0  # for least-recently-used choice
     reported_free: int = -1  # GPU: free slots from its last Heartbeat
     stats: dict = field(default_factory=dict)  # GPU: its scheduler counters from its last Heartbeat
+    variants: dict = field(default_factory=dict)  # GPU: its loaded / available variant ids, from its last Heartbeat
 
     @property
     def free(self) -> int:
@@ -215,6 +216,8 @@ class Broker:
             gpu_free_slots=sum(w.free for w in gpus),
             gpu_stats=_sum_counters(w.stats for w in gpus),
             worker_restarts=dict(self.workers_lost),
+            variants={part: sorted({v for w in gpus for v in w.variants.get(part, [])})
+                      for part in ("loaded", "available")},
         )
 
     # ------------------------------------------------------------------ workers
@@ -239,6 +242,7 @@ class Broker:
         if isinstance(msg, Heartbeat):
             worker.reported_free = msg.free
             worker.stats = dict(msg.stats)
+            worker.variants = dict(msg.variants)
             if worker.kind == protocol.GPU and msg.free >= 0:
                 # free counts the slots not held by our jobs, so this is its total now
                 # (off by the messages in flight for a moment; the next beat corrects it).

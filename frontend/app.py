@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional
 import falcon
 import msgspec
 
-from frontend import metrics, openapi, schemas
+from frontend import metrics, models, openapi, schemas
 from frontend import remote_image
 from shared import protocol
 from shared.config import Config
@@ -190,6 +190,20 @@ def decode_image_url(url: str, fetch_remote: Optional[Callable[[str], bytes]] = 
     return image
 
 
+def requested_variant(names: models.ModelNames, request: msgspec.Struct) -> Optional[str]:
+    """The variant a /v1 request asks for (settings.variant, variant or model), or None."""
+    settings = getattr(request, "settings", None)
+    try:
+        return models.choose_variant(names, getattr(request, "model", None), getattr(request, "variant", None),
+                                     settings.variant if settings is not None else None)
+    except models.ModelNotFound as ex:
+        raise ApiError(404, "model_not_found", str(ex)) from None
+    except models.BadVariantId as ex:
+        raise ApiError(400, "invalid_variant_id", str(ex)) from None
+    except models.ConflictingVariants as ex:
+        raise ApiError(422, "conflicting_variants", str(ex)) from None
+
+
 def broker_error(event: protocol.Error) -> ApiError:
     headers = {"Retry-After": "1"} if event.status in (429, 503) else None
     return ApiError(event.status, event.code, event.message, headers)
@@ -300,13 +314,18 @@ class SkillResource:
         self._config = config
         self._client = client
         self._fetch_remote = remote_image.fetcher(config)  # None unless ALLOW_REMOTE_IMAGES
+        self._names = models.ModelNames(config)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = parse_request(read_json_body(req, self._config.max_body_bytes), self._schema)
+        variant = requested_variant(self._names, request)
         try:
             params, settings = request.check(self._config)
         except schemas.InvalidValue as ex:
             raise ApiError(422, "invalid_value", str(ex)) from None
+        if variant is not None:
+            settings["variant"] = variant  # travels to the GPU worker like the reference's field
+        req.context.model_id = self._names.model_id(variant)  # for /metrics
         image_url = getattr(request, "image_url", None)
         image = decode_image_url(image_url, self._fetch_remote) if image_url is not None else None
         streaming = bool(getattr(request, "stream", False)) and self._skill in TEXT_SKILLS
@@ -362,7 +381,7 @@ class HealthResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = self._client.status(timeout=1.0)
-        model = {"name": self._config.model, "revision": self._config.revision}
+        model = {"name": self._config.model, "revision": self._config.revision, "id": self._config.model_name}
         if status is None:
             state, ready, workers, queue = "unavailable", False, {"preprocess": 0, "gpu": 0}, None
         else:
@@ -371,6 +390,8 @@ class HealthResource:
             workers = {"preprocess": status.preprocess_workers, "gpu": status.gpu_workers}
             queue = {"queued": status.queued, "in_flight": status.in_flight}
             model.update(status.model)
+            model["variants"] = {"loaded": list(status.variants.get("loaded", [])),
+                                 "available": list(status.variants.get("available", []))}
         body = {
             "status": state,
             "ready": ready,

@@ -53,6 +53,10 @@ GPU_STATS = {
     "image_cache_bytes": ("moondream_image_cache_bytes", "Bytes held by the encoded-image cache", "gauge"),
     "image_encodes": ("moondream_image_encodes_total", "Images run through the vision encoder", "counter"),
     "steps": ("moondream_gpu_steps_total", "Scheduler steps run", "counter"),
+    "variants_loaded": ("moondream_variants_loaded", "Fine-tuned variant adapters loaded", "gauge"),
+    "variant_bytes": ("moondream_variant_bytes", "Bytes held by loaded variant adapters", "gauge"),
+    "variant_loads": ("moondream_variant_loads_total", "Variant adapters loaded from files", "counter"),
+    "variant_evictions": ("moondream_variant_evictions_total", "Variant adapters evicted (LRU)", "counter"),
 }
 
 
@@ -94,6 +98,11 @@ class FrontendMetrics:
                                   "Finished requests whose image was already encoded", registry=r)
         self.results = Counter("moondream_results_total", "Requests finished by the broker, by skill and outcome",
                                ["skill", "outcome"], registry=r)
+        # Counted only for answered requests, so the label values are the base model and
+        # variants that really loaded: a client cannot grow the series with made-up ids.
+        self.model_requests = Counter("moondream_model_requests_total",
+                                      "Requests answered (2xx), by model: the base model or <model>/<variant>",
+                                      ["model"], registry=r)
         if client is not None:
             r.register(BrokerCollector(client))
 
@@ -160,6 +169,9 @@ class MetricsMiddleware:
         started = getattr(req.context, "metrics_started", time.monotonic())
         method = req.method if req.method in KNOWN_METHODS else "other"  # clients choose the method too
         self._m.requests.labels(route, method, str(resp.status_code)).inc()
+        model = getattr(req.context, "model_id", None)  # set by routes that run the model
+        if model is not None and resp.status_code < 300:
+            self._m.model_requests.labels(model).inc()
 
         def done() -> None:
             self._m.latency.labels(route).observe(time.monotonic() - started)

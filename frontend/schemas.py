@@ -54,8 +54,14 @@ ImageUrl = Annotated[
 
 Model = Annotated[
     Optional[str],
-    Meta(description="Accepted for compatibility with the Moondream client and ignored: "
-         "this server runs one model."),
+    Meta(description="The model to answer: MODEL_NAME (default \"moondream2\") or one of its aliases, "
+         "or \"<model name>/<variant id>\" for a fine-tuned variant. Anything else is a 404."),
+]
+
+Variant = Annotated[
+    Optional[str],
+    Meta(description="A fine-tuned variant (LoRA adapter) of the model, e.g. \"ft-alpha@100\"; "
+         "absent: the base model.", extra_json_schema={"maxLength": 128}),
 ]
 
 # extra_json_schema only documents; the ranges are checked by check() (422, not 400).
@@ -97,11 +103,13 @@ class Settings(msgspec.Struct):
              "1..MAX_OBJECTS_LIMIT. Default 50.",
              extra_json_schema={"minimum": 1}),
     ] = None
+    variant: Variant = None
 
     def check(self, config: Config) -> dict:
-        """Validate; return only the settings the client gave (the engine fills the rest)."""
+        """Validate; return only the settings the client gave (the engine fills the rest).
+        The variant is not among them: the route chooses it (frontend/models.py)."""
         given = {name: getattr(self, name) for name in self.__struct_fields__
-                 if getattr(self, name) is not None}
+                 if getattr(self, name) is not None and name != "variant"}
         for name in ("temperature", "top_p"):
             if name in given and not math.isfinite(given[name]):
                 raise InvalidValue(f"settings.{name} must be a finite number")
@@ -152,6 +160,7 @@ class CaptionRequest(msgspec.Struct):
     stream: Annotated[bool, Meta(description="Answer with server-sent events as text is generated.")] = False
     settings: Optional[Settings] = None
     model: Model = None
+    variant: Variant = None
 
     def check(self, config: Config) -> tuple[dict, dict]:
         """-> (params, settings) for protocol.Submit."""
@@ -177,6 +186,7 @@ class QueryRequest(msgspec.Struct):
     ] = None
     settings: Optional[Settings] = None
     model: Model = None
+    variant: Variant = None
 
     def check(self, config: Config) -> tuple[dict, dict]:
         _check_text("question", self.question, config)
@@ -195,6 +205,7 @@ class DetectRequest(msgspec.Struct):
     object: Annotated[str, Meta(description="What to find, e.g. \"face\".")]
     settings: Optional[Settings] = None
     model: Model = None
+    variant: Variant = None
 
     def check(self, config: Config) -> tuple[dict, dict]:
         _check_text("object", self.object, config)

@@ -21,8 +21,8 @@ import collections
 import concurrent.futures
 import logging
 import os
-import re
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from shared import variant_ids
 
 log = logging.getLogger("gpu_worker.variants")
 
@@ -44,23 +46,12 @@ _TRAINING_NAMES = (
     (".parametrizations.weight.0", ""),
 )
 
-# Ids as the official code makes them (`<finetune>@<step>`); nothing that can name
-# another directory: no "/", "\", NUL, leading dot, ".." (the first character is
-# alphanumeric and dots never repeat).
-_VARIANT_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_@+-]|\.(?!\.)){0,127}")
-MAX_VARIANT_ID = 128
-
 
 class VariantError(ValueError):
     """A variant request that cannot be served; `status` is the HTTP status."""
 
     status = 422
     code = "invalid_variant"
-
-
-class BadVariantId(VariantError):
-    status = 400
-    code = "invalid_variant_id"
 
 
 class VariantNotFound(VariantError):
@@ -75,13 +66,18 @@ class VariantInvalid(VariantError):
     code = "invalid_variant"
 
 
-def check_variant_id(variant: str) -> str:
-    """Return the id, or raise BadVariantId: ids become directory names."""
-    if not isinstance(variant, str) or not _VARIANT_ID.fullmatch(variant):
-        shown = repr(variant)[:80]
-        raise BadVariantId(f"variant {shown} is not a valid variant id (letters, digits, . _ @ + -, "
-                           f"at most {MAX_VARIANT_ID} characters, no path)")
-    return variant
+class BadVariantId(VariantError, variant_ids.BadVariantId):
+    """A malformed id (400): the shared check's error, raised as a VariantError."""
+
+    status = 400
+    code = "invalid_variant_id"
+
+
+def check_variant_id(variant: object) -> str:
+    try:
+        return variant_ids.check_variant_id(variant)
+    except variant_ids.BadVariantId as err:
+        raise BadVariantId(str(err)) from None
 
 
 def default_cache_dir() -> Path:
@@ -188,6 +184,7 @@ class VariantStore:
         self.evictions = 0
         self._downloads: dict[str, concurrent.futures.Future] = {}
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._available: tuple[float, list[str]] = (0.0, [])
 
     # -- lookup
     def path_of(self, variant: str) -> Optional[Path]:
@@ -197,6 +194,29 @@ class VariantStore:
             if path.is_file():
                 return path
         return None
+
+    def available(self, max_age: float = 5.0, limit: int = 200) -> list[str]:
+        """Variant ids with a file in the directories (rescanned at most every `max_age` s)."""
+        scanned_at, ids = self._available
+        if time.monotonic() - scanned_at < max_age:
+            return ids
+        found = set()
+        for directory in self.directories:
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                if len(found) >= limit:
+                    break
+                try:
+                    if check_variant_id(entry.name) and os.path.isfile(os.path.join(entry.path, "final.pt")):
+                        found.add(entry.name)
+                except BadVariantId:
+                    continue
+        ids = sorted(found)
+        self._available = (time.monotonic(), ids)
+        return ids
 
     def status(self, variant: str) -> str:
         check_variant_id(variant)

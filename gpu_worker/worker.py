@@ -39,7 +39,7 @@ class BrokerIO(threading.Thread):
     """Socket I/O with the broker, on its own thread (ZeroMQ sockets stay in one thread)."""
 
     def __init__(self, config, context: zmq.Context, outbox_address: str, model_info: dict,
-                 free_slots, healthy, stats=dict):
+                 free_slots, healthy, stats=dict, variants=dict):
         super().__init__(name="broker-io", daemon=True)
         self.config = config
         self.context = context
@@ -48,6 +48,7 @@ class BrokerIO(threading.Thread):
         self.free_slots = free_slots  # callable: the scheduler's free capacity (a benign racy read)
         self.healthy = healthy  # callable: False when the main loop looks hung
         self.stats = stats  # callable: scheduler counters for the heartbeats (a benign racy read)
+        self.variants = variants  # callable: loaded / available variant ids for the heartbeats
         self.inbox: queue.Queue = queue.Queue()
         self.stopping = False
 
@@ -55,7 +56,7 @@ class BrokerIO(threading.Thread):
         outbox = self.context.socket(zmq.PULL)
         outbox.bind(self.outbox_address)
         link = BrokerLink(self.config, protocol.GPU, capacity=self.free_slots, model=self.model_info,
-                          stats=self.stats, context=self.context)
+                          stats=self.stats, variants=self.variants, context=self.context)
         try:
             while not self.stopping:
                 poller = zmq.Poller()  # rebuilt each time: a reconnect replaces link.socket
@@ -99,7 +100,7 @@ class GpuWorker:
         self.io = BrokerIO(config, context, address, dict(model.info),
                            free_slots=lambda: max(0, self.scheduler.free_slots()),
                            healthy=lambda: time.monotonic() - self.last_progress < config.gpu_step_timeout,
-                           stats=self._stats)
+                           stats=self._stats, variants=self._variants)
         self.outbox = context.socket(zmq.PUSH)  # main thread only
         self.outbox.setsockopt(zmq.LINGER, 0)
         self.outbox.connect(address)
@@ -125,6 +126,15 @@ class GpuWorker:
         try:
             return {k: v for k, v in self.scheduler.stats().items() if isinstance(v, (int, float))}
         except RuntimeError:  # read from the I/O thread while the scheduler changes: skip this beat
+            return {}
+
+    def _variants(self) -> dict:
+        store = getattr(self.scheduler, "variants", None)
+        if store is None:
+            return {}
+        try:
+            return {"loaded": list(store.loaded), "available": store.available()}
+        except (RuntimeError, OSError):  # read from the I/O thread while the store changes: skip this beat
             return {}
 
     def send(self, msg: protocol.Message) -> None:

@@ -33,11 +33,13 @@ def default_worker_id(kind: str) -> str:
 class BrokerLink:
     def __init__(self, config, kind: str, capacity: Callable[[], int], model: Optional[dict] = None,
                  stats: Optional[Callable[[], dict]] = None,
+                 variants: Optional[Callable[[], dict]] = None,
                  worker_id: Optional[str] = None, context: Optional[zmq.Context] = None):
         self.config = config
         self.kind = kind
         self.capacity = capacity  # called for Ready and every Heartbeat
         self.stats = stats or dict  # counters sent with every Heartbeat (metrics)
+        self.variants = variants or dict  # GPU worker: loaded / available variant ids, with every Heartbeat
         self.model = model or {}
         self.worker_id = worker_id or default_worker_id(kind)
         self.context = context or zmq.Context.instance()
@@ -125,7 +127,8 @@ class BrokerLink:
             return True
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.config.heartbeat_interval
-            self.send(Heartbeat(worker_id=self.worker_id, free=self.capacity(), stats=self.stats()))
+            self.send(Heartbeat(worker_id=self.worker_id, free=self.capacity(), stats=self.stats(),
+                                variants=self.variants()))
         return False
 
     def close(self) -> None:

@@ -72,6 +72,7 @@ class Status(Message):
     gpu_free_slots: int = 0  # of which free now (from their last heartbeats)
     gpu_stats: dict = {}  # the GPU workers' scheduler counters, summed
     worker_restarts: dict = {}  # kind -> workers lost (died or went silent) since the broker started
+    variants: dict = {}  # GPU workers' variant ids, merged: {"loaded": [...], "available": [...]}
 
 
 # ---------------------------------------------------------------- workers <-> broker
@@ -89,6 +90,7 @@ class Heartbeat(Message):
     worker_id: str = ""
     free: int = -1  # GPU worker: free capacity now; -1 = unknown / not a worker
     stats: dict = {}  # GPU worker: its scheduler's counters (running, waiting, image cache, steps)
+    variants: dict = {}  # GPU worker: {"loaded": [ids], "available": [ids]} (fine-tuned variants)
 
 
 class RegisterAgain(Message):
