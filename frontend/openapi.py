@@ -180,6 +180,7 @@ ERRORS = {
     400: "Malformed: not JSON, a missing field, a wrong type, a bad data URL or an unreadable image.",
     401: "Missing or wrong X-Moondream-Auth header.",
     403: "image_url is a remote URL whose address is not public (only with ALLOW_REMOTE_IMAGES).",
+    404: "`model` names no model served here, or the variant asked for is not available.",
     413: "The body or the image is too large.",
     415: "The body is not JSON, or the image format is not supported.",
     422: "Well-formed but invalid values (unknown length, max_tokens above the limit, ...).",
@@ -262,7 +263,7 @@ def _skill_operation(path: str, skill: str, schema: type, config: Config) -> dic
         description += (' With "stream": true the answer is server-sent events: StreamChunk events, then one'
                         " StreamEnd (or StreamError when it fails after it started).")
     statuses = [400, *([401] if auth else []), *([403] if config.allow_remote_images else []),
-                413, 415, 422, 429, 500, 503, 504]
+                404, 413, 415, 422, 429, 500, 503, 504]
     operation = {
         "operationId": skill,
         "summary": (schema.__doc__ or path).strip(),

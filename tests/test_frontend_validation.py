@@ -286,10 +286,14 @@ def test_unsafe_request_id_is_replaced(client, given):
     assert result.json["request_id"] == rid
 
 
-def test_model_field_is_accepted_and_ignored(client):
-    # The official client sends "model"; it must not be an error.
-    result = post(client, "/v1/caption", {"image_url": IMAGE, "length": "huge", "model": "moondream-2"})
-    assert_error(result, 422, message_part="length")
+def test_model_field_names_the_served_model_or_is_404(client):
+    # The official client sends "model": the base model's name and its aliases pass on to validation...
+    for name in ("moondream2", "moondream3-preview", "moondream2/ft-alpha@100"):
+        result = post(client, "/v1/caption", {"image_url": IMAGE, "length": "huge", "model": name})
+        assert_error(result, 422, message_part="length")
+    # ...anything else is a 404 that says what is served
+    result = post(client, "/v1/caption", {"image_url": IMAGE, "model": "moondream-2"})
+    assert_error(result, 404, "model_not_found", message_part="'moondream2'")
 
 
 def test_a_bug_is_a_logged_json_500(config, caplog):
