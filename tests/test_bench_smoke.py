@@ -48,3 +48,13 @@ def test_throughput_benchmark_runs(tmp_path, capsys):
         # greedy on random weights may stop early at the end-of-text token, never late
         assert 1 <= row["mean_output_tokens"] <= row["max_tokens"]
         assert row["flop_fraction"] > 0 and row["memory_fraction"] > 0
+
+
+def test_variants_benchmark_runs(tmp_path, capsys):
+    from bench import variants as variants_bench
+
+    out = tmp_path / "variants.json"
+    result = variants_bench.main(["--model", "random:tiny", "--quick", "--threads", "1", "--json", str(out)])
+    assert "| decode step, batch 4 | median ms | ratio |" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["ratio"] == result["ratio"] > 0 and len(saved["base_s"]) == len(saved["adapters_s"]) == 2
