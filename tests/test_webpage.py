@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine_helpers import VARIANTS_DIR
 from tests.frontend_helpers import warm_up
+from tests.stack import running_stack
 
 REPO = Path(__file__).resolve().parent.parent
-PHOTO = REPO / "tests/conformance/main/images/photo_773x767.jpg"
+MODEL = REPO / "tests/conformance/variants"  # main's weights plus two fine-tuned variants
+PHOTO = MODEL / "images/photo_773x767.jpg"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -65,6 +68,12 @@ def browser():
 
 
 @pytest.fixture(scope="module")
+def stack():
+    with running_stack(MOONDREAM_MODEL=str(MODEL), VARIANT_DIR=VARIANTS_DIR) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
 def page(stack, browser):
     """The page loaded, its health check done, an image chosen."""
     warm_up(stack)
@@ -85,7 +94,7 @@ def run_and_wait(driver, timeout=60) -> str:
 
 def test_page_shows_health_and_test_model_banner(page):
     assert page.find_element(By.ID, "health-status").text == "ok"
-    assert "conformance/main" in page.find_element(By.ID, "health-model").text
+    assert "conformance/variants" in page.find_element(By.ID, "health-model").text
     assert page.find_element(By.ID, "test-model-banner").is_displayed()
     canvas = page.find_element(By.ID, "overlay")
     assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("773", "767")
@@ -166,3 +175,33 @@ def test_errors_are_shown(page):
     page.find_element(By.ID, "query-question").clear()
     assert run_and_wait(page) == "error"
     assert "question" in page.find_element(By.ID, "error").text
+
+
+def test_variant_field_offers_and_uses_variants(page):
+    """The field suggests the server's variants; a run with one gets that variant's answer
+    (the reference's, from the variants fixture: the page sends the file's own bytes)."""
+    options = page.find_elements(By.CSS_SELECTOR, "#variant-list option")
+    assert [o.get_attribute("value") for o in options] == ["ft-alpha@100", "ft-beta@7"]
+    page.find_element(By.ID, "tab-caption").click()
+    page.find_element(By.CSS_SELECTOR, "#caption-length option[value=short]").click()
+    for name, value in (("temperature", "0"), ("top_p", "0"), ("max_tokens", "24")):
+        field = page.find_element(By.ID, f"setting-{name}")
+        field.clear()
+        field.send_keys(value)
+    variant = page.find_element(By.ID, "variant")
+    variant.send_keys("ft-beta@7")
+    try:
+        assert run_and_wait(page) == "done", page.find_element(By.ID, "error").text
+        assert page.find_element(By.ID, "output").get_attribute("textContent") == VARIANT_CAPTION
+        variant.clear()
+        assert run_and_wait(page) == "done"
+        assert page.find_element(By.ID, "output").get_attribute("textContent") != VARIANT_CAPTION
+    finally:
+        variant.clear()
+        for name in ("temperature", "top_p", "max_tokens"):
+            page.find_element(By.ID, f"setting-{name}").clear()
+        page.find_element(By.CSS_SELECTOR, "#caption-length option[value=normal]").click()
+
+
+# tests/conformance/variants/expected.json: the photo, caption "short", variant ft-beta@7, greedy, 24 tokens
+VARIANT_CAPTION = "cuivivivivPcuivivivivivivivivivivivivPcuivPcu"

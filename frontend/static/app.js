@@ -137,6 +137,8 @@ function buildRequest() {
     default:
       body.object = $(`${state.skill}-object`).value;
   }
+  const variant = $("variant").value.trim();
+  if (variant) body.variant = variant; // a fine-tuned variant; empty: the base model
   if (state.imageUrl) body.image_url = state.imageUrl;
   else if (state.skill !== "query") return { error: "Choose an image first." };
   return { body };
@@ -284,12 +286,19 @@ async function refreshHealth() {
     $("health-model").textContent = `${m.name ?? "?"} @ ${m.revision ?? "?"}${where ? ` (${where})` : ""}`;
     $("test-model-banner").hidden = !m.test_model;
     $("api-key-field").dataset.required = String(Boolean(h.auth_required));
+    showVariants((m.variants && m.variants.available) || []);
   } catch {
     $("health").dataset.status = "unavailable";
     $("health-status").textContent = "unreachable";
   }
   // Poll often while the model loads, rarely once it is up.
   setTimeout(refreshHealth, ready ? 30000 : 3000);
+}
+
+// The variants the server has files for, offered as suggestions in the variant field.
+function showVariants(ids) {
+  const list = $("variant-list");
+  list.replaceChildren(...ids.map((id) => Object.assign(document.createElement("option"), { value: id })));
 }
 
 // ------------------------------------------------------------------ start
