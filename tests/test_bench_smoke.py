@@ -55,6 +55,6 @@ def test_variants_benchmark_runs(tmp_path, capsys):
 
     out = tmp_path / "variants.json"
     result = variants_bench.main(["--model", "random:tiny", "--quick", "--threads", "1", "--json", str(out)])
-    assert "| decode step, batch 4 | median ms | ratio |" in capsys.readouterr().out
+    assert "| decode step, batch 4 | median ms | ratio | median CPU ms | CPU ratio |" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["ratio"] == result["ratio"] > 0 and len(saved["base_s"]) == len(saved["adapters_s"]) == 2
