@@ -127,7 +127,7 @@ class Engine:
             starts = torch.zeros(n, dtype=torch.long, device=self.device)
             starts[index] = torch.tensor(start_pos, device=self.device)
             positions = starts.view(n, 1) + offsets
-            write = torch.full((n, t), cache.scratch, dtype=torch.long, device=self.device)
+            write = torch.full((n, t), cache.discard_position, dtype=torch.long, device=self.device)
             write[index] = positions[index]
             rows = slice(lo, hi)
         else:

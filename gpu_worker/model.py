@@ -1,8 +1,8 @@
 """Moondream 2's arithmetic: vision encoder, projection, text decoder, region heads.
 
 Plain functions over a dict of weight tensors (keys as in the checkpoint, minus
-the leading "model."), written from ../shared/docs/moondream2-model.md and checked
-against the conformance fixtures.  Everything here takes batches:
+the leading "model."), following docs/model.md (what Moondream 2 computes, step
+by step, and the KV slot layout) and checked against the conformance fixtures.  Everything here takes batches:
 
 - `encode_crops` runs the crops of several images through the vision encoder in
   one forward and returns one 729-token embedding per image;
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from gpu_worker.checkpoint import ModelConfig
 
-PREFIX_LEN = 730  # BOS + 729 image tokens: attends bidirectionally within itself
+PREFIX_LEN = 730  # BOS + 729 image tokens: attends bidirectionally within itself (config's prefix_attn)
 ROTARY_DIMS = 32  # rotary embedding covers the first 32 dims of each head
 
 
@@ -144,7 +144,7 @@ class KVCache:
     Layout per layer: (n_slots, kv_heads, context + 1, head_dim).  A sequence owns one
     slot for its life; its position p lives at [slot, :, p].  Image prefixes are
     copied in at positions 0..729 (`load_prefix`).  The extra last position is
-    scratch: padding rows of a batch write there and nobody reads it."""
+    the discard position: padding rows of a batch write there and nobody reads it."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, context: int, device, dtype):
         shape = (n_slots, cfg.n_kv_heads, context + 1, cfg.head_dim)
@@ -152,7 +152,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.n_slots = n_slots
         self.context = context
-        self.scratch = context
+        self.discard_position = context  # padding rows write here; never read (docs/model.md)
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -248,6 +248,8 @@ def prefill_prefixes(embeds: torch.Tensor, w: dict, cfg: ModelConfig, rope,
     Returns the hidden states and each image's PrefixKV (a variant's prefix differs
     from the base model's: its adapters act here too)."""
     b, t, _ = embeds.shape
+    if t != cfg.prefix_attn:  # the whole [BOS, image] span is the bidirectional prefix
+        raise ValueError(f"an image prefix has {t} positions; this model's prefix_attn is {cfg.prefix_attn}")
     positions = torch.arange(t, device=embeds.device)
     cos = rope[0][positions].view(1, 1, t, -1)
     sin = rope[1][positions].view(1, 1, t, -1)
@@ -289,7 +291,7 @@ def text_forward(embeds: torch.Tensor, positions: torch.Tensor, write_positions:
     """B rows, each feeding T new positions `positions` (B, T), attending causally to
     everything at or before each position in its slot; keys/values are stored at
     `write_positions` (equal to positions, except padding rows that write to the
-    cache's scratch position).  `rows` names the cache slots of the B rows: a slice
+    cache's discard position).  `rows` names the cache slots of the B rows: a slice
     when they are consecutive slots (read in place, no copy) or an index tensor
     (gathered).  `live` bounds the positions read.  With a `plan`, rows sharing an
     image read its prefix once (see SharedPrefixPlan).  `lora` adds each row's

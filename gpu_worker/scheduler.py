@@ -43,7 +43,6 @@ class ImageCache:
         self.entries: collections.OrderedDict[str, PrefixKV] = collections.OrderedDict()
         self.bytes = 0
         self.hits = 0
-        self.misses = 0
 
     def get(self, key: str) -> Optional[PrefixKV]:
         prefix = self.entries.get(key) if key else None
@@ -82,8 +81,6 @@ class Sequence:
     t_started: float = 0.0
     t_first_output: float = 0.0
     t_prefill_done: float = 0.0
-    chunks: list = field(default_factory=list)
-    recording: Optional[dict] = None  # tests: {"logits": first 8 lm_head rows, "feeds": token feeds}
 
 
 class Scheduler:
@@ -104,8 +101,7 @@ class Scheduler:
         self.max_encode_crops = max_encode_crops
         self.events: list = []
         self.counters = collections.Counter()
-        self.record_for: set[str] = set()  # request ids whose logits and feeds tests want
-        self.recorded: dict[str, dict] = {}
+        self.recorder: Optional[Recorder] = None  # tests: logits and feeds of chosen requests
 
     # ------------------------------------------------------------------ public API
     def add(self, req: EngineRequest) -> None:
@@ -161,32 +157,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
     def _validate(self, req: EngineRequest) -> None:
-        cfg = self.engine.config
+        """Check a request and fill in its settings (model defaults for those left out).
+        Raises ValueError with a message for the client (422)."""
         s = dict(P.DEFAULT_SETTINGS)
         s.update({k: v for k, v in (req.settings or {}).items() if v is not None})
         if "variant" in s:
             req.variant = s.pop("variant")
-        if req.skill not in ("caption", "query", "detect", "point"):
+        check_skill = _SKILL_CHECKS.get(req.skill)
+        if check_skill is None:
             raise ValueError(f"unknown skill {req.skill!r}")
         if req.image is None and req.skill != "query":
             raise ValueError(f"{req.skill} needs an image")
-        if req.skill == "caption" and req.params.get("length", "normal") not in VALID_LENGTHS:
-            raise ValueError("length must be one of short, normal, long")
-        if req.skill == "query":
-            if not isinstance(req.params.get("question"), str):
-                raise ValueError("question must be a string")
-            if req.params.get("reasoning") and not cfg.reasoning_supported:
-                raise ValueError(f"reasoning is not supported by revision {cfg.revision}")
-            refs = req.params.get("spatial_refs") or []
-            if refs and (req.image is None or not cfg.reasoning_supported):
-                raise ValueError("spatial_refs need an image and revision 2025-06-21")
-            for ref in refs:
-                if len(ref) not in (2, 4) or not all(0.0 <= float(v) <= 1.0 for v in ref):
-                    raise ValueError("each spatial ref is [x, y] or [x_min, y_min, x_max, y_max] in 0..1")
-            if req.image is None and not cfg.reasoning_supported:
-                raise ValueError(f"a query without an image is not supported by revision {cfg.revision}")
-        if req.skill in ("detect", "point") and not isinstance(req.params.get("object"), str):
-            raise ValueError("object must be a string")
+        check_skill(req, self.engine.config)
         if not (int(s["max_tokens"]) >= 1 and int(s["max_objects"]) >= 1):
             raise ValueError("max_tokens and max_objects must be at least 1")
         if float(s["temperature"]) < 0 or not (0.0 <= float(s["top_p"]) <= 1.0):
@@ -293,6 +275,18 @@ class Scheduler:
     def _start(self, req: EngineRequest, prefix: Optional[PrefixKV], t_added: float, cache_hit: bool,
                adapter: Optional[Adapter] = None) -> None:
         slot = heapq.heappop(self.free)
+        try:
+            seq = self._new_sequence(req, slot, prefix, t_added, cache_hit, adapter)
+        except BaseException:
+            heapq.heappush(self.free, slot)  # not registered yet: nobody else would give the slot back
+            raise
+        self.running[req.request_id] = seq
+        self._advance(seq, None)
+        if seq.feed is not None:
+            seq.input_tokens = seq.feed.length  # the prompt
+
+    def _new_sequence(self, req: EngineRequest, slot: int, prefix: Optional[PrefixKV], t_added: float,
+                      cache_hit: bool, adapter: Optional[Adapter]) -> Sequence:
         ctx = P.ProgramContext(engine=self.engine, emit=lambda text, rid=req.request_id: self._emit(rid, text),
                                context=self.cache.context)
         if prefix is not None:
@@ -304,12 +298,7 @@ class Scheduler:
                        prefix=prefix if self.share_prefixes else None, adapter=adapter)
         seq.generator = torch.Generator(device="cpu")
         seq.generator.manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
-        if req.request_id in self.record_for:
-            seq.recording = self.recorded.setdefault(req.request_id, {"logits": [], "feeds": []})
-        self.running[req.request_id] = seq
-        self._advance(seq, None)
-        if seq.feed is not None:
-            seq.input_tokens = seq.feed.length  # the prompt
+        return seq
 
     # ------------------------------------------------------------------ running
     def _run_feeds(self) -> None:
@@ -356,10 +345,8 @@ class Scheduler:
         specs = [seqs[i].feed.sample for i in rows]
         with torch.inference_mode():
             logits = self.engine.logits(hidden[rows]).float()
-            for j, i in enumerate(rows):
-                rec = seqs[i].recording
-                if rec is not None and len(rec["logits"]) < 8:
-                    rec["logits"].append(logits[j].clone().cpu())
+            if self.recorder is not None:
+                self.recorder.logits([seqs[i].request.request_id for i in rows], logits)
             banned = [(j, t) for j, spec in enumerate(specs) for t in spec.suppress]
             if banned:
                 logits[[j for j, _ in banned], [t for _, t in banned]] = float("-inf")
@@ -393,8 +380,8 @@ class Scheduler:
         """Resume the program with its step result; it yields its next feed or finishes."""
         try:
             seq.feed = seq.program.send(result)
-            if seq.recording is not None:
-                seq.recording["feeds"].append(seq.feed.tokens)
+            if self.recorder is not None:
+                self.recorder.feed(seq.request.request_id, seq.feed)
             if seq.ctx.position + seq.feed.length > self.cache.context:
                 raise PromptTooLong(f"the prompt needs {seq.ctx.position + seq.feed.length} positions; "
                                     f"the model's context holds {self.cache.context}")
@@ -416,7 +403,7 @@ class Scheduler:
         now = time.perf_counter()
         prefill_done = seq.t_prefill_done or now
         first = seq.t_first_output or now
-        image_positions = 730 if seq.request.image is not None else 0
+        image_positions = self.engine.config.prefix_attn if seq.request.image is not None else 0
         metrics = {
             "input_tokens": image_positions + seq.input_tokens,
             "output_tokens": seq.ctx.output_tokens,
@@ -446,6 +433,62 @@ class Scheduler:
         seq.adapter = None
         if seq.slot not in self.free:
             heapq.heappush(self.free, seq.slot)
+
+
+# ---------------------------------------------------------------------- per-skill rules
+def _check_caption(req: EngineRequest, cfg) -> None:
+    if req.params.get("length", "normal") not in VALID_LENGTHS:
+        raise ValueError("length must be one of short, normal, long")
+
+
+def _check_query(req: EngineRequest, cfg) -> None:
+    if not isinstance(req.params.get("question"), str):
+        raise ValueError("question must be a string")
+    if req.params.get("reasoning") and not cfg.reasoning_supported:
+        raise ValueError(f"reasoning is not supported by revision {cfg.revision}")
+    refs = req.params.get("spatial_refs") or []
+    if refs and (req.image is None or not cfg.reasoning_supported):
+        raise ValueError("spatial_refs need an image and revision 2025-06-21")
+    for ref in refs:
+        if len(ref) not in (2, 4) or not all(0.0 <= float(v) <= 1.0 for v in ref):
+            raise ValueError("each spatial ref is [x, y] or [x_min, y_min, x_max, y_max] in 0..1")
+    if req.image is None and not cfg.reasoning_supported:
+        raise ValueError(f"a query without an image is not supported by revision {cfg.revision}")
+
+
+def _check_region(req: EngineRequest, cfg) -> None:  # detect and point
+    if not isinstance(req.params.get("object"), str):
+        raise ValueError("object must be a string")
+
+
+_SKILL_CHECKS = {"caption": _check_caption, "query": _check_query, "detect": _check_region, "point": _check_region}
+
+
+class Recorder:
+    """For tests: what the scheduler fed and the first lm_head rows it computed, for chosen
+    request ids.  Set `scheduler.recorder = Recorder(ids)`; None (the default) costs nothing."""
+
+    LOGIT_ROWS = 8
+
+    def __init__(self, request_ids=()):
+        self.wanted = set(request_ids)
+        self.records: dict[str, dict] = {}
+
+    def _record(self, request_id: str) -> Optional[dict]:
+        if request_id not in self.wanted:
+            return None
+        return self.records.setdefault(request_id, {"logits": [], "feeds": []})
+
+    def logits(self, request_ids: list[str], logits: torch.Tensor) -> None:
+        for row, request_id in enumerate(request_ids):
+            rec = self._record(request_id)
+            if rec is not None and len(rec["logits"]) < self.LOGIT_ROWS:
+                rec["logits"].append(logits[row].clone().cpu())
+
+    def feed(self, request_id: str, feed: P.Feed) -> None:
+        rec = self._record(request_id)
+        if rec is not None:
+            rec["feeds"].append(feed.tokens)
 
 
 def slots_that_fit(engine, wanted: int, context: Optional[int] = None, share: float = 0.8) -> int:

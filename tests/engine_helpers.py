@@ -13,7 +13,7 @@ from PIL import Image
 
 from gpu_worker.engine import load_model
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput, TextChunk
-from gpu_worker.scheduler import Scheduler
+from gpu_worker.scheduler import Recorder, Scheduler
 from gpu_worker.variants import VariantStore
 from shared.config import Config
 from shared.image_tiling import pixels_key, tile_image
@@ -64,9 +64,9 @@ class Outcome:
 def run_requests(scheduler: Scheduler, requests: list[EngineRequest], record: bool = False) -> dict[str, Outcome]:
     """Add all requests, step until all are done, collect each one's outcome."""
     outcomes = {r.request_id: Outcome(None, None, [], {}) for r in requests}
+    if record:
+        scheduler.recorder = Recorder(r.request_id for r in requests)
     for r in requests:
-        if record:
-            scheduler.record_for.add(r.request_id)
         scheduler.add(r)
     pending = set(outcomes)
     while pending:
@@ -80,8 +80,10 @@ def run_requests(scheduler: Scheduler, requests: list[EngineRequest], record: bo
             elif isinstance(ev, Failed):
                 out.error = ev.message
                 pending.discard(ev.request_id)
-    for rid, out in outcomes.items():
-        out.recording = scheduler.recorded.pop(rid, None)
+    if record:
+        for rid, out in outcomes.items():
+            out.recording = scheduler.recorder.records.get(rid)
+        scheduler.recorder = None
     return outcomes
 
 
