@@ -39,6 +39,11 @@ class Config:
     port: int = field(default=5000, metadata={"env": "PORT", "help": "HTTP port of the front end"})
     host: str = field(default="0.0.0.0", metadata={"env": "HOST", "help": "HTTP listen address"})
     http_threads: int = field(default=32, metadata={"env": "HTTP_THREADS", "help": "waitress threads (each open stream holds one)"})
+    max_in_flight: int = field(default=32, metadata={"env": "MAX_IN_FLIGHT", "help": "requests (streams included) one front end holds at once; beyond it an immediate 429 (keep it <= HTTP_THREADS)"})
+    http_connection_limit: int = field(default=1000, metadata={"env": "HTTP_CONNECTION_LIMIT", "help": "open client connections per front end; beyond it new ones wait in the listen backlog"})
+    http_header_timeout: float = field(default=10.0, metadata={"env": "HTTP_HEADER_TIMEOUT", "help": "seconds a client may take to send a request's line and headers (408 and close after)"})
+    http_body_timeout: float = field(default=120.0, metadata={"env": "HTTP_BODY_TIMEOUT", "help": "seconds a client may take to send a request's body once its headers are in (408 and close after)"})
+    http_idle_timeout: float = field(default=30.0, metadata={"env": "HTTP_IDLE_TIMEOUT", "help": "seconds an idle keep-alive connection stays open"})
 
     # --- ZeroMQ addresses (front ends and workers connect; the broker binds)
     broker_frontend_bind: str = field(default="tcp://127.0.0.1:5555", metadata={"env": "BROKER_FRONTEND_BIND", "help": "where the broker listens for front ends"})
