@@ -70,6 +70,11 @@ LINGER_S = 10.0
 LINGER_MAX_BYTES = 256 * 1024 * 1024
 LINGER_READ_BYTES = 256 * 1024
 
+# waitress warns at every task that waits for a thread; on the refusal lane a
+# queue is expected under a flood, so only errors from it are logged.
+QUIET_QUEUE_LOG = logging.getLogger("frontend.edge.refusal_queue")
+QUIET_QUEUE_LOG.setLevel(logging.ERROR)
+
 # environ key set on a request refused at the door (read by RefuseWhenBusy)
 TOO_BUSY_KEY = "moondream.too_busy"
 
@@ -291,7 +296,8 @@ class EdgeServer(TcpWSGIServer):
         self.ops_lane.set_thread_count(OPS_THREADS)
         self.refusal_lane = ThreadedTaskDispatcher()
         self.refusal_lane.set_thread_count(REFUSAL_THREADS)
-        self.in_flight = InFlight(config.max_in_flight)
+        self.refusal_lane.queue_logger = QUIET_QUEUE_LOG
+        self.in_flight = InFlight(config.in_flight_limit)
         self.header_timeout = config.http_header_timeout
         self.body_timeout = config.http_body_timeout
         super().__init__(application, adj=adj)
