@@ -11,19 +11,16 @@ MAX_IN_FLIGHT=4 and 3 s to send headers (or a body).
 from __future__ import annotations
 
 import base64
-import http.client
 import json
-import selectors
 import socket
 import statistics
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.frontend_helpers import SMALL_IMAGE, warm_up
+from tests.frontend_helpers import SMALL_IMAGE, HealthProbe, burst, timed, warm_up
 from tests.stack import ProcessGroup, free_port, running_stack, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -46,19 +43,6 @@ def stack():
 
 
 # ---------------------------------------------------------------- helpers
-def timed(stack, method: str, path: str, body: bytes | None = None, port: int | None = None) -> tuple[int, float, bytes]:
-    """(status, seconds, body) of one request on a fresh connection."""
-    started = time.monotonic()
-    conn = http.client.HTTPConnection("127.0.0.1", port or stack.port, timeout=REQUEST_TIMEOUT_S + 10)
-    try:
-        conn.request(method, path, body, {"Content-Type": "application/json"} if body is not None else {})
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, time.monotonic() - started, raw
-    finally:
-        conn.close()
-
-
 NORMAL_REQUESTS = [("GET", "/health/live", None, 200), ("GET", "/health", None, 200),
                    ("POST", "/v1/query", b'{"question": 1}', 400)]  # a 400 still takes a request thread
 
@@ -67,7 +51,7 @@ def normal_round(stack) -> list[float]:
     """One of each normal request; their times (each must get its usual answer)."""
     times = []
     for method, path, body, want in NORMAL_REQUESTS:
-        status, took, raw = timed(stack, method, path, body)
+        status, took, raw = timed(stack.port, method, path, body)
         assert status == want, (path, status, raw[:200])
         times.append(took)
     return times
@@ -96,44 +80,6 @@ def json_error(answer: bytes) -> tuple[int, dict]:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"application/json" in head.lower(), answer[:300]
     return int(head.split(b" ", 2)[1]), json.loads(body)
-
-
-class HealthProbe(threading.Thread):
-    """Polls /health/live and /health until stopped; records how long each took."""
-
-    def __init__(self, stack):
-        super().__init__(daemon=True)
-        self.stack = stack
-        self.times: dict[str, list[float]] = {"/health/live": [], "/health": []}
-        self.failures: list = []
-        self.stop = threading.Event()
-
-    def run(self):
-        while not self.stop.is_set():
-            for path, times in self.times.items():
-                try:
-                    status, took, raw = timed(self.stack, "GET", path)
-                    times.append(took)
-                    if status != 200:
-                        self.failures.append((path, status, raw[:200]))
-                except OSError as err:
-                    self.failures.append((path, repr(err)))
-            self.stop.wait(0.1)
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.join(timeout=30)
-
-    def check(self, bound_s: float) -> dict[str, float]:
-        assert not self.failures, self.failures
-        assert all(self.times.values()), self.times
-        worst = {path: max(times) for path, times in self.times.items()}
-        assert all(t < bound_s for t in worst.values()), worst
-        return worst
 
 
 # ---------------------------------------------------------------- no lockout
@@ -201,52 +147,10 @@ def test_a_body_that_trickles_is_cut_off(stack):
 
 
 # ---------------------------------------------------------------- backpressure at the door
-def burst(port: int, count: int, request: bytes, limit_s: float) -> list[tuple[int, float, bytes]]:
-    """`count` requests sent at once on their own connections (Connection: close);
-    (status, seconds until answered, response) each.  Status 0: no answer in time."""
-    selector = selectors.DefaultSelector()
-    started = time.monotonic()
-    for _ in range(count):
-        sock = socket.socket()
-        sock.setblocking(False)
-        sock.connect_ex(("127.0.0.1", port))
-        selector.register(sock, selectors.EVENT_WRITE, {"out": request, "in": b""})
-    results = []
-
-    def finish(sock, state):
-        selector.unregister(sock)
-        sock.close()
-        data = state["in"]
-        status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
-        results.append((status, time.monotonic() - started, data))
-
-    while selector.get_map() and time.monotonic() - started < limit_s:
-        for key, events in selector.select(timeout=0.5):
-            sock, state = key.fileobj, key.data
-            try:
-                if events & selectors.EVENT_WRITE:
-                    state["out"] = state["out"][sock.send(state["out"]):]
-                    if not state["out"]:
-                        selector.modify(sock, selectors.EVENT_READ, state)
-                    continue
-                piece = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                piece = b""
-            if piece:
-                state["in"] += piece
-            else:
-                finish(sock, state)
-    for key in list(selector.get_map().values()):  # never answered
-        finish(key.fileobj, {"in": b""})
-    return results
-
-
 def test_a_burst_beyond_max_in_flight_gets_fast_429s_and_health_still_answers(stack):
     request = (b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n" % len(CAPTION)) + CAPTION
-    with HealthProbe(stack) as probe:
+    with HealthProbe(stack.port) as probe:
         time.sleep(0.3)
         results = burst(stack.port, 500, request, REQUEST_TIMEOUT_S)
         time.sleep(0.3)
@@ -263,7 +167,9 @@ def test_a_burst_beyond_max_in_flight_gets_fast_429s_and_health_still_answers(st
     assert statistics.median(refused_times) < FAST_S, refused_times[::50]
     assert max(refused_times) < 5 * FAST_S, refused_times[-5:]
     assert max(answered_times) < REQUEST_TIMEOUT_S, answered_times[-5:]
-    worst = probe.check(FAST_S)
+    assert not probe.failures, probe.failures
+    worst = probe.worst()
+    assert all(took < FAST_S for took in worst.values()), worst
     print(f"500 at once, MAX_IN_FLIGHT={MAX_IN_FLIGHT}: {len(answered_times)} x 200 (slowest "
           f"{max(answered_times):.2f} s), {len(refused)} x 429 (median {statistics.median(refused_times):.3f} s, "
           f"slowest {max(refused_times):.2f} s); health during it: {worst}")
@@ -292,9 +198,9 @@ def start_long_streams(stack, count: int) -> list[socket.socket]:
 def test_open_streams_count_until_they_end(stack):
     streams = start_long_streams(stack, MAX_IN_FLIGHT)
     try:
-        status, took, raw = timed(stack, "POST", "/v1/caption", CAPTION)
+        status, took, raw = timed(stack.port, "POST", "/v1/caption", CAPTION)
         assert status == 429 and took < FAST_S, (status, took, raw[:200])
-        status, took, _ = timed(stack, "GET", "/health/live")
+        status, took, _ = timed(stack.port, "GET", "/health/live")
         assert status == 200 and took < FAST_S, (status, took)
         for sock in streams:  # the streams end normally
             tail = read_until_closed(sock, REQUEST_TIMEOUT_S)
@@ -302,7 +208,7 @@ def test_open_streams_count_until_they_end(stack):
     finally:
         for sock in streams:
             sock.close()
-    wait_for(lambda: timed(stack, "POST", "/v1/caption", CAPTION)[0] == 200, 10, "a slot after the streams ended")
+    wait_for(lambda: timed(stack.port, "POST", "/v1/caption", CAPTION)[0] == 200, 10, "a slot after the streams ended")
 
 
 # ---------------------------------------------------------------- logs
@@ -311,7 +217,7 @@ FORGING_PATH = "/zz%0d%0a" + FORGED.replace(" ", "%20")
 
 
 def test_a_crlf_in_the_path_forges_no_text_log_line(stack):
-    status, _, _ = timed(stack, "GET", FORGING_PATH)
+    status, _, _ = timed(stack.port, "GET", FORGING_PATH)
     assert status == 404
     wait_for(lambda: "/zz" in stack.log("frontend"), 10, "the access log line")
     lines = stack.log("frontend").splitlines()
@@ -326,8 +232,8 @@ def test_a_crlf_in_the_path_forges_no_json_log_line(stack, tmp_path):
     port = free_port()
     proc = group.start("frontend", name="frontend-json", PORT=port, LOG_FORMAT="json")
     try:
-        wait_for(lambda: timed(stack, "GET", "/health/live", port=port)[0] == 200, 30, "the JSON front end")
-        assert timed(stack, "GET", FORGING_PATH, port=port)[0] == 404
+        wait_for(lambda: timed(port, "GET", "/health/live")[0] == 200, 30, "the JSON front end")
+        assert timed(port, "GET", FORGING_PATH)[0] == 404
         wait_for(lambda: "/zz" in proc.log_path.read_text(), 10, "the access log line")
     finally:
         group.stop_all()
@@ -370,5 +276,5 @@ def test_urllib_sending_a_60_mb_body_gets_the_json_413(stack):
         urllib.request.urlopen(req, timeout=60)
     assert caught.value.code == 413
     assert json.loads(caught.value.read())["error"]["code"] == "payload_too_large"
-    status, _, _ = timed(stack, "GET", "/health/live")
+    status, _, _ = timed(stack.port, "GET", "/health/live")
     assert status == 200
