@@ -81,7 +81,8 @@ class Tricklers(threading.Thread):
 def trickle_phase(port: int, key: str, tricklers: int, duration: float) -> dict:
     query = json.dumps({"question": "Why?", "settings": {"max_tokens": 8}}).encode()
     normal = [("/health/live", None, {}), ("/health", None, {}), ("/v1/query", query, {"X-Moondream-Auth": key})]
-    times, failures = [], []
+    times: dict[str, list[float]] = {path: [] for path, _, _ in normal}
+    failures = []
     attack = Tricklers(port, tricklers)
     attack.start()
     time.sleep(2)  # every trickler connected
@@ -90,14 +91,15 @@ def trickle_phase(port: int, key: str, tricklers: int, duration: float) -> dict:
         for path, body, headers in normal:
             try:
                 status, took, _ = timed(port, "POST" if body else "GET", path, body, headers, CLIENT_TIMEOUT_S)
-                times.append(took)
+                times[path].append(took)
                 if status != 200:
                     failures.append(status)
             except OSError as err:
                 failures.append(type(err).__name__)
     attack.stop.set()
     attack.join()
-    return {"normal": summary(times), "failures": failures, "tricklers_cut": attack.cut}
+    return {"normal": {path: summary(t) for path, t in times.items()}, "failures": failures,
+            "tricklers_cut": attack.cut}
 
 
 def streams_phase(port: int, key: str, duration: float) -> dict:
