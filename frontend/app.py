@@ -32,8 +32,9 @@ from typing import Callable, Iterator, Optional
 import falcon
 import msgspec
 
-from frontend import edge, metrics, openapi, schemas
+from frontend import metrics, openapi, schemas
 from frontend import remote_image
+from frontend.edge import RefuseWhenBusy
 from shared import protocol
 from shared.config import Config
 
@@ -417,7 +418,7 @@ def create_app(config: Config, client=None) -> falcon.App:
     # MetricsMiddleware first: its process_response runs last and sees the final status.
     # RefuseWhenBusy after auth: a wrong key is a 401 even when the edge refused the request (429).
     app = falcon.App(middleware=[metrics.MetricsMiddleware(app_metrics), RequestIdMiddleware(),
-                                 AuthMiddleware(config.api_key), edge.RefuseWhenBusy()])
+                                 AuthMiddleware(config.api_key), RefuseWhenBusy()])
     # Registration order matters only for equally specific types; Falcon picks
     # the most specific handler, so HTTPErrors never reach the catch-all.
     app.add_error_handler(Exception, handle_unexpected)
