@@ -34,6 +34,7 @@ import msgspec
 
 from frontend import metrics, models, openapi, schemas
 from frontend import remote_image
+from frontend.edge import RefuseWhenBusy
 from shared import protocol
 from shared.config import Config
 
@@ -436,8 +437,9 @@ def create_app(config: Config, client=None) -> falcon.App:
     app_metrics = metrics.FrontendMetrics(client)
     client = metrics.MeteredClient(client, app_metrics)  # times each request's events
     # MetricsMiddleware first: its process_response runs last and sees the final status.
+    # RefuseWhenBusy after auth: a wrong key is a 401 even when the edge refused the request (429).
     app = falcon.App(middleware=[metrics.MetricsMiddleware(app_metrics), RequestIdMiddleware(),
-                                 AuthMiddleware(config.api_key)])
+                                 AuthMiddleware(config.api_key), RefuseWhenBusy()])
     # Registration order matters only for equally specific types; Falcon picks
     # the most specific handler, so HTTPErrors never reach the catch-all.
     app.add_error_handler(Exception, handle_unexpected)

@@ -7,6 +7,11 @@ object per line, for log collectors; anything else gives plain text.
 `log_request` writes the one line per finished request that operators grep for:
 request id, outcome and how long each stage took.
 
+Values a client chose (a URL path, a header) end up in log messages, so every
+line is made unforgeable: the text format escapes control characters (a CR/LF
+in a path cannot start a fake line) and indents the lines of a traceback; the
+JSON format escapes them by construction (json.dumps).
+
 Secrets (API key, worker secret) are never passed to a logger by our code;
 `redact` exists for the rare place that must print a config-like value.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -23,6 +29,14 @@ from typing import Any
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 _SECRET_WORDS = ("secret", "api_key", "token", "password", "auth")
+
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    r"""`text` on one line: each control character written as an escape (\x0d, \u2028)."""
+    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,12 +69,22 @@ class TextFormatter(logging.Formatter):
     def __init__(self, process_name: str):
         super().__init__(f"%(asctime)s %(levelname)s {process_name}[%(process)d] %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The record's own line: one line, whatever the message's arguments held.
+        line = super().formatMessage(record)
         extras = {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
         if extras:
             line += " " + " ".join(f"{k}={v}" for k, v in redact(extras).items())
-        return line
+        return escape_controls(line)
+
+    def formatException(self, exc_info) -> str:
+        # A traceback keeps its lines, but indented: only a record's first line
+        # starts at the margin, so an exception message cannot pass for a record.
+        lines = super().formatException(exc_info).split("\n")
+        return "\n".join("  " + escape_controls(line) for line in lines)
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join("  " + escape_controls(line) for line in stack_info.split("\n"))
 
 
 def redact(values: dict) -> dict:

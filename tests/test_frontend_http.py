@@ -134,7 +134,7 @@ def test_hanging_up_mid_stream_cancels_the_request(stack):
 
 def test_hanging_up_while_waiting_cancels_the_request(stack):
     # No stream: nothing is written until the end, so waitress has to notice the
-    # closed connection by itself (channel_request_lookahead in frontend/__main__.py).
+    # closed connection by itself (channel_request_lookahead in frontend/edge.py).
     # The longest caption the context allows decodes for ~2.5 s here; on a machine
     # loaded by other jobs the front end can be starved for that long, so a lost
     # race gets one more try before it counts as a failure.

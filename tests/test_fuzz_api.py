@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from frontend.__main__ import BODY_SLACK_BYTES
+from frontend.edge import BODY_SLACK_BYTES
 from tests.stack import running_stack
 
 pytestmark = pytest.mark.timeout(300)
@@ -186,10 +186,10 @@ def test_random_headers_and_content_types(stack, path, content_type, extra, requ
     post_json(stack, path, body, content_type=content_type, extra=headers)
 
 
-# Bodies up to the limit plus the slack frontend/__main__.py gives waitress reach the
+# Bodies up to the limit plus the slack frontend/edge.py gives waitress reach the
 # app, which answers the API's JSON 413.  Beyond that waitress answers by itself, in
-# plain text: a known gap, see test_one_gigabyte_content_length_gets_a_json_413 in
-# tests/test_hostile_inputs.py (xfail).
+# the same JSON shape (test_one_gigabyte_content_length_gets_a_json_413 in
+# tests/test_hostile_inputs.py).
 @FUZZ
 @given(path=st.sampled_from(ROUTES), size=st.integers(MAX_BODY - 64, MAX_BODY + BODY_SLACK_BYTES - 1024),
        filler=st.sampled_from([b"A", "é".encode(), b"\\u0000"]))  # as they appear in the JSON text
