@@ -30,20 +30,10 @@ import msgspec
 
 from frontend import app as core
 from frontend import models, remote_image, schemas
-from frontend.chat_schemas import ChatMessage, ChatRequest, ImagePart, TextPart, UnsupportedField
+from frontend.chat_schemas import (CHAT_PATH, MISSING_SKILL_STATUS, MISSING_SKILLS, MODELS_PATH, ChatMessage,
+                                   ChatRequest, ImagePart, TextPart, UnsupportedField)
 from shared import protocol
 from shared.config import Config
-
-CHAT_PATH = "/v1/chat/completions"
-MODELS_PATH = "/v1/models"
-
-# Skills the official clients know that Moondream 2 lacks: path -> why it is refused.
-MISSING_SKILLS = {
-    "/v1/segment": "segmentation (segment) needs Moondream 3; this server runs Moondream 2",
-}
-# 501 Not Implemented: the server lacks the functionality, permanently (RFC 9110 makes
-# it cacheable by default); no Retry-After.  README "OpenAI-compatible chat" says why not a 4xx.
-MISSING_SKILL_STATUS = 501
 
 DONE_EVENT = b"data: [DONE]\n\n"  # OpenAI's end of a stream
 
@@ -185,6 +175,8 @@ def query_settings(request: ChatRequest, config: Config) -> dict:
         param = next((name for name in ("temperature", "top_p", max_field) if message.startswith(name)), None)
         raise ChatError(422, "invalid_value", message, param) from None
     if request.seed is not None:
+        if not 0 <= request.seed < 2**63:
+            raise ChatError(422, "invalid_value", "seed must be between 0 and 2**63 - 1", "seed")
         checked["seed"] = request.seed  # the GPU worker seeds the request's own sampler with it
     return checked
 

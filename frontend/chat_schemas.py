@@ -17,6 +17,17 @@ from msgspec import UNSET, Meta, UnsetType
 
 from frontend.schemas import Model, Variant
 
+CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+
+# Skills the official clients know that Moondream 2 lacks: path -> why it is refused.
+MISSING_SKILLS = {
+    "/v1/segment": "segmentation (segment) needs Moondream 3; this server runs Moondream 2",
+}
+# 501 Not Implemented: the server lacks the functionality, permanently (RFC 9110 makes
+# it cacheable by default); no Retry-After.  docs/chat.md says why not a 4xx.
+MISSING_SKILL_STATUS = 501
+
 # OpenAI allows up to 4 stop sequences.
 MAX_STOP_SEQUENCES = 4
 
@@ -73,7 +84,7 @@ class ChatRequest(msgspec.Struct):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     model: Model = None
     temperature: Annotated[Optional[float], Meta(description="Sampling temperature, >= 0; 0 is greedy. Default 0.5.",
-                                                 extra_json_schema={"minimum": 0})] = None
+                                                 extra_json_schema={"minimum": 0, "maximum": 2**63 - 1})] = None
     top_p: Annotated[Optional[float], Meta(description="Nucleus sampling mass in (0, 1]; 0 is greedy. Default 0.3.",
                                            extra_json_schema={"minimum": 0, "maximum": 1})] = None
     max_completion_tokens: Annotated[Optional[int], Meta(description="Most tokens to generate, 1..MAX_TOKENS_LIMIT.",
@@ -84,7 +95,7 @@ class ChatRequest(msgspec.Struct):
     stream_options: Optional[StreamOptions] = None
     stop: Annotated[Stop, Meta(description="Up to 4 strings; the answer ends before the first one.")] = None
     seed: Annotated[Optional[int], Meta(description="Sampling seed: the same seed, settings and input give the same answer.",
-                                        extra_json_schema={"minimum": 0})] = None
+                                        extra_json_schema={"minimum": 0, "maximum": 2**63 - 1})] = None
     reasoning: Annotated[Optional[bool], Meta(description="Moondream's grounded reasoning before the answer "
                                                           "(the OpenAI SDK sends it through extra_body).")] = None
     variant: Variant = None
