@@ -302,3 +302,19 @@ def test_metrics_count_the_chat_routes(stack, client):
     with urllib.request.urlopen(f"{stack.url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     assert 'route="/v1/chat/completions"' in text and 'route="/v1/models"' in text
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({}, 200),  # post() sends the right Bearer key
+    ({"Authorization": "", "X-Moondream-Auth": KEY}, 200),
+    ({"Authorization": "Bearer wrong", "X-Moondream-Auth": KEY}, 200),  # either header may hold it
+    ({"Authorization": f"Basic {KEY}"}, 401),  # only the Bearer scheme
+    ({"Authorization": "Bearer wrong"}, 401),
+    ({"Authorization": ""}, 401),
+])
+def test_bearer_key_works_on_the_moondream_routes_too(stack, headers, status):
+    body = {"image_url": data_url("small_96x64.png"), "length": "short", "settings": {"max_tokens": 2}}
+    code, answer = post(stack, "/v1/caption", body, headers)
+    assert code == status, answer
+    if status == 401:
+        assert answer["error"]["code"] == "unauthorized" and "Bearer" in answer["error"]["message"]
