@@ -164,10 +164,10 @@ class Scheduler:
         cfg = self.engine.config
         s = dict(P.DEFAULT_SETTINGS)
         s.update({k: v for k, v in (req.settings or {}).items() if v is not None})
-        if "variant" in s:
-            req.variant = s.pop("variant")
         if "seed" in s:  # the chat route's `seed`: this request's own sampler starts from it
             req.seed = int(s.pop("seed"))
+        if "variant" in s:
+            req.variant = s.pop("variant")
         if req.skill not in ("caption", "query", "detect", "point"):
             raise ValueError(f"unknown skill {req.skill!r}")
         if req.image is None and req.skill != "query":

@@ -167,25 +167,6 @@ def test_random_and_mutated_images(stack, path, image, stream):
     post_json(stack, path, body)
 
 
-@FUZZ
-@given(path=st.sampled_from(ROUTES),
-       content_type=st.one_of(st.sampled_from([
-           "application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "text/plain", "",
-           "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/vnd.api+json",
-           "application/json; charset=latin-1", "image/png", "*/*"]), header_text),
-       extra=st.dictionaries(header_names, header_text, max_size=5),
-       request_id=st.none() | header_text,
-       auth=st.none() | header_text)
-def test_random_headers_and_content_types(stack, path, content_type, extra, request_id, auth):
-    headers = dict(extra)
-    if request_id is not None:
-        headers["X-Request-ID"] = request_id
-    if auth is not None:
-        headers["X-Moondream-Auth"] = auth
-    body = {"question": "Hi", "object": "x", "settings": FAST}
-    post_json(stack, path, body, content_type=content_type, extra=headers)
-
-
 # ---------------------------------------------------------------- OpenAI's chat route
 CHAT_ALLOWED = ALLOWED | {404}  # 404: a `model` that is not served
 content_parts = st.lists(st.one_of(
@@ -232,6 +213,25 @@ def test_random_chat_bodies(stack, body, messages):
             body["max_completion_tokens"] = 2  # an accidentally valid request stays short
     data = json.dumps(body).encode()
     assert_clean_chat(*call(stack, "/v1/chat/completions", data, {"Content-Type": "application/json"}))
+
+
+@FUZZ
+@given(path=st.sampled_from(ROUTES),
+       content_type=st.one_of(st.sampled_from([
+           "application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "text/plain", "",
+           "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/vnd.api+json",
+           "application/json; charset=latin-1", "image/png", "*/*"]), header_text),
+       extra=st.dictionaries(header_names, header_text, max_size=5),
+       request_id=st.none() | header_text,
+       auth=st.none() | header_text)
+def test_random_headers_and_content_types(stack, path, content_type, extra, request_id, auth):
+    headers = dict(extra)
+    if request_id is not None:
+        headers["X-Request-ID"] = request_id
+    if auth is not None:
+        headers["X-Moondream-Auth"] = auth
+    body = {"question": "Hi", "object": "x", "settings": FAST}
+    post_json(stack, path, body, content_type=content_type, extra=headers)
 
 
 # Bodies up to the limit plus the slack frontend/__main__.py gives waitress reach the
