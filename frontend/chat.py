@@ -26,7 +26,6 @@ from itertools import chain
 from typing import Optional
 
 import falcon
-import msgspec
 
 from frontend import app as core
 from frontend import models, remote_image, schemas
