@@ -10,6 +10,7 @@ Every error is JSON: ``{"error": {"code", "message"}, "request_id"}``.
 
 Routes:
     POST /v1/caption, /v1/query, /v1/detect, /v1/point
+    POST /v1/chat/completions, GET /v1/models   OpenAI's protocol (chat.py)
     GET  /health       readiness, model and worker counts (503 until a GPU worker is ready)
     GET  /health/live  the process is alive (always 200)
     GET  /             a page to try the model (static/index.html)
@@ -89,7 +90,8 @@ class RequestIdMiddleware:
 
 
 class AuthMiddleware:
-    """When an API key is configured, /v1 routes need X-Moondream-Auth equal to it."""
+    """When an API key is configured, /v1 routes need it, in X-Moondream-Auth (Moondream's
+    clients) or as `Authorization: Bearer <key>` (OpenAI's SDKs, the Python client's chat())."""
 
     def __init__(self, api_key: str):
         self._key = api_key.encode()
@@ -97,10 +99,15 @@ class AuthMiddleware:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not self._key or not (req.path == "/v1" or req.path.startswith("/v1/")):
             return
-        given = (req.get_header("X-Moondream-Auth") or "").encode()
+        scheme, _, bearer = (req.get_header("Authorization") or "").strip().partition(" ")
+        bearer = bearer.strip() if scheme.lower() == "bearer" else ""
         # compare_digest: the time taken must not tell how much of the key matched.
-        if not hmac.compare_digest(given, self._key):
-            raise ApiError(401, "unauthorized", "missing or invalid X-Moondream-Auth header")
+        # Both are compared always (no early exit), so timing says nothing about which header held it.
+        moondream_ok = hmac.compare_digest((req.get_header("X-Moondream-Auth") or "").encode(), self._key)
+        bearer_ok = hmac.compare_digest(bearer.encode(), self._key)
+        if not (moondream_ok | bearer_ok):
+            raise ApiError(401, "unauthorized",
+                           "missing or invalid API key: send X-Moondream-Auth or Authorization: Bearer")
 
 
 # ---------------------------------------------------------------- error handlers
@@ -288,14 +295,19 @@ class EventStreamBody:
         if self._finished:
             raise StopIteration
         event = next(self._events)
+        if not isinstance(event, protocol.Chunk):
+            self._finished = True
+            if isinstance(event, protocol.Error) and event.status == 499:  # the client went away: nobody to tell
+                raise StopIteration
+        return self.render(event)
+
+    def render(self, event) -> bytes:
+        """The bytes sent for one event (subclasses speak other dialects: frontend/chat.py)."""
         if isinstance(event, protocol.Chunk):
             return sse({"chunk": event.text, "completed": False})
-        self._finished = True
         if isinstance(event, protocol.Result):
             return sse({"chunk": "", "completed": True, "request_id": self._request_id,
                         **result_extras(event)})
-        if event.status == 499:  # the client went away: nobody to tell
-            raise StopIteration
         return sse({"error": {"code": event.code, "message": event.message, "status": event.status},
                     "completed": True, "request_id": self._request_id})
 
@@ -331,46 +343,58 @@ class SkillResource:
         image = decode_image_url(image_url, self._fetch_remote) if image_url is not None else None
         streaming = bool(getattr(request, "stream", False)) and self._skill in TEXT_SKILLS
 
-        request_id = req.context.request_id
-        deadline = time.time() + self._config.request_timeout
-        submit = protocol.Submit(
-            request_id=self._routing_id(req),
-            skill=self._skill,
-            params=params,
-            settings=settings,
-            stream=streaming,
-            has_image=image is not None,
-            deadline=deadline,
-        )
-        stream = self._client.submit(submit, image)
-        events = wait_events(stream, deadline, req.env.get("waitress.client_disconnected"))
-
-        try:
-            # Non-streaming: wait for the final event.  Streaming: wait for the
-            # first one before committing to 200, so that an error that comes
-            # before any text (bad image, queue full) gets its real status.
-            first = next(event for event in events if streaming or not isinstance(event, protocol.Chunk))
-        except BaseException:
-            stream.cancel()  # a bug or shutdown: don't leave the work running
-            raise
-        if isinstance(first, protocol.Error):
-            raise broker_error(first)
+        first, events, stream = start_request(self._client, self._config, req, self._skill, params,
+                                              settings, image, streaming)
         if not streaming:
-            resp.media = result_body(request_id, self._skill, first)
+            resp.media = result_body(req.context.request_id, self._skill, first)
             return
-        resp.content_type = "text/event-stream"
-        resp.set_header("Cache-Control", "no-cache")
-        resp.set_header("X-Accel-Buffering", "no")  # tell reverse proxies not to buffer
-        resp.stream = EventStreamBody(chain([first], events), stream, request_id)
+        send_event_stream(resp, EventStreamBody(chain([first], events), stream, req.context.request_id))
 
-    @staticmethod
-    def _routing_id(req: falcon.Request) -> str:
-        """The id the broker routes replies by.  It must be unique, and a
-        client-chosen X-Request-ID need not be, so that one gets a suffix; it
-        still starts with the client's id, so logs can be matched up."""
-        if req.context.client_request_id:
-            return f"{req.context.request_id}.{uuid.uuid4().hex[:12]}"
-        return req.context.request_id
+
+def start_request(client, config: Config, req: falcon.Request, skill: str, params: dict, settings: dict,
+                  image: Optional[bytes], streaming: bool) -> tuple:
+    """Submit a validated request to the broker -> (first event, the events after it, its stream).
+
+    Non-streaming: the first event is the final Result.  Streaming: it is the
+    first event of any kind, awaited before committing to 200, so that an error
+    that comes before any text (bad image, queue full) gets its real status:
+    an Error raises its ApiError here."""
+    deadline = time.time() + config.request_timeout
+    submit = protocol.Submit(
+        request_id=routing_id(req),
+        skill=skill,
+        params=params,
+        settings=settings,
+        stream=streaming,
+        has_image=image is not None,
+        deadline=deadline,
+    )
+    stream = client.submit(submit, image)
+    events = wait_events(stream, deadline, req.env.get("waitress.client_disconnected"))
+    try:
+        first = next(event for event in events if streaming or not isinstance(event, protocol.Chunk))
+    except BaseException:
+        stream.cancel()  # a bug or shutdown: don't leave the work running
+        raise
+    if isinstance(first, protocol.Error):
+        raise broker_error(first)
+    return first, events, stream
+
+
+def send_event_stream(resp: falcon.Response, body) -> None:
+    resp.content_type = "text/event-stream"
+    resp.set_header("Cache-Control", "no-cache")
+    resp.set_header("X-Accel-Buffering", "no")  # tell reverse proxies not to buffer
+    resp.stream = body
+
+
+def routing_id(req: falcon.Request) -> str:
+    """The id the broker routes replies by.  It must be unique, and a
+    client-chosen X-Request-ID need not be, so that one gets a suffix; it
+    still starts with the client's id, so logs can be matched up."""
+    if req.context.client_request_id:
+        return f"{req.context.request_id}.{uuid.uuid4().hex[:12]}"
+    return req.context.request_id
 
 
 class HealthResource:
@@ -454,4 +478,6 @@ def create_app(config: Config, client=None) -> falcon.App:
     app.add_route("/docs", openapi.DocsResource())
     app.add_route("/metrics", metrics.MetricsResource(app_metrics))
     app.add_static_route("/static", str(STATIC_DIR))
+    from frontend import chat  # imported late: it builds on this module
+    chat.register(app, config, client)  # /v1/chat/completions, /v1/models, skills Moondream 2 lacks
     return app

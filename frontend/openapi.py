@@ -21,11 +21,12 @@ import falcon
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from frontend import schemas
+from frontend import chat_openapi, schemas
 from shared.config import Config
 
 DOCS_HTML = Path(__file__).parent / "static" / "docs.html"
 REF = "#/components/schemas/{name}"
+SECURITY = [{"apiKey": []}, {"bearer": []}]  # either header
 
 
 # ---------------------------------------------------------------- answers (documentation only)
@@ -178,7 +179,7 @@ ANSWERS: dict[str, tuple[type[msgspec.Struct], bool]] = {
 # The statuses a /v1 route answers besides 200 (401 only with an API key).
 ERRORS = {
     400: "Malformed: not JSON, a missing field, a wrong type, a bad data URL or an unreadable image.",
-    401: "Missing or wrong X-Moondream-Auth header.",
+    401: "Missing or wrong API key (X-Moondream-Auth or Authorization: Bearer).",
     403: "image_url is a remote URL whose address is not public (only with ALLOW_REMOTE_IMAGES).",
     404: "`model` names no model served here, or the variant asked for is not available.",
     413: "The body or the image is too large.",
@@ -188,6 +189,7 @@ ERRORS = {
     500: "A bug or a failed generation.",
     503: "No GPU or preprocess worker, or the broker is unavailable; retry after Retry-After seconds.",
     504: "The request took longer than REQUEST_TIMEOUT.",
+    501: "The skill needs another model (Moondream 3): retrying will not help.",
 }
 
 
@@ -196,7 +198,8 @@ def _components() -> dict:
     request_schemas = [schema for _, schema in schemas.ROUTES.values()]
     answer_schemas = [schema for schema, _ in ANSWERS.values()]
     _, components = msgspec.json.schema_components(
-        [*request_schemas, *answer_schemas, StreamChunk, StreamEnd, StreamError, ErrorBody, Health, Live],
+        [*request_schemas, *answer_schemas, StreamChunk, StreamEnd, StreamError, ErrorBody, Health, Live,
+         *chat_openapi.SCHEMAS],
         ref_template=REF,
     )
     return components
@@ -210,6 +213,7 @@ def _apply_limits(components: dict, config: Config) -> None:
     settings["max_objects"]["maximum"] = config.max_objects_limit
     for name, field in (("QueryRequest", "question"), ("DetectRequest", "object"), ("PointRequest", "object")):
         components[name]["properties"][field]["maxLength"] = config.max_text_chars
+    chat_openapi.apply_limits(components, config)
 
 
 def _ref(name: str) -> dict:
@@ -278,7 +282,7 @@ def _skill_operation(path: str, skill: str, schema: type, config: Config) -> dic
         "responses": {"200": _response("The answer.", content), **_error_responses(statuses)},
     }
     if auth:
-        operation["security"] = [{"apiKey": []}]
+        operation["security"] = SECURITY
     return operation
 
 
@@ -310,6 +314,7 @@ def build_spec(config: Config) -> dict:
                           {"200": _response("HTML page.", {"text/html": text})}, tag="documentation")
     paths["/"] = _get("index", "A page to try the model.",
                       {"200": _response("HTML page.", {"text/html": text})}, tag="documentation")
+    paths.update(chat_openapi.paths(config))
 
     spec: dict[str, Any] = {
         "openapi": "3.2.0",
@@ -322,9 +327,10 @@ def build_spec(config: Config) -> dict:
         "paths": paths,
         "components": {"schemas": components},
     }
-    if auth:
+    if auth:  # the same key, in either header
         spec["components"]["securitySchemes"] = {
-            "apiKey": {"type": "apiKey", "in": "header", "name": "X-Moondream-Auth"}}
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-Moondream-Auth"},
+            "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <VLM_API_KEY>"}}
     return spec
 
 

@@ -161,6 +161,8 @@ class Scheduler:
         Raises ValueError with a message for the client (422)."""
         s = dict(P.DEFAULT_SETTINGS)
         s.update({k: v for k, v in (req.settings or {}).items() if v is not None})
+        if "seed" in s:  # the chat route's `seed`: this request's own sampler starts from it
+            req.seed = int(s.pop("seed"))
         if "variant" in s:
             req.variant = s.pop("variant")
         check_skill = _SKILL_CHECKS.get(req.skill)

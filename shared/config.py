@@ -68,7 +68,7 @@ class Config:
     heartbeat_liveness: int = field(default=3, metadata={"env": "HEARTBEAT_LIVENESS", "help": "missed heartbeats before a peer counts as dead"})
 
     # --- API and limits
-    api_key: str = field(default="", metadata={"env": "VLM_API_KEY", "help": "when set, /v1 routes require X-Moondream-Auth", "secret": True})
+    api_key: str = field(default="", metadata={"env": "VLM_API_KEY", "help": "when set, /v1 routes require it in X-Moondream-Auth or Authorization: Bearer", "secret": True})
     max_body_bytes: int = field(default=20 * 1024 * 1024, metadata={"env": "MAX_BODY_BYTES", "help": "largest request body accepted (413 above)"})
     max_image_pixels: int = field(default=50_000_000, metadata={"env": "MAX_IMAGE_PIXELS", "help": "largest decoded image, width x height"})
     max_image_side: int = field(default=16384, metadata={"env": "MAX_IMAGE_SIDE", "help": "largest image width or height"})

@@ -167,6 +167,54 @@ def test_random_and_mutated_images(stack, path, image, stream):
     post_json(stack, path, body)
 
 
+# ---------------------------------------------------------------- OpenAI's chat route
+CHAT_ALLOWED = ALLOWED | {404}  # 404: a `model` that is not served
+content_parts = st.lists(st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=40) | huge_text}),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": image_urls})}),
+    st.dictionaries(st.sampled_from(["type", "text", "image_url", "input_audio"]), json_values, max_size=3),
+), max_size=3)
+chat_messages = st.lists(st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "x"]),
+                           "content": st.text(max_size=40) | content_parts | json_values}),
+    json_values,
+), max_size=4)
+# Mostly well-formed conversations, so that some requests get as far as the model.
+plausible_messages = st.lists(st.fixed_dictionaries({
+    "role": st.sampled_from(["system", "user", "assistant"]),
+    "content": st.text(min_size=1, max_size=30) | content_parts}), min_size=1, max_size=3).map(
+    lambda ms: ms + [{"role": "user", "content": "Hi"}])
+CHAT_FIELDS = ["model", "temperature", "top_p", "max_completion_tokens", "max_tokens", "stream",
+               "stream_options", "stop", "seed", "reasoning", "n", "tools", "logprobs", "response_format"]
+plausible_values = (st.booleans() | st.integers(-1, 3) | st.floats(-0.5, 1.5) | st.sampled_from(["moondream2", "x"])
+                    | st.fixed_dictionaries({"include_usage": st.booleans()}))
+chat_bodies = st.dictionaries(st.sampled_from(CHAT_FIELDS), plausible_values | json_values, max_size=3)
+
+
+def assert_clean_chat(status: int, content_type: str, raw: bytes) -> None:
+    assert status in CHAT_ALLOWED, (status, raw[:300])
+    if content_type.startswith("text/event-stream"):
+        events = [line[len(b"data: "):] for line in raw.split(b"\n\n") if line.startswith(b"data: ")]
+        # Ends with [DONE], or with one error event after the stream had started.
+        assert events[-1] == b"[DONE]" or "error" in json.loads(events[-1]), events[-3:]
+        return
+    assert content_type.startswith("application/json"), (status, content_type, raw[:300])
+    if status != 200:
+        error = json.loads(raw)["error"]  # OpenAI's shape
+        assert error["message"] and isinstance(error["type"], str) and "param" in error, error
+
+
+@FUZZ
+@given(body=json_values | chat_bodies, messages=chat_messages | plausible_messages)
+def test_random_chat_bodies(stack, body, messages):
+    if isinstance(body, dict):
+        body.setdefault("messages", messages)
+        if isinstance(body.get("max_completion_tokens"), int) or "max_completion_tokens" not in body:
+            body["max_completion_tokens"] = 2  # an accidentally valid request stays short
+    data = json.dumps(body).encode()
+    assert_clean_chat(*call(stack, "/v1/chat/completions", data, {"Content-Type": "application/json"}))
+
+
 @FUZZ
 @given(path=st.sampled_from(ROUTES),
        content_type=st.one_of(st.sampled_from([

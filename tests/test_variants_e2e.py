@@ -149,3 +149,31 @@ def test_model_name_and_alias_select_the_base_model(stack):
     for model in ("moondream2", "moondream3-preview"):
         code, got = post(stack, base["skill"], {**body_for(base), "model": model})
         assert code == 200 and got["caption"] == base["output"]["caption"], model
+
+
+def test_openai_sdk_lists_and_chats_with_variants(stack):
+    """GET /v1/models lists each variant as <model name>/<variant id>, and a chat naming one
+    gets the reference's answer for that variant (a single-turn chat is exactly the query)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == ["moondream2", "moondream2/ft-alpha@100", "moondream2/ft-beta@7"]
+    assert client.models.retrieve("moondream2/ft-beta@7").id == "moondream2/ft-beta@7"
+    cases = [c for c in CASES if c["skill"] == "query" and not c["args"].get("spatial_refs")]
+    assert {c["args"]["settings"]["variant"] for c in cases} == {"ft-alpha@100", "ft-beta@7"}
+    for case in cases:
+        settings = case["args"]["settings"]
+        content = case["args"]["question"]
+        if case["image"]:
+            content = [{"type": "image_url", "image_url": {"url": data_url(case["image"])}},
+                       {"type": "text", "text": content}]
+        answer = client.chat.completions.create(
+            model=f"moondream2/{settings['variant']}", messages=[{"role": "user", "content": content}],
+            temperature=settings["temperature"], top_p=settings["top_p"], max_completion_tokens=settings["max_tokens"],
+            extra_body={"reasoning": True} if case["args"].get("reasoning") else None)
+        assert answer.model == f"moondream2/{settings['variant']}"
+        assert answer.choices[0].message.content == case["output"]["answer"], case
+        if case["args"].get("reasoning"):
+            assert answer.choices[0].message.reasoning == case["output"]["reasoning"]["text"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="moondream2/ft-nope@1", messages=[{"role": "user", "content": "Hi"}])

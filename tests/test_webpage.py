@@ -169,6 +169,45 @@ def test_stop_cancels_the_request(page, stack):
     max_tokens.clear()
 
 
+# Records the body of every chat request the page sends.
+WATCH_CHAT_REQUESTS_JS = """
+window.__chatBodies = [];
+const realFetch = window.fetch;
+window.fetch = (url, init) => {
+  if (String(url).endsWith('/v1/chat/completions')) window.__chatBodies.push(JSON.parse(init.body));
+  return realFetch(url, init);
+};
+"""
+
+
+def test_chat_holds_a_short_conversation(page):
+    """Two turns in the chat tab: the second request carries the first exchange, the image rides
+    with the first user message, and the transcript shows all four messages."""
+    page.find_element(By.ID, "tab-chat").click()
+    max_tokens = page.find_element(By.ID, "setting-max_tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("8")
+    page.execute_script(WATCH_CHAT_REQUESTS_JS)
+    for turn, text in enumerate(["What is in the picture?", "And what colour is it?"], start=1):
+        message = page.find_element(By.ID, "chat-message")
+        message.clear()
+        message.send_keys(text)
+        assert run_and_wait(page) == "done", page.find_element(By.ID, "error").text
+        assert page.find_element(By.ID, "chat-log").get_attribute("data-turns") == str(turn)
+        assert "tokens" in page.find_element(By.ID, "metrics").text
+    log = page.find_elements(By.CSS_SELECTOR, "#chat-log .msg")
+    assert [m.get_attribute("class") for m in log] == ["msg user", "msg assistant"] * 2
+    assert log[2].text == "And what colour is it?" and log[1].get_attribute("textContent")
+    first, second = page.execute_script("return window.__chatBodies")
+    assert first["messages"][0]["content"][0]["type"] == "image_url" and first["stream"] is True
+    assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user"]
+    assert second["messages"][:1] == first["messages"]
+    assert second["messages"][1]["content"] == log[1].get_attribute("textContent")
+    page.find_element(By.ID, "chat-new").click()
+    assert page.find_element(By.ID, "chat-log").get_attribute("data-turns") == "0"
+    max_tokens.clear()
+
+
 def test_errors_are_shown(page):
     # An empty question is refused (422) and the page says why.
     page.find_element(By.ID, "tab-query").click()

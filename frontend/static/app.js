@@ -8,6 +8,7 @@ const state = {
   skill: "caption",
   imageUrl: null,      // the image as a data: URL, sent as image_url
   controller: null,    // AbortController of the request in flight
+  chat: [],            // the chat tab's conversation so far, as OpenAI messages
 };
 
 // ------------------------------------------------------------------ image
@@ -23,6 +24,7 @@ function loadImageFile(file) {
 
 function setImage(dataUrl, info) {
   state.imageUrl = dataUrl;
+  newChat();  // a conversation is about one image
   const img = $("preview");
   img.onload = () => {
     // The canvas gets the image's own pixel size; CSS stretches both alike,
@@ -121,7 +123,65 @@ function readSettings() {
   return Object.keys(settings).length ? settings : undefined;
 }
 
+// ------------------------------------------------------------------ chat
+function newChat() {
+  state.chat = [];
+  $("chat-log").replaceChildren();
+  $("chat-log").dataset.turns = "0";
+}
+
+function addChatMessage(role, text) {
+  const div = document.createElement("div");
+  div.className = `msg ${role}`;
+  div.textContent = text;
+  $("chat-log").append(div);
+  div.scrollIntoView({ block: "nearest" });
+}
+
+// The next user message: the image goes with the first one (Moondream sees one per conversation).
+function buildChatRequest() {
+  const text = $("chat-message").value.trim();
+  if (!text) return { error: "Write a message first." };
+  const content = state.chat.length === 0 && state.imageUrl
+    ? [{ type: "image_url", image_url: { url: state.imageUrl } }, { type: "text", text }]
+    : text;
+  const s = readSettings() || {};
+  const body = {
+    messages: [...state.chat, { role: "user", content }],
+    stream: true, stream_options: { include_usage: true },
+    temperature: s.temperature, top_p: s.top_p, max_completion_tokens: s.max_tokens,
+  };
+  return { body, path: "/v1/chat/completions", userText: text };
+}
+
+// One chat.completion.chunk (or the usage chunk, or an error).
+function onChatEvent(e, turn) {
+  if (e.error) { showError(e.error.message); return false; }
+  const choice = (e.choices || [])[0];
+  if (choice && choice.delta.content) {
+    $("output").textContent += choice.delta.content;
+    $("result").dataset.chunks = String(Number($("result").dataset.chunks) + 1);
+  }
+  if (choice && choice.delta.reasoning) showReasoning(choice.delta.reasoning);
+  if (choice && choice.finish_reason) turn.finish = choice.finish_reason;
+  if (e.usage) {
+    $("metrics").textContent = `${e.usage.prompt_tokens} in / ${e.usage.completion_tokens} out tokens`
+      + ` · finish: ${turn.finish} · ${e.model}`;
+  }
+  return true;
+}
+
+function finishChatTurn(request) {
+  const reply = $("output").textContent;
+  state.chat.push(request.body.messages.at(-1), { role: "assistant", content: reply });
+  addChatMessage("user", request.userText);
+  addChatMessage("assistant", reply);
+  $("chat-log").dataset.turns = String(state.chat.length / 2);
+  $("chat-message").value = "";
+}
+
 function buildRequest() {
+  if (state.skill === "chat") return buildChatRequest();
   const body = { settings: readSettings() };
   switch (state.skill) {
     case "caption":
@@ -165,7 +225,8 @@ async function readEvents(response, onEvent) {
       const block = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
       for (const line of block.split("\n")) {
-        if (line.startsWith("data: ")) onEvent(JSON.parse(line.slice(6)));
+        // "[DONE]" ends an OpenAI stream; every other event is JSON.
+        if (line.startsWith("data: ") && line !== "data: [DONE]") onEvent(JSON.parse(line.slice(6)));
       }
     }
   }
@@ -219,7 +280,8 @@ async function run(event) {
   event.preventDefault();
   if (state.controller) return;
   resetResult();
-  const { body, error } = buildRequest();
+  const request = buildRequest();
+  const { body, error } = request;
   if (error) { showError(error); return; }
 
   const skill = state.skill;
@@ -228,13 +290,20 @@ async function run(event) {
   $("stop").disabled = false;
   $("result").dataset.state = "running";
   try {
-    const response = await fetch(`/v1/${skill}`, {
+    const response = await fetch(request.path || `/v1/${skill}`, {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
     });
     // Shown with the metrics and kept on #result: the id to quote in a bug report.
     $("result").dataset.requestId = response.headers.get("X-Request-ID") || "";
     if (!response.ok) { showError(await errorMessage(response)); return; }
 
+    if (skill === "chat") {
+      const turn = { finish: null };
+      let failed = false;
+      await readEvents(response, (e) => { failed = !onChatEvent(e, turn) || failed; });
+      if (!failed) { finishChatTurn(request); $("result").dataset.state = "done"; }
+      return;
+    }
     if (response.headers.get("Content-Type").startsWith("text/event-stream")) {
       let failed = false;
       await readEvents(response, (e) => {
@@ -307,6 +376,7 @@ for (const tab of document.querySelectorAll("#tabs button")) {
   tab.addEventListener("click", () => selectSkill(tab.dataset.skill));
 }
 $("ask-form").addEventListener("submit", run);
+$("chat-new").addEventListener("click", newChat);
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("api-key").value = sessionStorage.getItem("moondream-api-key") || "";
 $("api-key").addEventListener("change", () => sessionStorage.setItem("moondream-api-key", $("api-key").value));

@@ -1,0 +1,83 @@
+"""How a conversation becomes one Moondream question, and how stop sequences cut
+text (frontend/chat.py): pure functions, checked without a stack (the routes
+themselves are checked end to end in tests/test_chat_e2e.py)."""
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from frontend.chat import ChatError, StopCutter, render_conversation
+from frontend.chat_schemas import ChatMessage
+
+IMAGE = "data:image/png;base64,AAAA"
+
+
+def messages(*raw: dict) -> list[ChatMessage]:
+    return msgspec.convert(list(raw), list[ChatMessage])
+
+
+def image_turn(text: str) -> dict:
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE}},
+                                        {"type": "text", "text": text}]}
+
+
+def test_one_user_message_is_the_question_unchanged():
+    for content in ("  What is it?\n", [{"type": "text", "text": "  What is it?\n"}]):
+        got = render_conversation(messages({"role": "user", "content": content}), 4000)
+        assert (got.question, got.image_url) == ("  What is it?\n", None)
+    got = render_conversation(messages(image_turn("What is it?")), 4000)
+    assert (got.question, got.image_url) == ("What is it?", IMAGE)
+
+
+def test_system_messages_and_earlier_turns_become_a_transcript():
+    got = render_conversation(messages(
+        {"role": "system", "content": "Answer briefly."},
+        image_turn("What is it?"),
+        {"role": "assistant", "content": "A cat."},
+        {"role": "developer", "content": "Use British spelling."},
+        {"role": "user", "content": "What colour is it?"}), 4000)
+    assert got.image_url == IMAGE  # the image of an earlier turn is still the query's image
+    assert got.question == ("Answer briefly.\n\nUse British spelling.\n\n"
+                            "Conversation so far:\nUser: What is it?\nAssistant: A cat.\n\n"
+                            "What colour is it?")
+
+
+def test_a_turn_with_only_an_image_is_marked():
+    got = render_conversation(messages(
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE}}]},
+        {"role": "assistant", "content": "Nice."}, {"role": "user", "content": "What is it?"}), 4000)
+    assert "User: [image]\nAssistant: Nice." in got.question
+
+
+@pytest.mark.parametrize("raw, code, words", [
+    ([image_turn("a"), {"role": "assistant", "content": "b"}, image_turn("c")], "too_many_images",
+     "one image per question"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}], "invalid_value",
+     "last message must be a user message"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE}}]}], "invalid_value",
+     "no text"),
+    ([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": IMAGE}}]},
+      {"role": "user", "content": "Hi"}], "invalid_value", "user messages only"),
+    ([{"role": "user", "content": "x" * 30}, {"role": "assistant", "content": "y" * 30},
+      {"role": "user", "content": "z"}], "invalid_value", "longer than 50 characters"),
+])
+def test_conversations_moondream_cannot_take_are_422s(raw, code, words):
+    with pytest.raises(ChatError) as caught:
+        render_conversation(messages(*raw), 50)
+    assert caught.value.status.startswith("422") and caught.value.code == code
+    assert words in caught.value.description
+
+
+def test_stop_cutter_holds_back_what_may_start_a_stop_sequence():
+    cutter = StopCutter(["END", "\n\n"])
+    sent = [cutter.feed(piece) for piece in ["Hello E", "N", "ough\n", "and E", "ND more"]]
+    assert sent == ["Hello ", "", "ENough", "\nand ", ""] and cutter.stopped
+    assert "".join(sent) == "Hello ENough\nand "
+    assert cutter.feed("after") == "" and cutter.flush() == ""
+
+
+def test_stop_cutter_without_a_hit_gives_everything_back():
+    cutter = StopCutter(["xyz"])
+    assert cutter.feed("abcx") + cutter.feed("y") + cutter.flush() == "abcxy" and not cutter.stopped
+    assert StopCutter([]).cut("text") == "text"
+    assert StopCutter(["b", "a"]).cut("cab") == "c"  # the earliest stop sequence wins
