@@ -5,14 +5,16 @@ config.broker_frontend_addr.  Settings come from the environment (shared/config.
 """
 from __future__ import annotations
 
+import errno
 import json
+import sys
 
 import waitress
 import waitress.utilities
 
 from frontend.app import create_app
 from frontend.broker_client import BrokerClient
-from shared.config import load_config
+from shared.config import EXIT_CONFIG, StartupError, load_config
 from shared.logs import setup_logging
 
 # waitress answers bodies above max_request_body_size with its own plain-text
@@ -39,11 +41,15 @@ def json_waitress_errors() -> None:
 _WAITRESS_CODES = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large", 500: "internal_error"}
 
 
-def main() -> None:
+def main() -> int:
     config = load_config()
-    setup_logging("frontend", config)
+    log = setup_logging("frontend", config)
     json_waitress_errors()
-    client = BrokerClient(config)
+    try:
+        client = BrokerClient(config)
+    except StartupError as exc:  # no keys for a remote broker: one line, and stay down
+        log.error("%s", exc)
+        return EXIT_CONFIG
     try:
         waitress.serve(
             create_app(config, client),
@@ -56,9 +62,16 @@ def main() -> None:
             channel_request_lookahead=1,
             ident="moondream-server",
         )
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        log.error("cannot listen on HOST=%s PORT=%s (%s): another process, perhaps another copy of this "
+                  "service, holds it; set PORT to a free one", config.host, config.port, exc.strerror)
+        return EXIT_CONFIG
     finally:
         client.close()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -160,6 +160,7 @@ class Health(msgspec.Struct):
     auth_required: bool
     workers: HealthWorkers
     queue: Union[HealthQueue, UnsetType] = UNSET  # absent when the broker does not answer
+    reason: Union[str, UnsetType] = UNSET  # why not ready (503 only)
     note: Union[str, UnsetType] = UNSET  # set for the random-weight test model
 
 

@@ -72,6 +72,7 @@ class Status(Message):
     gpu_free_slots: int = 0  # of which free now (from their last heartbeats)
     gpu_stats: dict = {}  # the GPU workers' scheduler counters, summed
     worker_restarts: dict = {}  # kind -> workers lost (died or went silent) since the broker started
+    deployment: str = ""  # the broker's config.deployment_id: a front end of another deployment stops using it
 
 
 # ---------------------------------------------------------------- workers <-> broker
@@ -82,13 +83,25 @@ class Ready(Message):
     worker_id: str
     capacity: int = 1  # how many jobs it can hold at once
     model: dict = {}
-    secret: str = ""  # shared secret for workers joining over tcp (empty = none configured)
+    deployment: str = ""  # config.deployment_id: the broker refuses a worker of another deployment
 
 
 class Heartbeat(Message):
     worker_id: str = ""
     free: int = -1  # GPU worker: free capacity now; -1 = unknown / not a worker
     stats: dict = {}  # GPU worker: its scheduler's counters (running, waiting, image cache, steps)
+
+
+class Refused(Message):
+    """Broker -> worker: "you are not one of mine" (another deployment): the worker stops for good."""
+
+    reason: str
+
+
+class Leaving(Message):
+    """Worker -> broker: stopping on purpose (its jobs go back to the queue at once)."""
+
+    worker_id: str = ""
 
 
 class RegisterAgain(Message):
@@ -159,7 +172,7 @@ class Error(Message):
 
 
 AnyMessage = Union[
-    Submit, Cancel, StatusQuery, Status, Ready, Heartbeat, RegisterAgain, PreprocessJob,
+    Submit, Cancel, StatusQuery, Status, Ready, Heartbeat, RegisterAgain, Refused, Leaving, PreprocessJob,
     Preprocessed, Generate, Chunk, Result, Error,
 ]
 
