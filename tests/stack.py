@@ -185,19 +185,24 @@ class Stack:
 def running_stack(preprocess_workers: int = 2, ready_timeout: float = 90.0, keep_run_dir: bool = False,
                   **env_overrides) -> Iterator[Stack]:
     """The whole service under supervisord on free ports; yields a ready Stack."""
-    run_dir = Path(tempfile.mkdtemp(prefix="md-"))  # short: the control socket path has a length limit
-    env = stack_env(run_dir, PREPROCESS_WORKERS=preprocess_workers, **env_overrides)
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(REPO / "supervisord.conf")],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    stack = Stack(run_dir=run_dir, env=env, process=proc)
+    stack = launch_stack(preprocess_workers, **env_overrides)
     try:
         stack.wait_ready(ready_timeout)
         yield stack
     finally:
         stack.stop()
         if not (keep_run_dir or os.environ.get("KEEP_RUN_DIR")):  # KEEP_RUN_DIR=1 keeps the logs for a look
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(stack.run_dir, ignore_errors=True)
+
+
+def launch_stack(preprocess_workers: int = 2, **env_overrides) -> Stack:
+    """Start supervisord with the whole service on free ports; returns at once (the caller stops it)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="md-"))  # short: the control socket path has a length limit
+    env = stack_env(run_dir, PREPROCESS_WORKERS=preprocess_workers, **env_overrides)
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(REPO / "supervisord.conf")],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    return Stack(run_dir=run_dir, env=env, process=proc)
 
 
 def wait_for(predicate, timeout: float, what: str, stack=None) -> None:

@@ -1,0 +1,62 @@
+"""Two copies of the service on one host with the same broker ports (real supervisord, both).
+
+The second broker cannot listen: it says so in one line and stays down (FATAL, not a restart
+loop).  The second stack's front end and workers reach the first stack's broker instead, and
+refuse it (DEPLOYMENT_ID differs: each supervisord gives its programs its own): the workers stop
+for good, the front end's /health is 503 with the reason, and no request of either stack is
+answered by the other.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.stack import launch_stack, running_stack, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+BROKER_PORTS = ("BROKER_FRONTEND_BIND", "BROKER_FRONTEND_ADDR", "BROKER_BACKEND_BIND", "BROKER_BACKEND_ADDR")
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_a_second_stack_on_taken_broker_ports_stays_down_and_never_cross_wires():
+    with running_stack(preprocess_workers=1) as first:
+        second = launch_stack(preprocess_workers=1, **{name: first.env[name] for name in BROKER_PORTS})
+        try:
+            wait_for(lambda: second.states().get("broker") == "FATAL", 60, "the second broker FATAL", second)
+            log = second.log("broker")
+            assert "cannot listen on BROKER_FRONTEND_BIND=" in log and "Address already in use" in log, log
+            assert "Traceback" not in log
+
+            # Its workers met the first broker, were refused, and stay down with the reason.
+            for program, log_name in (("preprocess:preprocess_00", "preprocess_00"), ("gpu_worker", "gpu_worker")):
+                wait_for(lambda: second.states().get(program) in ("FATAL", "EXITED"), 90, f"{program} down", second)
+                assert "refused this worker: this broker belongs to deployment" in second.log(log_name)
+
+            code, health = second.health()
+            assert code == 503 and health["ready"] is False
+            assert "belongs to another deployment" in health["reason"], health
+            code, body = post(second.url + "/v1/query", {"question": "Hi?", "settings": {"max_tokens": 4}})
+            assert code == 503 and "another deployment" in body["error"]["message"], body
+
+            # The first stack never noticed beyond a log line: same workers, still serving.
+            code, health = first.health()
+            assert code == 200 and health["workers"] == {"preprocess": 1, "gpu": 1}, health
+            code, body = post(first.url + "/v1/query", {"question": "Hi?", "settings": {"max_tokens": 4}})
+            assert code == 200, body
+            assert "refused" in first.log("broker")
+        finally:
+            second.stop()
+            shutil.rmtree(second.run_dir, ignore_errors=True)
