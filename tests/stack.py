@@ -163,6 +163,10 @@ class Stack:
             time.sleep(0.2)
         raise TimeoutError(f"stack not ready after {timeout} s: {last}; {self.states()}\n{self.log_tails()}")
 
+    def terminal(self) -> str:
+        """What supervisord printed on its terminal (ready_notice's lines)."""
+        return (self.run_dir / "terminal.out").read_text(errors="replace")
+
     def log_tails(self, lines: int = 15) -> str:
         """The end of every log in the run directory (for failure messages)."""
         parts = []
@@ -199,9 +203,10 @@ def launch_stack(preprocess_workers: int = 2, **env_overrides) -> Stack:
     """Start supervisord with the whole service on free ports; returns at once (the caller stops it)."""
     run_dir = Path(tempfile.mkdtemp(prefix="md-"))  # short: the control socket path has a length limit
     env = stack_env(run_dir, PREPROCESS_WORKERS=preprocess_workers, **env_overrides)
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(REPO / "supervisord.conf")],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    with open(run_dir / "terminal.out", "wb") as terminal:  # what `bash scripts/serve.sh` would show
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(REPO / "supervisord.conf")],
+                                env=env, cwd=REPO, stdout=terminal, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     return Stack(run_dir=run_dir, env=env, process=proc)
 
 

@@ -4,7 +4,8 @@ The second broker cannot listen: it says so in one line and stays down (FATAL, n
 loop).  The second stack's front end and workers reach the first stack's broker instead, and
 refuse it (DEPLOYMENT_ID differs: each supervisord gives its programs its own): the workers stop
 for good, the front end's /health is 503 with the reason, and no request of either stack is
-answered by the other.
+answered by the other.  The terminal (supervisord's stdout, what `bash scripts/serve.sh`
+shows) has the listening line for the first stack and the broker's reason for the second.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def test_a_second_stack_on_taken_broker_ports_stays_down_and_never_cross_wires()
             log = second.log("broker")
             assert "cannot listen on BROKER_FRONTEND_BIND=" in log and "Address already in use" in log, log
             assert "Traceback" not in log
+            # ... and on the terminal of `bash scripts/serve.sh`, instead of a listening line.
+            wait_for(lambda: "broker FATAL: " in second.terminal(), 30, "the terminal to name the broker", second)
+            assert "cannot listen on BROKER_FRONTEND_BIND=" in second.terminal()
 
             # Its workers met the first broker, were refused, and stay down with the reason.
             for program, log_name in (("preprocess:preprocess_00", "preprocess_00"), ("gpu_worker", "gpu_worker")):
@@ -52,6 +56,8 @@ def test_a_second_stack_on_taken_broker_ports_stays_down_and_never_cross_wires()
             assert code == 503 and "another deployment" in body["error"]["message"], body
 
             # The first stack never noticed beyond a log line: same workers, still serving.
+            wait_for(lambda: "listening on http://127.0.0.1:" in first.terminal(), 30, "the listening line", first)
+            assert "listening on" not in second.terminal()
             code, health = first.health()
             assert code == 200 and health["workers"] == {"preprocess": 1, "gpu": 1}, health
             code, body = post(first.url + "/v1/query", {"question": "Hi?", "settings": {"max_tokens": 4}})
