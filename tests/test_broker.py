@@ -264,3 +264,14 @@ def test_preprocess_worker_stuck_past_its_time_limit_exits_and_the_job_is_taken_
     assert worker.wait(timeout=10) == 3  # supervisord would start a fresh one
     # Taken back into the queue; with no worker left it ends with a 503 instead of hanging.
     assert [(e.status, e.code) for e in events] == [(503, "no_preprocess_worker")]
+
+
+def test_a_worker_stopped_on_purpose_is_logged_as_leaving_not_lost(services):
+    s = services()
+    worker = s.start("preprocess_worker")
+    s.wait_for(preprocess=1)
+    worker.terminate()  # what `supervisorctl stop` sends
+    assert worker.wait(timeout=10) == 0
+    status = s.wait_for(preprocess=0)  # at once: no heartbeat expiry to wait for
+    assert "preprocess worker preprocess-" in s.broker_log("left (stopped on purpose)")
+    assert "removed" not in s.broker_log() and status.worker_restarts.get("preprocess") == 0
