@@ -253,6 +253,14 @@ def _sse_content() -> dict:
     }}
 
 
+SKILL_SUMMARIES = {
+    "caption": "Describe the image.",
+    "query": "Answer a question about the image (or without one).",
+    "detect": "Bounding boxes of every instance of an object.",
+    "point": "Center points of every instance of an object.",
+}
+
+
 def _skill_operation(path: str, skill: str, schema: type, config: Config) -> dict:
     auth = bool(config.api_key)
     answer, streams = ANSWERS[skill]
@@ -266,7 +274,7 @@ def _skill_operation(path: str, skill: str, schema: type, config: Config) -> dic
                 413, 415, 422, 429, 500, 503, 504]
     operation = {
         "operationId": skill,
-        "summary": (schema.__doc__ or path).strip(),
+        "summary": SKILL_SUMMARIES.get(skill, skill),  # not the path: /docs shows it beside the path
         "description": description,
         "tags": ["skills"],
         "parameters": [{
