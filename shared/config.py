@@ -42,7 +42,7 @@ class Config:
 
     # --- ZeroMQ addresses (front ends and workers connect; the broker binds)
     broker_frontend_bind: str = field(default="tcp://127.0.0.1:5555", metadata={"env": "BROKER_FRONTEND_BIND", "help": "where the broker listens for front ends"})
-    broker_backend_bind: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "BROKER_BACKEND_BIND", "help": "where the broker listens for workers (use tcp://0.0.0.0:5556 for remote workers)"})
+    broker_backend_bind: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "BROKER_BACKEND_BIND", "help": "where the broker listens for workers (tcp://0.0.0.0:5556 for workers on other hosts, with CURVE_KEYS_DIR)"})
     broker_frontend_addr: str = field(default="tcp://127.0.0.1:5555", metadata={"env": "BROKER_FRONTEND_ADDR", "help": "address front ends connect to"})
     broker_backend_addr: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "BROKER_BACKEND_ADDR", "help": "address workers connect to"})
     deployment_id: str = field(default="", metadata={"env": "DEPLOYMENT_ID", "help": "name shared by the broker and every front end and worker of one deployment; a peer with another name is refused (default: the supervisord the process runs under, so two stacks on one host never mix; with CURVE_KEYS_DIR none, the keys prove it)"})

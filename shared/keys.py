@@ -3,7 +3,7 @@
 Make a set once, then copy the files each host needs (docs/operations.md, "Securing a
 multi-host deployment"):
 
-    python -m shared.keys generate DIR
+    python -m shared.keys generate DIR        (installed as a package: moondream-keys generate DIR)
 
     DIR/broker.key      broker.key_secret      the broker's pair: every process needs broker.key
                                                (to know it talks to the real broker), only the
@@ -131,7 +131,8 @@ def generate(directory: Path) -> list[Path]:
     return made
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "generate":
         print("usage: python -m shared.keys generate DIR", file=sys.stderr)
         return 2
@@ -144,4 +145,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
