@@ -175,10 +175,11 @@ class BrokerClient:
 
     def _fail_all(self, why: str, sent_before_connection: Optional[int] = None) -> None:
         """Fail every open request; with `sent_before_connection`, only those sent on an
-        earlier connection (a restarted broker never saw them; later ones it holds)."""
+        earlier connection (a restarted broker never saw them; later ones it holds, and ones not
+        sent yet still go to it)."""
         with self._replies_lock:
             failing = [rid for rid in self._replies if not rid.startswith("status-")
-                       and (sent_before_connection is None or self._sent_on.get(rid, -1) < sent_before_connection)]
+                       and (sent_before_connection is None or self._sent_on.get(rid, sent_before_connection) < sent_before_connection)]
             failing = [(rid, self._replies.pop(rid)) for rid in failing]
             for rid, _ in failing:
                 self._sent_on.pop(rid, None)
