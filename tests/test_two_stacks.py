@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.stack import launch_stack, running_stack, wait_for
+from shared.config import EXIT_CONFIG
+from tests.stack import ProcessGroup, launch_stack, running_stack, stack_env, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -66,3 +68,15 @@ def test_a_second_stack_on_taken_broker_ports_stays_down_and_never_cross_wires()
         finally:
             second.stop()
             shutil.rmtree(second.run_dir, ignore_errors=True)
+
+
+def test_a_front_end_whose_http_port_is_taken_says_so_and_exits_78(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = stack_env(tmp_path, PORT=taken.getsockname()[1])
+        frontend = ProcessGroup(env, tmp_path).start("frontend", "frontend")
+        assert frontend.wait(timeout=60) == EXIT_CONFIG
+    log = frontend.log_path.read_text()
+    assert f"cannot listen on HOST=127.0.0.1 PORT={env['PORT']}" in log and "set PORT to a free one" in log, log
+    assert "Traceback" not in log
