@@ -51,6 +51,9 @@ def stack_env(run_dir: Path, **overrides) -> dict:
         "BROKER_FRONTEND_ADDR": f"tcp://127.0.0.1:{front}",
         "BROKER_BACKEND_BIND": f"tcp://127.0.0.1:{back}",
         "BROKER_BACKEND_ADDR": f"tcp://127.0.0.1:{back}",
+        # Shared by the stack's processes and a test's in-process BrokerClient (under supervisord
+        # it would otherwise default to supervisord's control socket, which the test lacks).
+        "DEPLOYMENT_ID": f"test-{run_dir.name}",
         "MOONDREAM_MODEL": str(REPO / TEST_MODEL),
         "MOONDREAM_DEVICE": "cpu",
         "PREPROCESS_WORKERS": "2",
