@@ -3,14 +3,18 @@ import signal
 import sys
 
 from broker.broker import Broker
-from shared.config import load_config
+from shared.config import EXIT_CONFIG, StartupError, load_config
 from shared.logs import setup_logging
 
 
 def main() -> int:
     config = load_config()
     log = setup_logging("broker", config)
-    broker = Broker(config)
+    try:
+        broker = Broker(config)
+    except StartupError as exc:  # a port taken, keys missing: one line, and stay down
+        log.error("%s", exc)
+        return EXIT_CONFIG
 
     def stop(signum, frame):  # finish the current loop iteration, then close sockets
         broker.stopping = True

@@ -17,7 +17,6 @@ timeout, cancel, overload or a dead worker.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 import uuid
@@ -28,11 +27,12 @@ from typing import Optional
 import msgspec
 import zmq
 
-from shared import protocol
+from shared import keys, protocol
+from shared.config import StartupError
 from shared.logs import log_request
 from shared.protocol import (
-    Cancel, Chunk, Error, Generate, Heartbeat, PreprocessJob, Preprocessed, Ready, RegisterAgain,
-    Result, Status, StatusQuery, Submit,
+    Cancel, Chunk, Error, Generate, Heartbeat, Leaving, PreprocessJob, Preprocessed, Ready, Refused,
+    RegisterAgain, Result, Status, StatusQuery, Submit,
 )
 
 log = logging.getLogger("broker")
@@ -91,8 +91,12 @@ class Broker:
         self.config = config
         self.broker_id = uuid.uuid4().hex[:12]
         self.context = context or zmq.Context.instance()
-        self.frontend = self._bind(config.broker_frontend_bind)
-        self.backend = self._bind(config.broker_backend_bind)
+        keys.require_keys_beyond_loopback(config, {"BROKER_FRONTEND_BIND": config.broker_frontend_bind,
+                                                   "BROKER_BACKEND_BIND": config.broker_backend_bind})
+        # With keys, a ZAP handler checks every connecting front end's and worker's key.
+        self.authenticator = keys.start_authenticator(self.context, config) if config.curve_keys_dir else None
+        self.frontend = self._bind(config.broker_frontend_bind, "BROKER_FRONTEND_BIND", keys.FRONTEND)
+        self.backend = self._bind(config.broker_backend_bind, "BROKER_BACKEND_BIND", keys.WORKER)
         self.workers: dict[bytes, Worker] = {}
         self.workers_lost: dict[str, int] = {protocol.GPU: 0, protocol.PREPROCESS: 0}
         self.requests: dict[str, Request] = {}
@@ -104,19 +108,29 @@ class Broker:
         self.next_heartbeat = now
         self.stopping = False
 
-    def _bind(self, address: str) -> zmq.Socket:
+    def _bind(self, address: str, setting: str, role: str) -> zmq.Socket:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> EHOSTUNREACH instead of a silent drop
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.bind(address)
+        if self.config.curve_keys_dir:
+            keys.secure_server(sock, self.config, role)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self.close()
+            raise StartupError(f"cannot listen on {setting}={address} ({exc.strerror}): another process, perhaps "
+                               f"another copy of this service, holds it; give this one free ports "
+                               f"(BROKER_FRONTEND_BIND/ADDR, BROKER_BACKEND_BIND/ADDR)") from None
         return sock
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
-        log.info("broker %s listening: front ends %s, workers %s", self.broker_id,
-                 self.config.broker_frontend_bind, self.config.broker_backend_bind)
+        log.info("broker %s listening: front ends %s, workers %s (%s)", self.broker_id,
+                 self.config.broker_frontend_bind, self.config.broker_backend_bind,
+                 "CURVE keys required" if self.authenticator else "loopback only, no keys")
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
@@ -143,8 +157,12 @@ class Broker:
             log.exception("%s failed", step.__name__)
 
     def close(self) -> None:
-        self.frontend.close()
-        self.backend.close()
+        for sock in (getattr(self, "frontend", None), getattr(self, "backend", None)):
+            if sock is not None:
+                sock.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
 
     def _drain(self, sock: zmq.Socket, handler, limit: int = 200) -> None:
         """Handle up to `limit` waiting messages; a bad message is logged and dropped."""
@@ -218,6 +236,7 @@ class Broker:
             worker_restarts=dict(self.workers_lost),
             variants={part: sorted({v for w in gpus for v in w.variants.get(part, [])})
                       for part in ("loaded", "available")},
+            deployment=self.config.deployment_id,
         )
 
     # ------------------------------------------------------------------ workers
@@ -230,6 +249,10 @@ class Broker:
             return
         if isinstance(msg, Ready):
             self.on_ready(identity, msg)
+            return
+        if isinstance(msg, Leaving):
+            if identity in self.workers:
+                self.remove_worker(identity, "left (stopped on purpose)", left=True)
             return
         worker = self.workers.get(identity)
         if worker is None:
@@ -266,18 +289,20 @@ class Broker:
             log.warning("unexpected %s from worker %s dropped", type(msg).__name__, worker.worker_id)
 
     def on_ready(self, identity: bytes, msg: Ready) -> None:
-        secret = self.config.worker_secret
-        if secret and not hmac.compare_digest(msg.secret.encode(), secret.encode()):
-            log.warning("worker %r (%s) rejected: wrong secret", msg.worker_id, msg.kind)
+        if msg.deployment != self.config.deployment_id:
+            reason = (f"this broker belongs to deployment {self.config.deployment_id!r}, the worker to "
+                      f"{msg.deployment!r} (DEPLOYMENT_ID)")
+            log.warning("worker %r (%s) refused: %s", msg.worker_id, msg.kind, reason)
+            self.send_to_worker(identity, protocol.encode(Refused(reason)))
             return
         if msg.kind not in (protocol.PREPROCESS, protocol.GPU):
             log.warning("worker %r rejected: unknown kind %r", msg.worker_id, msg.kind)
             return
         # A worker that reconnected has a new identity: forget its old connection now.
         for old in [w for w in self.workers.values() if w.worker_id == msg.worker_id and w.identity != identity]:
-            self.remove_worker(old.identity, "re-registered on a new connection")
+            self.remove_worker(old.identity, "removed: re-registered on a new connection")
         if identity in self.workers:
-            self.remove_worker(identity, "sent Ready again")
+            self.remove_worker(identity, "removed: sent Ready again")
         now = time.monotonic()
         self.workers[identity] = Worker(
             identity=identity, kind=msg.kind, worker_id=msg.worker_id, capacity=max(1, msg.capacity),
@@ -320,13 +345,16 @@ class Broker:
             worker.jobs.discard(request_id)
             worker.idle_since = time.monotonic()
 
-    def remove_worker(self, identity: bytes, reason: str) -> None:
-        """Forget a worker; retry its preprocess jobs, fail its generations (not idempotent)."""
+    def remove_worker(self, identity: bytes, reason: str, left: bool = False) -> None:
+        """Forget a worker; retry its preprocess jobs, fail its generations (not idempotent).
+        `left`: it said goodbye (stopped on purpose), so it is not counted as lost."""
         worker = self.workers.pop(identity, None)
         if worker is None:
             return
-        log.warning("%s worker %s removed: %s (%d jobs in flight)", worker.kind, worker.worker_id, reason, len(worker.jobs))
-        self.workers_lost[worker.kind] = self.workers_lost.get(worker.kind, 0) + 1
+        log.log(logging.INFO if left else logging.WARNING, "%s worker %s %s (%d jobs in flight)",
+                worker.kind, worker.worker_id, reason, len(worker.jobs))
+        if not left:
+            self.workers_lost[worker.kind] = self.workers_lost.get(worker.kind, 0) + 1
         now = time.monotonic()
         for rid in sorted(worker.jobs):
             req = self.requests.get(rid)
@@ -445,7 +473,7 @@ class Broker:
                 if now - max(req.waiting_since, self.no_preprocess_since) > grace:
                     self.finish(req, None, Error(rid, 503, "no_preprocess_worker", "no image worker is available"))
         for worker in [w for w in self.workers.values() if w.expires_at <= now]:
-            self.remove_worker(worker.identity, "heartbeat expired")
+            self.remove_worker(worker.identity, "removed: heartbeat expired")
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.config.heartbeat_interval
             beat = protocol.encode(Heartbeat())
@@ -468,7 +496,7 @@ class Broker:
         except zmq.ZMQError as exc:
             worker = self.workers.get(identity)
             if worker is not None:  # gone without a goodbye; the main loop re-dispatches its work
-                self.remove_worker(identity, f"unreachable ({exc.strerror})")
+                self.remove_worker(identity, f"removed: connection lost ({exc.strerror})")
 
 
 def _sum_counters(dicts) -> dict:

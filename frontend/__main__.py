@@ -6,24 +6,38 @@ the broker at config.broker_frontend_addr.  Settings come from the environment
 """
 from __future__ import annotations
 
+import errno
+import sys
+
 from frontend import edge
 from frontend.app import create_app
 from frontend.broker_client import BrokerClient
-from shared.config import load_config
+from shared.config import EXIT_CONFIG, StartupError, load_config
 from shared.logs import setup_logging
 
 
-def main() -> None:
+def main() -> int:
     config = load_config()
-    setup_logging("frontend", config)
-    client = BrokerClient(config)
+    log = setup_logging("frontend", config)
+    try:
+        client = BrokerClient(config)
+    except StartupError as exc:  # no keys for a remote broker: one line, and stay down
+        log.error("%s", exc)
+        return EXIT_CONFIG
     try:
         server = edge.create_server(create_app(config, client), config)
         server.print_listen("Serving on http://{}:{}")
         server.run()
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        log.error("cannot listen on HOST=%s PORT=%s (%s): another process, perhaps another copy of this "
+                  "service, holds it; set PORT to a free one", config.host, config.port, exc.strerror)
+        return EXIT_CONFIG
     finally:
         client.close()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

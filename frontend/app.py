@@ -407,11 +407,15 @@ class HealthResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = self._client.status(timeout=1.0)
         model = {"name": self._config.model, "revision": self._config.revision, "id": self._config.model_name}
+        reason = None
         if status is None:
             state, ready, workers, queue = "unavailable", False, {"preprocess": 0, "gpu": 0}, None
+            reason = getattr(self._client, "problem", None) or "the broker is not answering"
         else:
             ready = status.gpu_ready
             state = "ok" if ready else "loading"
+            if not ready:
+                reason = "no GPU worker has registered yet (its model may still be loading)"
             workers = {"preprocess": status.preprocess_workers, "gpu": status.gpu_workers}
             queue = {"queued": status.queued, "in_flight": status.in_flight}
             model.update(status.model)
@@ -424,6 +428,8 @@ class HealthResource:
             "auth_required": bool(self._config.api_key),
             "workers": workers,
         }
+        if reason is not None:
+            body["reason"] = reason
         if queue is not None:
             body["queue"] = queue
         if model.get("test_model"):

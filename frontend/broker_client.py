@@ -11,6 +11,11 @@ The I/O thread also pings the broker (StatusQuery) every heartbeat interval.
 When the broker stops answering, or answers with a new broker_id (it
 restarted and forgot our requests), every open request ends with
 Error(503, "broker_unavailable") instead of hanging.
+
+Requests go out only to a broker that has proved it is ours: its Status names our
+DEPLOYMENT_ID (and with CURVE_KEYS_DIR, the handshake proved its key).  Until
+then they wait; a broker of another deployment gets none, and `problem` says why
+(/health shows it).
 """
 from __future__ import annotations
 
@@ -24,8 +29,9 @@ from typing import Iterator, Optional, Union
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from shared import protocol
+from shared import keys, protocol
 from shared.protocol import Cancel, Chunk, Error, Result, Status, StatusQuery, Submit
 
 log = logging.getLogger("broker_client")
@@ -89,6 +95,9 @@ class BrokerClient:
         self._connection = 0  # I/O thread: counts the broker connections lost so far
         self._closed = threading.Event()
         self._ids = itertools.count()
+        self.problem: Optional[str] = None  # why the broker we reach is not usable (I/O thread writes)
+        self._verified = False  # I/O thread: the broker we reach now has proved it is ours
+        keys.require_keys_beyond_loopback(config, {"BROKER_FRONTEND_ADDR": config.broker_frontend_addr})
 
         # Request threads hand outgoing messages to the I/O thread through an inproc pipe.
         address = f"inproc://broker-client-{uuid.uuid4().hex}"
@@ -123,7 +132,8 @@ class BrokerClient:
         try:
             self._hand_to_io(request_id, protocol.encode(StatusQuery(request_id)))
             reply = replies.get(timeout=timeout)
-            return reply if isinstance(reply, Status) else None
+            ours = isinstance(reply, Status) and reply.deployment == self.config.deployment_id
+            return reply if ours else None
         except queue.Empty:
             return None
         finally:
@@ -165,10 +175,11 @@ class BrokerClient:
 
     def _fail_all(self, why: str, sent_before_connection: Optional[int] = None) -> None:
         """Fail every open request; with `sent_before_connection`, only those sent on an
-        earlier connection (a restarted broker never saw them; later ones it holds)."""
+        earlier connection (a restarted broker never saw them; later ones it holds, and ones not
+        sent yet still go to it)."""
         with self._replies_lock:
             failing = [rid for rid in self._replies if not rid.startswith("status-")
-                       and (sent_before_connection is None or self._sent_on.get(rid, -1) < sent_before_connection)]
+                       and (sent_before_connection is None or self._sent_on.get(rid, sent_before_connection) < sent_before_connection)]
             failing = [(rid, self._replies.pop(rid)) for rid in failing]
             for rid, _ in failing:
                 self._sent_on.pop(rid, None)
@@ -179,10 +190,12 @@ class BrokerClient:
         dealer = self.context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a broker we are not connected to
+        if self.config.curve_keys_dir:
+            keys.secure_client(dealer, self.config, keys.FRONTEND)
         dealer.connect(self.config.broker_frontend_addr)
         # Connection events number the connections, so that a restarted broker fails only
         # the requests sent to its predecessor.
-        monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         poller.register(self._inbox, zmq.POLLIN)
@@ -201,10 +214,15 @@ class BrokerClient:
                 if monitor in ready:
                     while True:
                         try:
-                            monitor.recv_multipart(zmq.NOBLOCK)
+                            event = recv_monitor_message(monitor, zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                            self._set_problem(f"the broker at {self.config.broker_frontend_addr} refused this front "
+                                              f"end's CURVE key: add its frontend.key to the broker's CURVE_KEYS_DIR")
+                            continue
                         self._connection += 1  # the broker went away; what we send next goes to its successor
+                        self._verified = False  # whoever answers next proves again that it is ours
                 if self._inbox in ready:
                     while True:
                         try:
@@ -212,7 +230,7 @@ class BrokerClient:
                         except zmq.Again:
                             break
                         unsent.append((now, frames[0].bytes.decode(), frames[1:]))
-                unsent = self._send_waiting(dealer, unsent, now, expiry)
+                unsent = self._send_waiting(dealer, unsent, now, expiry, verified=self._verified)
                 if dealer in ready:
                     last_heard, broker_id = self._read_replies(dealer, last_heard, broker_id)
                 if now >= next_ping:
@@ -237,10 +255,19 @@ class BrokerClient:
             dealer.close(linger=0)
             self._inbox.close(linger=0)
 
-    def _send_waiting(self, dealer: zmq.Socket, unsent: list, now: float, expiry: float) -> list:
-        """Send what we can; fail what could not reach a broker for `expiry` seconds."""
+    def _send_waiting(self, dealer: zmq.Socket, unsent: list, now: float, expiry: float, verified: bool) -> list:
+        """Send what we can; fail what could not reach a broker for `expiry` seconds.  Work goes
+        only to a verified broker (status queries go anywhere: they are how it proves itself)."""
         still_waiting = []
         for first_try, request_id, frames in unsent:
+            if not verified and not request_id.startswith("status-"):
+                if self.problem:  # a broker that is not ours answers there: no point waiting
+                    self._deliver(request_id, _unavailable(request_id, self.problem), final=True)
+                elif now - first_try > expiry:
+                    self._deliver(request_id, _unavailable(request_id, "cannot reach the broker"), final=True)
+                else:
+                    still_waiting.append((first_try, request_id, frames))
+                continue
             try:
                 dealer.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 with self._replies_lock:
@@ -252,6 +279,12 @@ class BrokerClient:
                 else:
                     still_waiting.append((first_try, request_id, frames))
         return still_waiting
+
+    def _set_problem(self, why: str) -> None:
+        if why != self.problem:
+            log.error("%s", why)
+        self.problem = why
+        self._fail_all(why)
 
     def _read_replies(self, dealer: zmq.Socket, last_heard: float, broker_id):
         while True:
@@ -266,6 +299,15 @@ class BrokerClient:
                 log.warning("malformed reply from the broker dropped: %s", exc)
                 continue
             if isinstance(msg, Status):
+                if msg.deployment != self.config.deployment_id:
+                    self._set_problem(f"the broker at {self.config.broker_frontend_addr} belongs to another deployment "
+                                      f"({msg.deployment!r}, this front end is {self.config.deployment_id!r}): is another "
+                                      f"copy of the service using these ports? (DEPLOYMENT_ID, BROKER_FRONTEND_ADDR)")
+                    self._verified = False
+                    if not msg.request_id.startswith(_PING_PREFIX):
+                        self._deliver(msg.request_id, msg, final=True)  # status() turns it into None
+                    continue
+                self.problem, self._verified = None, True
                 if broker_id is not None and msg.broker_id and msg.broker_id != broker_id:
                     log.warning("broker restarted: failing the requests it forgot")
                     self._fail_all("the broker restarted", sent_before_connection=self._connection)

@@ -161,6 +161,7 @@ class Health(msgspec.Struct):
     auth_required: bool
     workers: HealthWorkers
     queue: Union[HealthQueue, UnsetType] = UNSET  # absent when the broker does not answer
+    reason: Union[str, UnsetType] = UNSET  # why not ready (503 only)
     note: Union[str, UnsetType] = UNSET  # set for the random-weight test model
 
 
@@ -257,6 +258,14 @@ def _sse_content() -> dict:
     }}
 
 
+SKILL_SUMMARIES = {
+    "caption": "Describe the image.",
+    "query": "Answer a question about the image (or without one).",
+    "detect": "Bounding boxes of every instance of an object.",
+    "point": "Center points of every instance of an object.",
+}
+
+
 def _skill_operation(path: str, skill: str, schema: type, config: Config) -> dict:
     auth = bool(config.api_key)
     answer, streams = ANSWERS[skill]
@@ -270,7 +279,7 @@ def _skill_operation(path: str, skill: str, schema: type, config: Config) -> dic
                 404, 413, 415, 422, 429, 500, 503, 504]
     operation = {
         "operationId": skill,
-        "summary": (schema.__doc__ or path).strip(),
+        "summary": SKILL_SUMMARIES.get(skill, skill),  # not the path: /docs shows it beside the path
         "description": description,
         "tags": ["skills"],
         "parameters": [{

@@ -5,16 +5,23 @@ routes work to a worker that cannot serve it.  A model that does not load is
 a configuration problem: log one line and exit non-zero (supervisord retries,
 then shows FATAL).
 """
+import signal
 import sys
 
 from gpu_worker.engine import ModelLoadError, load_model
-from shared.config import load_config
+from shared import keys
+from shared.config import EXIT_CONFIG, StartupError, load_config
 from shared.logs import setup_logging
 
 
 def main() -> int:
     config = load_config()
     log = setup_logging("gpu_worker", config)
+    try:  # before the minutes a model load can take
+        keys.require_keys_beyond_loopback(config, {"BROKER_BACKEND_ADDR": config.broker_backend_addr})
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
     log.info("loading model %s (revision %s, device %s, dtype %s)", config.model, config.revision, config.device, config.dtype)
     try:
         model = load_model(config)
@@ -28,6 +35,8 @@ def main() -> int:
 
     from gpu_worker.worker import GpuWorker  # after loading: import errors in the loop show up as such
 
+    # SIGTERM (supervisorctl stop) ends the loop like Ctrl-C: the I/O thread says goodbye to the broker.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         GpuWorker(config, model).run()
     except KeyboardInterrupt:

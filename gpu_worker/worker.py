@@ -27,6 +27,7 @@ from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput,
 from gpu_worker.variants import VariantError, VariantStore, default_cache_dir
 from shared import protocol
 from shared.broker_link import BrokerLink
+from shared.config import EXIT_CONFIG, StartupError
 from shared.protocol import Cancel, Chunk, Error, Generate, Result
 
 log = logging.getLogger("gpu_worker")
@@ -79,6 +80,9 @@ class BrokerIO(threading.Thread):
                     os._exit(4)
                 # Lost the broker: the main loop drops its work before we wait to reconnect.
                 link.keep_alive(on_lost=lambda: self.inbox.put(RECONNECTED))
+        except StartupError as exc:  # the broker refused us (key, deployment): retrying cannot help
+            log.error("%s", exc)
+            os._exit(EXIT_CONFIG)
         finally:
             link.close()
             outbox.close(linger=0)

@@ -7,5 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RUN_DIR=${RUN_DIR:-$PWD/run}
 export PREPROCESS_WORKERS=${PREPROCESS_WORKERS:-2}
-mkdir -p "$RUN_DIR"
-exec .venv/bin/supervisord -n -c supervisord.conf
+mkdir -p -m 700 "$RUN_DIR"  # logs and the control socket: the owner's only
+# The terminal then shows one line once the service is ready (supervisord.conf, ready_notice).
+# As root, say so on purpose: supervisord otherwise logs a CRIT line about not dropping privileges.
+as_root=()
+[ "$(id -u)" = 0 ] && as_root=(--user=root)
+exec .venv/bin/supervisord -n -c supervisord.conf "${as_root[@]}"

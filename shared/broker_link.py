@@ -5,6 +5,10 @@ worker with Ready, sends a Heartbeat every interval, and treats the broker as
 gone when it hears nothing for `heartbeat_expiry` seconds.  Then it closes the
 socket, waits (1 s doubling to 32 s) and connects and registers again.  Any
 message from the broker counts as a sign of life.
+
+What cannot be retried ends the worker with StartupError (its main exits EXIT_CONFIG, and
+supervisord leaves it down): a broker address beyond loopback without CURVE keys, a broker that
+refuses our key, or one of another deployment (Refused).  Stopping on purpose says Leaving.
 """
 from __future__ import annotations
 
@@ -16,9 +20,11 @@ from typing import Callable, Optional
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from shared import protocol
-from shared.protocol import Heartbeat, Ready, RegisterAgain
+from shared import keys, protocol
+from shared.config import StartupError
+from shared.protocol import Heartbeat, Leaving, Ready, Refused, RegisterAgain
 
 log = logging.getLogger("broker_link")
 
@@ -44,22 +50,36 @@ class BrokerLink:
         self.worker_id = worker_id or default_worker_id(kind)
         self.context = context or zmq.Context.instance()
         self.socket: Optional[zmq.Socket] = None
+        self.monitor: Optional[zmq.Socket] = None  # CURVE handshake failures (keys set only)
         self.backoff = MIN_BACKOFF
         self.register_again = False
+        keys.require_keys_beyond_loopback(config, {"BROKER_BACKEND_ADDR": config.broker_backend_addr})
         self.connect()
 
     def connect(self) -> None:
-        if self.socket is not None:
-            self.socket.close(linger=0)
+        self._close_sockets()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 1000)
+        if self.config.curve_keys_dir:
+            keys.secure_client(self.socket, self.config, keys.WORKER)
+            self.monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.socket.connect(self.config.broker_backend_addr)
         now = time.monotonic()
         self.last_heard = now
         self.next_heartbeat = now + self.config.heartbeat_interval
-        self.send(Ready(kind=self.kind, worker_id=self.worker_id, capacity=max(1, self.capacity()),
-                        model=self.model, secret=self.config.worker_secret))
+        self.send(self._ready())
         log.info("connecting to broker at %s as %s", self.config.broker_backend_addr, self.worker_id)
+
+    def _ready(self) -> Ready:
+        return Ready(kind=self.kind, worker_id=self.worker_id, capacity=max(1, self.capacity()),
+                     model=self.model, deployment=self.config.deployment_id)
+
+    def _check_refused(self) -> None:
+        """StartupError once the broker has turned our CURVE key down (retrying cannot help)."""
+        if self.monitor is not None and self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            raise StartupError(f"the broker at {self.config.broker_backend_addr} refused this worker's CURVE key "
+                               f"(status {event['value']}): add its worker.key to the broker's CURVE_KEYS_DIR")
 
     def send(self, msg: protocol.Message, blob=None) -> bool:
         """Send without blocking; False when it could not go out (broker gone; we notice by silence)."""
@@ -96,6 +116,8 @@ class BrokerLink:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("malformed message from the broker dropped: %s", exc)
                 continue
+            if isinstance(msg, Refused):
+                raise StartupError(f"the broker at {self.config.broker_backend_addr} refused this worker: {msg.reason}")
             if isinstance(msg, RegisterAgain):
                 self.register_again = True  # handled by keep_alive, which drops the work we held
             elif not isinstance(msg, Heartbeat):
@@ -105,6 +127,7 @@ class BrokerLink:
         """Heartbeat when due; reconnect when the broker went silent.  True after a reconnect: the caller
         must drop the work it held (the broker has given up on it); `on_lost` is
         called as soon as the broker is given up, before the backoff wait."""
+        self._check_refused()
         now = time.monotonic()
         if self.register_again:
             # A broker that does not know us (it restarted): what we held is forgotten there.
@@ -112,15 +135,13 @@ class BrokerLink:
             self.register_again = False
             if on_lost is not None:
                 on_lost()
-            self.send(Ready(kind=self.kind, worker_id=self.worker_id, capacity=max(1, self.capacity()),
-                            model=self.model, secret=self.config.worker_secret))
+            self.send(self._ready())
             return True
         if now - self.last_heard > self.config.heartbeat_expiry:
             log.warning("broker silent for %.1f s; reconnecting in %.0f s", now - self.last_heard, self.backoff)
             if on_lost is not None:
                 on_lost()
-            self.socket.close(linger=0)
-            self.socket = None
+            self._close_sockets()
             time.sleep(self.backoff)
             self.backoff = min(self.backoff * 2, MAX_BACKOFF)
             self.connect()
@@ -132,6 +153,17 @@ class BrokerLink:
         return False
 
     def close(self) -> None:
+        """Say goodbye (so the broker logs a departure, not a lost worker) and close."""
         if self.socket is not None:
-            self.socket.close(linger=0)
+            self.send(Leaving(worker_id=self.worker_id))
+            self.socket.setsockopt(zmq.LINGER, 500)  # long enough for the goodbye to leave
+        self._close_sockets(linger=None)
+
+    def _close_sockets(self, linger: Optional[int] = 0) -> None:
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+        if self.socket is not None:
+            self.socket.close(linger=linger)
             self.socket = None

@@ -59,10 +59,11 @@ class Config:
 
     # --- ZeroMQ addresses (front ends and workers connect; the broker binds)
     broker_frontend_bind: str = field(default="tcp://127.0.0.1:5555", metadata={"env": "BROKER_FRONTEND_BIND", "help": "where the broker listens for front ends"})
-    broker_backend_bind: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "BROKER_BACKEND_BIND", "help": "where the broker listens for workers (use tcp://0.0.0.0:5556 for remote workers)"})
+    broker_backend_bind: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "BROKER_BACKEND_BIND", "help": "where the broker listens for workers (tcp://0.0.0.0:5556 for workers on other hosts, with CURVE_KEYS_DIR)"})
     broker_frontend_addr: str = field(default="tcp://127.0.0.1:5555", metadata={"env": "BROKER_FRONTEND_ADDR", "help": "address front ends connect to"})
     broker_backend_addr: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "BROKER_BACKEND_ADDR", "help": "address workers connect to"})
-    worker_secret: str = field(default="", metadata={"env": "WORKER_SECRET", "help": "shared secret workers must present to join (set it when workers join over a network)", "secret": True})
+    deployment_id: str = field(default="", metadata={"env": "DEPLOYMENT_ID", "help": "name shared by the broker and every front end and worker of one deployment; a peer with another name is refused (default: the supervisord the process runs under, so two stacks on one host never mix; with CURVE_KEYS_DIR none, the keys prove it)"})
+    curve_keys_dir: str = field(default="", metadata={"env": "CURVE_KEYS_DIR", "help": "directory of CURVE keys made by `python -m shared.keys generate DIR`: encrypts and authenticates every broker connection; required when a broker address is not loopback (docs/operations.md)"})
     heartbeat_interval: float = field(default=1.0, metadata={"env": "HEARTBEAT_INTERVAL", "help": "seconds between heartbeats"})
     no_gpu_grace: float = field(default=5.0, metadata={"env": "NO_GPU_GRACE", "help": "seconds a request waits for a GPU worker when none is registered, then 503"})
     heartbeat_liveness: int = field(default=3, metadata={"env": "HEARTBEAT_LIVENESS", "help": "missed heartbeats before a peer counts as dead"})
@@ -98,7 +99,20 @@ def load_config() -> Config:
     for f in fields(Config):
         cast = type(f.default) if not isinstance(f.default, bool) else bool
         values[f.name] = _env(f.metadata["env"], f.default, cast)
+    if not values["deployment_id"] and not values["curve_keys_dir"]:
+        # Every program of one supervisord sees its control socket's URL, and no program of another.
+        values["deployment_id"] = os.environ.get("SUPERVISOR_SERVER_URL", "")
     return Config(**values)
+
+
+# Exit status of a process whose settings cannot work (a port taken, keys missing, a broker of
+# another deployment).  supervisord.conf lists it in exitcodes: such a process stays down
+# (FATAL, or EXITED when it failed after startsecs) instead of restarting in a loop.
+EXIT_CONFIG = 78
+
+
+class StartupError(Exception):
+    """A setting that cannot work: the process logs the message as one line and exits EXIT_CONFIG."""
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -73,6 +73,7 @@ class Status(Message):
     gpu_stats: dict = {}  # the GPU workers' scheduler counters, summed
     worker_restarts: dict = {}  # kind -> workers lost (died or went silent) since the broker started
     variants: dict = {}  # GPU workers' variant ids, merged: {"loaded": [...], "available": [...]}
+    deployment: str = ""  # the broker's config.deployment_id: a front end of another deployment stops using it
 
 
 # ---------------------------------------------------------------- workers <-> broker
@@ -83,7 +84,7 @@ class Ready(Message):
     worker_id: str
     capacity: int = 1  # how many jobs it can hold at once
     model: dict = {}
-    secret: str = ""  # shared secret for workers joining over tcp (empty = none configured)
+    deployment: str = ""  # config.deployment_id: the broker refuses a worker of another deployment
 
 
 class Heartbeat(Message):
@@ -91,6 +92,18 @@ class Heartbeat(Message):
     free: int = -1  # GPU worker: free capacity now; -1 = unknown / not a worker
     stats: dict = {}  # GPU worker: its scheduler's counters (running, waiting, image cache, steps)
     variants: dict = {}  # GPU worker: {"loaded": [ids], "available": [ids]} (fine-tuned variants)
+
+
+class Refused(Message):
+    """Broker -> worker: "you are not one of mine" (another deployment): the worker stops for good."""
+
+    reason: str
+
+
+class Leaving(Message):
+    """Worker -> broker: stopping on purpose (its jobs go back to the queue at once)."""
+
+    worker_id: str = ""
 
 
 class RegisterAgain(Message):
@@ -161,7 +174,7 @@ class Error(Message):
 
 
 AnyMessage = Union[
-    Submit, Cancel, StatusQuery, Status, Ready, Heartbeat, RegisterAgain, PreprocessJob,
+    Submit, Cancel, StatusQuery, Status, Ready, Heartbeat, RegisterAgain, Refused, Leaving, PreprocessJob,
     Preprocessed, Generate, Chunk, Result, Error,
 ]
 

@@ -51,6 +51,9 @@ def stack_env(run_dir: Path, **overrides) -> dict:
         "BROKER_FRONTEND_ADDR": f"tcp://127.0.0.1:{front}",
         "BROKER_BACKEND_BIND": f"tcp://127.0.0.1:{back}",
         "BROKER_BACKEND_ADDR": f"tcp://127.0.0.1:{back}",
+        # Shared by the stack's processes and a test's in-process BrokerClient (under supervisord
+        # it would otherwise default to supervisord's control socket, which the test lacks).
+        "DEPLOYMENT_ID": f"test-{run_dir.name}",
         "MOONDREAM_MODEL": str(REPO / TEST_MODEL),
         "MOONDREAM_DEVICE": "cpu",
         "PREPROCESS_WORKERS": "2",
@@ -163,6 +166,10 @@ class Stack:
             time.sleep(0.2)
         raise TimeoutError(f"stack not ready after {timeout} s: {last}; {self.states()}\n{self.log_tails()}")
 
+    def terminal(self) -> str:
+        """What supervisord printed on its terminal (ready_notice's lines)."""
+        return (self.run_dir / "terminal.out").read_text(errors="replace")
+
     def log_tails(self, lines: int = 15) -> str:
         """The end of every log in the run directory (for failure messages)."""
         parts = []
@@ -185,19 +192,25 @@ class Stack:
 def running_stack(preprocess_workers: int = 2, ready_timeout: float = 90.0, keep_run_dir: bool = False,
                   **env_overrides) -> Iterator[Stack]:
     """The whole service under supervisord on free ports; yields a ready Stack."""
-    run_dir = Path(tempfile.mkdtemp(prefix="md-"))  # short: the control socket path has a length limit
-    env = stack_env(run_dir, PREPROCESS_WORKERS=preprocess_workers, **env_overrides)
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(REPO / "supervisord.conf")],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    stack = Stack(run_dir=run_dir, env=env, process=proc)
+    stack = launch_stack(preprocess_workers, **env_overrides)
     try:
         stack.wait_ready(ready_timeout)
         yield stack
     finally:
         stack.stop()
         if not (keep_run_dir or os.environ.get("KEEP_RUN_DIR")):  # KEEP_RUN_DIR=1 keeps the logs for a look
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(stack.run_dir, ignore_errors=True)
+
+
+def launch_stack(preprocess_workers: int = 2, **env_overrides) -> Stack:
+    """Start supervisord with the whole service on free ports; returns at once (the caller stops it)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="md-"))  # short: the control socket path has a length limit
+    env = stack_env(run_dir, PREPROCESS_WORKERS=preprocess_workers, **env_overrides)
+    with open(run_dir / "terminal.out", "wb") as terminal:  # what `bash scripts/serve.sh` would show
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(REPO / "supervisord.conf")],
+                                env=env, cwd=REPO, stdout=terminal, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return Stack(run_dir=run_dir, env=env, process=proc)
 
 
 def wait_for(predicate, timeout: float, what: str, stack=None) -> None:

@@ -14,7 +14,8 @@ from PIL import Image
 
 from frontend.broker_client import BrokerClient
 from shared import protocol
-from shared.protocol import Error, Ready, Result, Submit
+from shared.config import EXIT_CONFIG
+from shared.protocol import Error, Ready, Refused, Result, Submit
 from tests.stack import REPO, ProcessGroup, config_from_env, stack_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -183,8 +184,8 @@ def test_deadline_gives_504(services):
     assert (events[-1].status, events[-1].code) == (504, "timeout")
 
 
-def test_malformed_messages_and_wrong_secret_are_dropped(services):
-    s = services(WORKER_SECRET="let-me-in")
+def test_malformed_messages_and_another_deployment_are_refused(services):
+    s = services(DEPLOYMENT_ID="stack-a")
     s.wait_for()
     ctx = zmq.Context.instance()
     front = ctx.socket(zmq.DEALER)
@@ -197,12 +198,19 @@ def test_malformed_messages_and_wrong_secret_are_dropped(services):
         front.send_multipart(protocol.encode(Ready(kind="gpu", worker_id="x")))  # wrong direction
         back.send_multipart([b"\x93\x01\x02"])
         back.send_multipart(protocol.encode(Result(request_id="nope", output={})))  # not registered
-        back.send_multipart(protocol.encode(Ready(kind="gpu", worker_id="intruder", secret="wrong")))
-        time.sleep(0.3)
+        back.send_multipart(protocol.encode(Ready(kind="gpu", worker_id="intruder", deployment="stack-b")))
+        replies = []  # RegisterAgain for the unregistered Result, then the answer to the Ready
+        while not any(isinstance(r, Refused) for r in replies) and back.poll(5000):
+            replies.append(protocol.decode(back.recv_multipart())[0])
+        refused = replies[-1]
+        assert isinstance(refused, Refused) and "stack-b" in refused.reason, replies
         status = s.wait_for(preprocess=0, gpu=0)
         assert s.broker.poll() is None and status.gpu_ready is False
-        assert "rejected: wrong secret" in s.broker_log("rejected") and "let-me-in" not in s.broker_log()
-        s.start("preprocess_worker")  # inherits the right WORKER_SECRET
+        assert "'intruder' (gpu) refused" in s.broker_log("refused")
+        stranger = s.start("preprocess_worker", DEPLOYMENT_ID="stack-b")
+        assert stranger.wait(timeout=20) == EXIT_CONFIG  # and says why, in one line
+        assert "refused this worker: this broker belongs to deployment 'stack-a'" in stranger.log_path.read_text()
+        s.start("preprocess_worker")  # inherits the right DEPLOYMENT_ID
         s.wait_for(preprocess=1)
     finally:
         front.close(linger=0)
@@ -237,7 +245,7 @@ def test_broker_dying_mid_request_ends_stream_with_503(services):
 def test_json_logs_have_one_line_per_request_without_secrets(services):
     import json
 
-    s = services(LOG_FORMAT="json", NO_GPU_GRACE=0.3, WORKER_SECRET="hush-hush")
+    s = services(LOG_FORMAT="json", NO_GPU_GRACE=0.3, VLM_API_KEY="hush-hush")
     s.start("preprocess_worker")
     s.wait_for(preprocess=1)
     rid = s.run(image=png(64, 64))[-1].request_id
@@ -256,3 +264,14 @@ def test_preprocess_worker_stuck_past_its_time_limit_exits_and_the_job_is_taken_
     assert worker.wait(timeout=10) == 3  # supervisord would start a fresh one
     # Taken back into the queue; with no worker left it ends with a 503 instead of hanging.
     assert [(e.status, e.code) for e in events] == [(503, "no_preprocess_worker")]
+
+
+def test_a_worker_stopped_on_purpose_is_logged_as_leaving_not_lost(services):
+    s = services()
+    worker = s.start("preprocess_worker")
+    s.wait_for(preprocess=1)
+    worker.terminate()  # what `supervisorctl stop` sends
+    assert worker.wait(timeout=10) == 0
+    status = s.wait_for(preprocess=0)  # at once: no heartbeat expiry to wait for
+    assert "preprocess worker preprocess-" in s.broker_log("left (stopped on purpose)")
+    assert "removed" not in s.broker_log() and status.worker_restarts.get("preprocess") == 0

@@ -210,6 +210,11 @@ def test_docs_page_renders_the_document(stack, api):
         WebDriverWait(driver, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".op")) == operations)
         paths = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".op .path")]
         assert set(paths) == set(api.raw_schema["paths"])
+        for header in driver.find_elements(By.CSS_SELECTOR, ".op > div:first-child"):
+            path = header.find_element(By.CSS_SELECTOR, ".path").text
+            assert header.text.count(path) == 1, header.text  # method and path once, then the summary
+        # The page names its icon (none), so the browser does not ask for a missing /favicon.ico.
+        assert driver.find_element(By.CSS_SELECTOR, "link[rel=icon]").get_attribute("href") == "data:,"
         assert driver.find_element(By.ID, "schema-QueryRequest").text == "QueryRequest"
         assert "question" in driver.find_element(By.ID, "schemas").text
         assert driver.find_element(By.ID, "title").text == api.raw_schema["info"]["title"]

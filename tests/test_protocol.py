@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from shared import protocol
 from shared.protocol import (
-    Cancel, Chunk, Error, Generate, Heartbeat, PreprocessJob, Preprocessed, Ready, Result, Status,
-    StatusQuery, Submit,
+    Cancel, Chunk, Error, Generate, Heartbeat, Leaving, PreprocessJob, Preprocessed, Ready, Refused, Result,
+    Status, StatusQuery, Submit,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,7 +20,9 @@ EXAMPLES = [
     Cancel("r1"),
     StatusQuery("s1"),
     Status("s1", 2, 1, True, {"name": "m", "test_model": True}, queued=3, in_flight=4, broker_id="abc"),
-    Ready(kind=protocol.GPU, worker_id="gpu-1", capacity=32, model={"name": "m"}, secret="s"),
+    Ready(kind=protocol.GPU, worker_id="gpu-1", capacity=32, model={"name": "m"}, deployment="d"),
+    Refused(reason="another deployment"),
+    Leaving(worker_id="gpu-1"),
     Heartbeat(worker_id="w", free=3),
     Heartbeat(),
     PreprocessJob("r1", deadline=1.0),

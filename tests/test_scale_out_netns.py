@@ -2,11 +2,13 @@
 
 The broker and the front end run here, in the root namespace; a GPU worker and a
 preprocess worker run in a namespace of their own and reach the broker only
-across the veth link, the way workers on another machine would.  With
-WORKER_SECRET set:
+across the veth link, the way workers on another machine would.  With CURVE
+keys (CURVE_KEYS_DIR, `python -m shared.keys generate`):
 
 * requests go through the remote workers and succeed;
-* a worker that presents the wrong secret is refused;
+* a remote worker with a key the broker does not list stops with the reason; one
+  without keys refuses to start; a plaintext peer is never registered;
+* a broker bound on the link without keys refuses to start, saying what to set;
 * when the link goes down, a streaming request in flight ends with a 503 event
   and new requests get a 503, within seconds (the broker misses the workers'
   heartbeats), instead of hanging.
@@ -30,13 +32,26 @@ from pathlib import Path
 
 import pytest
 
+from shared.config import EXIT_CONFIG
 from tests.frontend_helpers import SMALL_IMAGE
 from tests.stack import REPO, ProcessGroup, free_port, stack_env
+from tests.test_curve import intruder_keys, make_keys
 
 pytestmark = pytest.mark.timeout(180)
 
-SECRET = "netns-test-secret"
 IMAGE_URL = "data:image/png;base64," + base64.b64encode(SMALL_IMAGE.read_bytes()).decode()
+
+
+# A worker that skips our code: a bare DEALER announcing itself in plaintext.
+PLAINTEXT_WORKER = """
+import sys, zmq
+from shared import protocol
+sock = zmq.Context.instance().socket(zmq.DEALER)
+sock.connect(sys.argv[1])
+sock.send_multipart(protocol.encode(protocol.Ready(kind="gpu", worker_id="plaintext")))
+print("answered" if sock.poll(3000) else "no answer")
+sock.close(linger=0)
+"""
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -140,7 +155,7 @@ def remote_host():
 def scaled_out(remote_host, tmp_path):
     """Broker and front end here, one GPU and one preprocess worker on the remote host."""
     back = free_port()
-    env = stack_env(tmp_path, PREPROCESS_WORKERS=1, WORKER_SECRET=SECRET,
+    env = stack_env(tmp_path, PREPROCESS_WORKERS=1, CURVE_KEYS_DIR=make_keys(tmp_path / "keys"),
                     BROKER_BACKEND_BIND=f"tcp://{remote_host.local_ip}:{back}",
                     BROKER_BACKEND_ADDR=f"tcp://{remote_host.local_ip}:{back}")
     local = ProcessGroup(env, tmp_path)
@@ -174,7 +189,7 @@ def scaled_out(remote_host, tmp_path):
         local.stop_all()
 
 
-def test_remote_workers_serve_refuse_a_wrong_secret_and_fail_fast_when_cut_off(scaled_out):
+def test_remote_workers_serve_refuse_other_keys_and_fail_fast_when_cut_off(scaled_out):
     url, env, host, log_dir, remote = scaled_out
 
     # 1. Requests go through the remote workers (the only ones there are).
@@ -184,13 +199,23 @@ def test_remote_workers_serve_refuse_a_wrong_secret_and_fail_fast_when_cut_off(s
     status, body = http(url + "/v1/query", {"question": "Hi?", "settings": {"max_tokens": 4}})
     assert status == 200, body
 
-    # 2. A worker with the wrong secret is refused: the broker logs it and never counts it.
-    intruder = host.start(env, "preprocess_worker", log_dir / "intruder.log", WORKER_SECRET="wrong")
+    # 2. Across the link, a worker with a key the broker does not list is turned away and says why;
+    #    one without keys does not start; a plaintext peer never registers.
+    intruder = host.start(env, "preprocess_worker", log_dir / "intruder.log",
+                          CURVE_KEYS_DIR=intruder_keys(Path(env["CURVE_KEYS_DIR"]), log_dir))
     remote.append(intruder)
-    wait_until(lambda: "rejected: wrong secret" in (log_dir / "broker.log").read_text(), 20,
-               "the broker to refuse the wrong secret")
+    assert intruder.wait(timeout=30) == EXIT_CONFIG
+    assert "refused this worker's CURVE key" in (log_dir / "intruder.log").read_text()
+    assert "refused a worker connection" in (log_dir / "broker.log").read_text()
+    keyless = host.start(env, "gpu_worker", log_dir / "keyless.log", CURVE_KEYS_DIR="")
+    remote.append(keyless)
+    assert keyless.wait(timeout=60) == EXIT_CONFIG
+    assert "BROKER_BACKEND_ADDR=" in (log_dir / "keyless.log").read_text()
+    plaintext = subprocess.run(
+        ["ip", "netns", "exec", host.ns, sys.executable, "-c", PLAINTEXT_WORKER, env["BROKER_BACKEND_ADDR"]],
+        cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert plaintext.stdout.strip() == "no answer", plaintext.stdout + plaintext.stderr
     assert health(url)["workers"] == {"preprocess": 1, "gpu": 1}
-    intruder.terminate()
 
     # 3. Cut the link while a long streamed answer is being generated.
     events: list[tuple[float, dict]] = []
@@ -226,3 +251,12 @@ def test_remote_workers_serve_refuse_a_wrong_secret_and_fail_fast_when_cut_off(s
     assert status == 503, body
     assert time.monotonic() - started < float(env["NO_GPU_GRACE"]) + 5
     assert health(url)["ready"] is False
+
+
+def test_a_broker_bound_on_the_link_without_keys_refuses_to_start(remote_host, tmp_path):
+    address = f"tcp://{remote_host.local_ip}:{free_port()}"
+    env = stack_env(tmp_path, BROKER_BACKEND_BIND=address)
+    broker = ProcessGroup(env, tmp_path).start("broker", "broker")
+    assert broker.wait(timeout=30) == EXIT_CONFIG
+    log = (tmp_path / "broker.log").read_text()
+    assert f"BROKER_BACKEND_BIND={address} is reachable beyond this host, but no CURVE keys are set" in log, log

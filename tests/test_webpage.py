@@ -80,6 +80,9 @@ def page(stack, browser):
     browser.get(stack.url + "/")
     wait = WebDriverWait(browser, 20)
     wait.until(lambda d: d.find_element(By.ID, "health").get_attribute("data-status") == "ok")
+    # Before any upload the image area is hidden (no broken-image icon), whatever the CSS says.
+    assert not browser.find_element(By.ID, "image-stage").is_displayed()
+    assert not browser.find_element(By.ID, "preview").is_displayed()
     browser.find_element(By.ID, "image-input").send_keys(str(PHOTO))
     wait.until(lambda d: d.find_element(By.ID, "image-stage").get_attribute("data-loaded") == "true")
     return browser
