@@ -19,18 +19,18 @@ class Engine:
 
     kind = "native"
 
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, weight_format: str = ""):
         self.config = checkpoint.config
         self.weights = checkpoint.weights
         self.tokenizer = checkpoint.tokenizer
-        first = next(iter(self.weights.values()))
-        self.device, self.dtype = first.device, first.dtype
+        embedding = self.weights["text.wte"]  # always a plain tensor, in the compute dtype
+        self.device, self.dtype = embedding.device, embedding.dtype
         self.rope = M.rotary_table(self.config.max_context, self.device)
         self.info = {
             "name": checkpoint.source,
             "revision": self.config.revision,
             "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype": weight_format or str(self.dtype).replace("torch.", ""),
             "engine": self.kind,
             "test_model": checkpoint.test_model,
         }
@@ -194,4 +194,23 @@ def load_model(config) -> Engine:
         return TransformersEngine.load(config)
     if config.engine != "native":
         raise ModelLoadError(f"MOONDREAM_ENGINE={config.engine} is not one of native, transformers")
+    if config.dtype == "int8":
+        return _load_int8(config)
     return Engine(load_checkpoint(config.model, config.revision, config.device, config.dtype, config.hf_token))
+
+
+def _load_int8(config) -> Engine:
+    """MOONDREAM_DTYPE=int8: load in float32 on the CPU, then convert the big linears
+    once (gpu_worker/quantize.py)."""
+    from gpu_worker.checkpoint import resolve_device
+    from gpu_worker.quantize import quantize_weights
+
+    if config.device.startswith("cuda") or resolve_device(config.device).type != "cpu":
+        raise ModelLoadError("MOONDREAM_DTYPE=int8 runs on the CPU (PyTorch's fbgemm kernels); "
+                             "on a GPU use bfloat16, or set MOONDREAM_DEVICE=cpu")
+    checkpoint = load_checkpoint(config.model, config.revision, "cpu", "float32", config.hf_token)
+    try:
+        quantize_weights(checkpoint.weights, checkpoint.config)
+    except RuntimeError as err:
+        raise ModelLoadError(f"MOONDREAM_DTYPE=int8: {err}") from None
+    return Engine(checkpoint, weight_format="int8")

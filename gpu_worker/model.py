@@ -26,7 +26,10 @@ ROTARY_DIMS = 32  # rotary embedding covers the first 32 dims of each head
 
 
 def _linear(x, w, name):
-    return F.linear(x, w[name + ".weight"], w[name + ".bias"])
+    weight = w[name + ".weight"]
+    if not isinstance(weight, torch.Tensor):  # int8 (gpu_worker/quantize.py): the bias is packed inside
+        return weight(x)
+    return F.linear(x, weight, w[name + ".bias"])
 
 
 def _layer_norm(x, w, name):

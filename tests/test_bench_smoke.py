@@ -58,3 +58,16 @@ def test_variants_benchmark_runs(tmp_path, capsys):
     assert "| decode step, batch 4 | median ms | ratio | median CPU ms | CPU ratio |" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["ratio"] == result["ratio"] > 0 and len(saved["base_s"]) == len(saved["adapters_s"]) == 2
+
+
+def test_int8_benchmark_runs(tmp_path, capsys):
+    from bench import int8 as int8_bench
+
+    out = tmp_path / "int8.json"
+    result = int8_bench.main(["--model", "random:tiny", "--quick", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| batch-1 decode step (CPU ms) |" in printed and "| conformance main |" in printed
+    saved = json.loads(out.read_text())
+    assert saved["decode_speedup"] == result["decode_speedup"] > 0 and saved["memory_ratio"] > 0
+    for fid in saved["fidelity"].values():
+        assert fid["requests"] >= 1 and 0 <= fid["token_agreement"] <= 1 and fid["logit_rel_err_max"] >= 0
