@@ -57,7 +57,6 @@ class Worker:
     expires_at: float  # monotonic; dead if silent past this
     jobs: set = field(default_factory=set)  # request ids it holds right now
     idle_since: float = 0.0  # for least-recently-used choice
-    reported_free: int = -1  # GPU: free slots from its last Heartbeat
     stats: dict = field(default_factory=dict)  # GPU: its scheduler counters from its last Heartbeat
     variants: dict = field(default_factory=dict)  # GPU: its loaded / available variant ids, from its last Heartbeat
 
@@ -263,7 +262,6 @@ class Broker:
             return
         worker.expires_at = time.monotonic() + self.config.heartbeat_expiry
         if isinstance(msg, Heartbeat):
-            worker.reported_free = msg.free
             worker.stats = dict(msg.stats)
             worker.variants = dict(msg.variants)
             if worker.kind == protocol.GPU and msg.free >= 0:
