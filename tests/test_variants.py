@@ -319,3 +319,20 @@ def test_download_off_by_default(tmp_path):
     sched = Scheduler(engine, variants=variant_store(engine, str(tmp_path)))
     with pytest.raises(VariantNotFound):
         sched.add(request("caption", {"length": "short"}, BETA))
+
+
+def test_loading_a_variant_stalls_running_requests_at_most_one_step():
+    """The adapter loads while its request is admitted, inside one step, and that same
+    step still advances every running sequence."""
+    sched = new_scheduler(max_batch=4)
+    running = request("caption", {"length": "normal"}, max_tokens=20)
+    sched.add(running)
+    for _ in range(3):
+        sched.step()
+    seq = sched.running[running.request_id]
+    before = seq.ctx.position
+    sched.add(request("caption", {"length": "short"}, ALPHA, max_tokens=4))
+    assert not sched.variants.loaded
+    sched.step()  # loads alpha, encodes its image, and decodes the running sequence
+    assert list(sched.variants.loaded) == [ALPHA]
+    assert seq.ctx.position == before + 1
