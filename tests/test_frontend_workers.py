@@ -3,8 +3,7 @@
 Under real supervisord: two front ends both get connections on PORT, and a SIGKILL of one loses
 no request of the other (requests on the connections it holds all succeed; supervisord restarts
 the killed one).  Standalone: a front end of another deployment cannot join the port (exit 78),
-one of the same deployment can.  And the CPU count that sizes the defaults, from a cgroup
-directory made by the test.
+one of the same deployment can.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import threading
 
 import pytest
 
-from shared import host_size
 from shared.config import EXIT_CONFIG
 from tests.stack import ProcessGroup, running_stack, stack_env, wait_for
 
@@ -116,38 +114,3 @@ def test_a_front_end_of_another_deployment_cannot_join_the_port(tmp_path):
         assert first.poll() is None and sibling.poll() is None
     finally:
         group.stop_all()
-
-
-# ---------------------------------------------------------------- CPUs available
-def test_usable_cpus_follow_the_cgroup_quota(tmp_path):
-    affinity = len(os.sched_getaffinity(0))
-    no_cgroup = tmp_path / "none"
-    no_cgroup.write_text("")
-    (tmp_path / "cpu.max").write_text("max 100000\n")  # cgroup v2, no limit
-    assert host_size.usable_cpus(tmp_path, no_cgroup) == affinity
-    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: rounds up to one
-    assert host_size.cgroup_cpu_limit(tmp_path, no_cgroup) == 0.5
-    assert host_size.usable_cpus(tmp_path, no_cgroup) == 1
-    # cgroup v2 with the process's own group below the mount (what /proc/self/cgroup names)
-    (tmp_path / "svc").mkdir()
-    (tmp_path / "svc" / "cpu.max").write_text("250000 100000\n")
-    own = tmp_path / "own"
-    own.write_text("0::/svc\n")
-    assert host_size.cgroup_cpu_limit(tmp_path, own) == 2.5
-    assert host_size.usable_cpus(tmp_path, own) == min(affinity, 3)
-    # cgroup v1
-    v1 = tmp_path / "v1"
-    (v1 / "cpu").mkdir(parents=True)
-    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert host_size.cgroup_cpu_limit(v1, no_cgroup) is None
-    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
-    assert host_size.cgroup_cpu_limit(v1, no_cgroup) == 1.5
-
-
-def test_default_process_counts_leave_cores_for_the_broker_and_gpu_worker():
-    assert (host_size.default_frontend_workers(2), host_size.default_preprocess_workers(2)) == (1, 2)
-    assert (host_size.default_frontend_workers(16), host_size.default_preprocess_workers(16)) == (2, 12)
-    for cpus in range(4, 65):
-        used = host_size.default_frontend_workers(cpus) + host_size.default_preprocess_workers(cpus)
-        assert used == max(cpus - host_size.RESERVED_CPUS, 3), cpus
