@@ -58,5 +58,6 @@ EXPOSE 5000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '5000'), timeout=4)"]
 
-# FRONTEND_WORKERS and PREPROCESS_WORKERS: as set, or sized from the container's CPUs (its --cpus quota).
-CMD ["sh", "-c", "eval \"$(python -m shared.host_size)\" && exec supervisord -c /app/supervisord.conf"]
+# FRONTEND_WORKERS and PREPROCESS_WORKERS: as set, or sized from the container's CPUs (its --cpus quota);
+# the front ends' metrics files start afresh with the container (supervisord.conf).
+CMD ["sh", "-c", "rm -rf \"$RUN_DIR/frontend-metrics\" && eval \"$(python -m shared.host_size)\" && exec supervisord -c /app/supervisord.conf"]

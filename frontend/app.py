@@ -476,7 +476,7 @@ def create_app(config: Config, client=None) -> falcon.App:
         from frontend.broker_client import BrokerClient  # imported late: it starts a thread
         client = BrokerClient(config)
 
-    app_metrics = metrics.FrontendMetrics(client)
+    app_metrics = metrics.FrontendMetrics(client, config.prometheus_multiproc_dir)
     client = metrics.MeteredClient(client, app_metrics)  # times each request's events
     # MetricsMiddleware first: its process_response runs last and sees the final status.
     # RefuseWhenBusy after auth: a wrong key is a 401 even when the edge refused the request (429).

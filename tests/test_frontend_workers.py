@@ -14,6 +14,7 @@ import signal
 import threading
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import EXIT_CONFIG
 from tests.stack import ProcessGroup, running_stack, stack_env, wait_for
@@ -36,6 +37,19 @@ def query(conn: http.client.HTTPConnection) -> int:
     resp = conn.getresponse()
     resp.read()
     return resp.status
+
+
+def queries_answered(stack) -> float:
+    """moondream_http_requests_total of POST /v1/query 200, from a scrape on a new connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "moondream_http_requests_total"
+               and sample.labels == {"route": "/v1/query", "method": "POST", "status": "200"})
 
 
 def connections_by_process(stack, names: tuple[str, ...], tag: str) -> dict[str, list[http.client.HTTPConnection]]:
@@ -63,6 +77,7 @@ def test_two_front_ends_share_the_port_and_a_sigkill_of_one_loses_nothing_of_the
         assert len(set(pids.values())) == 2
         conns = connections_by_process(stack, names, "which")  # both get traffic
         survivors = conns["frontend_01"]
+        assert query(conns["frontend_00"][0]) == 200  # one answer from the one to be killed
         try:
             statuses: list[int] = []
             errors: list[BaseException] = []
@@ -92,6 +107,10 @@ def test_two_front_ends_share_the_port_and_a_sigkill_of_one_loses_nothing_of_the
             wait_for(lambda: stack.states().get("frontend:frontend_00") == "RUNNING", 60, "frontend_00 RUNNING", stack)
             assert stack.pid("frontend:frontend_01") == pids["frontend_01"]
             connections_by_process(stack, names, "again")
+            # /metrics of any front end counts every one's answers, the killed one's included.
+            answered = 1 + len(statuses)
+            for _ in range(4):
+                assert queries_answered(stack) == answered
         finally:
             for conn in (c for group in conns.values() for c in group):
                 conn.close()
