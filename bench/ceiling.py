@@ -169,7 +169,9 @@ def main(argv=None) -> dict:
         wall = time.monotonic() - started
         after = {kind: [cpu_seconds(p) for p in group] for kind, group in pids.items()}
         assert process_types(stack) == pids, "a process was restarted during the measurement"
-    per_request_ms = {kind: (sum(after[kind]) - sum(before[kind])) * 1000 / args.requests for kind in pids}
+    # At least one clock tick (10 ms), so a short run cannot divide by zero below.
+    per_request_ms = {kind: max(sum(after[kind]) - sum(before[kind]), 1 / CLOCK_TICKS) * 1000 / args.requests
+                      for kind in pids}
 
     print("\n| process type | processes | CPU ms per request |\n|---|---|---|")
     for kind in ("frontend", "broker", "preprocess", "gpu_worker"):
