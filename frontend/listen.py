@@ -14,14 +14,13 @@ it over (every second).
 """
 from __future__ import annotations
 
-import logging
+import os
 import socket
+import struct
 import threading
 import time
 
 from shared.config import Config, StartupError
-
-log = logging.getLogger("frontend.listen")
 
 CLAIM_RETRY_S = 1.0
 CLAIM_READ_TIMEOUT_S = 2.0
@@ -80,12 +79,14 @@ class PortClaim:
         return True
 
     def _ask_holder(self) -> bytes | None:
-        """The holder's DEPLOYMENT_ID, or None when it is gone or does not answer."""
+        """The holder's DEPLOYMENT_ID, or None when it is gone, does not answer, or is another
+        user's (the kernel lets only one user's sockets share a port: nothing to fear from it)."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(CLAIM_READ_TIMEOUT_S)
                 sock.connect(self.name)
-                return sock.recv(4096)
+                _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                return sock.recv(4096) if uid == os.getuid() else None
         except OSError:
             return None
 
