@@ -49,7 +49,6 @@ ENV HF_HOME=/data/hf \
     RUN_DIR=/app/run \
     HOST=0.0.0.0 \
     PORT=5000 \
-    PREPROCESS_WORKERS=2 \
     MOONDREAM_DEVICE=cuda
 VOLUME ["/data/hf"]
 EXPOSE 5000
@@ -59,4 +58,6 @@ EXPOSE 5000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '5000'), timeout=4)"]
 
-CMD ["supervisord", "-c", "/app/supervisord.conf"]
+# FRONTEND_WORKERS and PREPROCESS_WORKERS: as set, or sized from the container's CPUs (its --cpus quota);
+# the front ends' metrics files start afresh with the container (supervisord.conf).
+CMD ["sh", "-c", "rm -rf \"$RUN_DIR/frontend-metrics\" && eval \"$(python -m shared.host_size)\" && exec supervisord -c /app/supervisord.conf"]

@@ -277,7 +277,7 @@ def misrouted(reply: Reply, expected: dict) -> bool:
 
 
 # ---------------------------------------------------------------- supervisord
-PROGRAMS = ("broker", "gpu_worker", "preprocess:preprocess_00", "preprocess:preprocess_01", "frontend")
+PROGRAMS = ("broker", "gpu_worker", "preprocess:preprocess_00", "preprocess:preprocess_01", "frontend:frontend_00")
 
 
 class Supervisor:
@@ -361,7 +361,7 @@ def _health(base_url: str) -> int:
 def report(replies: list[Reply], killed: list, expected: dict) -> dict:
     """Count the replies by outcome; a broken connection counts as lost unless
     the front end was killed while the request was open."""
-    frontend_down = [(at, back) for at, _, back, name in killed if name == "frontend"]
+    frontend_down = [(at, back) for at, _, back, name in killed if name == "frontend:frontend_00"]
     counts = collections.Counter()
     errors = collections.Counter()
     examples = collections.defaultdict(list)

@@ -1,7 +1,8 @@
 """Run the HTTP front end: `python -m frontend`.
 
 Serves the Falcon app with waitress (set up in frontend/edge.py), talking to
-the broker at config.broker_frontend_addr.  Settings come from the environment
+the broker at config.broker_frontend_addr.  FRONTEND_WORKERS such processes
+share one port (frontend/listen.py), each its own client of the broker.  Settings come from the environment
 (shared/config.py).
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ def main() -> int:
         server = edge.create_server(create_app(config, client), config)
         server.print_listen("Serving on http://{}:{}")
         server.run()
+    except StartupError as exc:  # PORT served by another copy of the service (frontend/listen.py)
+        log.error("cannot listen on HOST=%s PORT=%s: %s", config.host, config.port, exc)
+        return EXIT_CONFIG
     except OSError as exc:
         if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             raise

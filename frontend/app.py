@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Optional
 
 import falcon
 import msgspec
+import pybase64
 
 from frontend import metrics, models, openapi, schemas
 from frontend import remote_image
@@ -162,6 +163,17 @@ def parse_request(body: bytes, schema: type[msgspec.Struct]) -> msgspec.Struct:
         raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
 
 
+def decode_base64(data: str) -> bytes:
+    """base64.b64decode(data, validate=True), the same bytes and the same errors, ~40x faster:
+    pybase64's SIMD decoder where it accepts the input.  It is stricter than the standard library
+    in one way only (padding followed by more `=`, which b64decode ignores), so whatever it
+    refuses gets the standard library's own verdict."""
+    try:
+        return pybase64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return base64.b64decode(data, validate=True)
+
+
 def decode_image_url(url: str, fetch_remote: Optional[Callable[[str], bytes]] = None) -> bytes:
     """data:image/...;base64,<data> -> the encoded image bytes (still JPEG/PNG/...).
     An http(s) URL is fetched with `fetch_remote` (remote_image.py) when remote
@@ -187,7 +199,7 @@ def decode_image_url(url: str, fetch_remote: Optional[Callable[[str], bytes]] = 
     if not mime_type.strip().lower().startswith("image/"):
         raise ApiError(415, "unsupported_media_type", f"image_url holds {mime_type or 'no media type'}, not an image")
     try:
-        image = base64.b64decode(data, validate=True)
+        image = decode_base64(data)
     except (binascii.Error, ValueError):
         try:  # base64 tools often wrap lines; whitespace is harmless
             image = base64.b64decode("".join(data.split()), validate=True)
@@ -464,7 +476,7 @@ def create_app(config: Config, client=None) -> falcon.App:
         from frontend.broker_client import BrokerClient  # imported late: it starts a thread
         client = BrokerClient(config)
 
-    app_metrics = metrics.FrontendMetrics(client)
+    app_metrics = metrics.FrontendMetrics(client, config.prometheus_multiproc_dir)
     client = metrics.MeteredClient(client, app_metrics)  # times each request's events
     # MetricsMiddleware first: its process_response runs last and sees the final status.
     # RefuseWhenBusy after auth: a wrong key is a 401 even when the edge refused the request (429).

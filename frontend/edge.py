@@ -47,6 +47,7 @@ from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher, WSGITask
 
+from frontend.listen import listening_socket
 from shared.config import Config
 
 log = logging.getLogger("frontend.edge")
@@ -291,7 +292,7 @@ class EdgeServer(TcpWSGIServer):
 
     channel_class = EdgeChannel
 
-    def __init__(self, application, config: Config, adj: Adjustments):
+    def __init__(self, application, config: Config, adj: Adjustments, sock: socket.socket):
         self.ops_lane = ThreadedTaskDispatcher()
         self.ops_lane.set_thread_count(OPS_THREADS)
         self.refusal_lane = ThreadedTaskDispatcher()
@@ -300,7 +301,8 @@ class EdgeServer(TcpWSGIServer):
         self.in_flight = InFlight(config.in_flight_limit)
         self.header_timeout = config.http_header_timeout
         self.body_timeout = config.http_body_timeout
-        super().__init__(application, adj=adj)
+        super().__init__(application, _sock=sock, adj=adj, bind_socket=False,
+                         sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
 
     def add_task(self, channel: EdgeChannel) -> None:
         """Choose the lane of the channel's next request (called with its requests_lock held)."""
@@ -352,9 +354,9 @@ def create_server(application, config: Config) -> EdgeServer:
     """The server for the front end, every waitress limit set from `config`."""
     json_waitress_errors()
     raise_open_files_limit(config.http_connection_limit + 256)
+    sock = listening_socket(config)  # bound here (shared with the other front ends): OSError if taken
     adj = Adjustments(
-        host=config.host,
-        port=config.port,
+        sockets=[sock],
         threads=config.http_threads,  # each counted request holds one, a stream for its whole life
         connection_limit=config.http_connection_limit,
         channel_timeout=config.http_idle_timeout,
@@ -366,4 +368,4 @@ def create_server(application, config: Config) -> EdgeServer:
         channel_request_lookahead=1,
         ident="moondream-server",
     )
-    return EdgeServer(application, config, adj)
+    return EdgeServer(application, config, adj, sock)

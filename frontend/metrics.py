@@ -15,15 +15,23 @@ Three sources:
 
 Every app gets its own CollectorRegistry, so several apps in one process (tests)
 do not share counts.
+
+Several front-end processes on one port (FRONTEND_WORKERS): a scrape reaches whichever one the
+kernel picks, so each must report all of them.  supervisord.conf gives them
+PROMETHEUS_MULTIPROC_DIR, prometheus_client's multiprocess mode: each process keeps its counts
+in files there, and a scrape sums the files of every process, those of processes gone included
+(a killed front end's counts do not drop out of the totals).
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from shared import protocol
 
@@ -69,7 +77,9 @@ def _family(name: str, help_text: str, kind: str, labels=()):
 class FrontendMetrics:
     """The metrics one app records, in its own registry."""
 
-    def __init__(self, client=None):
+    def __init__(self, client=None, shared_dir: str = ""):
+        if shared_dir:  # the files of this process's values are made as the metrics below are
+            os.makedirs(shared_dir, mode=0o700, exist_ok=True)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("moondream_http_requests_total", "HTTP requests answered, by route and status",
@@ -103,11 +113,15 @@ class FrontendMetrics:
         self.model_requests = Counter("moondream_model_requests_total",
                                       "Requests answered (2xx), by model: the base model or <model>/<variant>",
                                       ["model"], registry=r)
+        self.scrape_registry = r  # what /metrics shows
+        if shared_dir:  # every front end's counts, from the files (prometheus_client reads the same directory)
+            self.scrape_registry = CollectorRegistry()
+            MultiProcessCollector(self.scrape_registry, path=shared_dir)
         if client is not None:
-            r.register(BrokerCollector(client))
+            self.scrape_registry.register(BrokerCollector(client))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.scrape_registry)
 
     def observe_result(self, skill: str, has_image: bool, result: protocol.Result) -> None:
         m = result.metrics

@@ -9,9 +9,19 @@ import signal
 import sys
 
 from gpu_worker.engine import ModelLoadError, load_model
-from shared import keys
+from shared import host_size, keys
 from shared.config import EXIT_CONFIG, StartupError, load_config
 from shared.logs import setup_logging
+
+
+def size_torch_threads(config, log) -> None:
+    """torch's default is one thread per core it sees, blind to a cgroup CPU quota: in a container
+    limited to 4 CPUs on a 64-core host, 64 threads would fight over 4 CPUs' worth of time."""
+    import torch
+
+    threads = config.torch_threads if config.torch_threads > 0 else host_size.usable_cpus()
+    torch.set_num_threads(threads)
+    log.info("torch uses %d CPU threads (TORCH_THREADS=%s)", threads, config.torch_threads or "0: the usable CPUs")
 
 
 def main() -> int:
@@ -22,6 +32,7 @@ def main() -> int:
     except StartupError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
+    size_torch_threads(config, log)
     log.info("loading model %s (revision %s, device %s, dtype %s)", config.model, config.revision, config.device, config.dtype)
     try:
         model = load_model(config)

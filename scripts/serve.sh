@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RUN_DIR=${RUN_DIR:-$PWD/run}
-export PREPROCESS_WORKERS=${PREPROCESS_WORKERS:-2}
+# FRONTEND_WORKERS and PREPROCESS_WORKERS as set, or sized from the usable CPUs (supervisord needs numbers)
+eval "$(.venv/bin/python -m shared.host_size)"
 mkdir -p -m 700 "$RUN_DIR"  # logs and the control socket: the owner's only
+rm -rf "$RUN_DIR/frontend-metrics"  # the front ends' counts (supervisord.conf) start from zero with the service
 # The terminal then shows one line once the service is ready (supervisord.conf, ready_notice).
 # As root, say so on purpose: supervisord otherwise logs a CRIT line about not dropping privileges.
 as_root=()

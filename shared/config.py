@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
+from shared import host_size
+
 
 def _env(name: str, default, cast=str):
     raw = os.environ.get(name)
@@ -30,6 +32,7 @@ class Config:
     hf_token: str = field(default="", metadata={"env": "HF_TOKEN", "help": "Hugging Face token (optional)", "secret": True})
     batch_size: int = field(default=32, metadata={"env": "BATCH_SIZE", "help": "max sequences decoding together in the GPU worker"})
     batch_timeout: float = field(default=0.005, metadata={"env": "BATCH_TIMEOUT", "help": "seconds the GPU worker waits to gather new requests when idle"})
+    torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS", "help": "CPU threads of the GPU worker's torch; 0: the CPUs it may use (affinity and cgroup quota). On a shared host set it to its share"})
     gpu_step_timeout: float = field(default=120.0, metadata={"env": "GPU_STEP_TIMEOUT", "help": "seconds one GPU step may take; a GPU worker stuck longer exits (supervisord restarts it)"})
     image_cache_mb: int = field(default=2048, metadata={"env": "IMAGE_CACHE_MB", "help": "bytes budget (MiB) of encoded-image KV prefixes kept for reuse"})
 
@@ -46,10 +49,12 @@ class Config:
     moondream_api_key: str = field(default="", metadata={"env": "MOONDREAM_API_KEY", "help": "key sent (X-Moondream-Auth) with variant downloads", "secret": True})
 
     # --- processes
-    preprocess_workers: int = field(default=2, metadata={"env": "PREPROCESS_WORKERS", "help": "number of image-decode processes (supervisord numprocs)"})
+    preprocess_workers: int = field(default=0, metadata={"env": "PREPROCESS_WORKERS", "help": "number of image-decode processes (supervisord numprocs); 0: the usable CPUs less those of the other processes, at least 2 (shared/host_size.py)"})
+    frontend_workers: int = field(default=0, metadata={"env": "FRONTEND_WORKERS", "help": "HTTP front-end processes sharing PORT (supervisord numprocs); 0: one per 7 usable CPUs beyond 2, at least 1 (shared/host_size.py)"})
     preprocess_timeout: float = field(default=60.0, metadata={"env": "PREPROCESS_TIMEOUT", "help": "seconds one image may take to decode; a worker stuck longer exits and is restarted"})
     port: int = field(default=5000, metadata={"env": "PORT", "help": "HTTP port of the front end"})
     host: str = field(default="0.0.0.0", metadata={"env": "HOST", "help": "HTTP listen address"})
+    prometheus_multiproc_dir: str = field(default="", metadata={"env": "PROMETHEUS_MULTIPROC_DIR", "help": "directory where the front ends keep their metrics so that /metrics on any one reports all (prometheus_client's multiprocess mode; supervisord.conf sets $RUN_DIR/frontend-metrics); empty: each its own"})
     http_threads: int = field(default=32, metadata={"env": "HTTP_THREADS", "help": "waitress threads (each open stream holds one)"})
     max_in_flight: int = field(default=0, metadata={"env": "MAX_IN_FLIGHT", "help": "requests (streams included) one front end holds at once, beyond which it answers 429 at once; 0: HTTP_THREADS (more would wait for a thread)"})
     http_connection_limit: int = field(default=1000, metadata={"env": "HTTP_CONNECTION_LIMIT", "help": "open client connections per front end; beyond it new ones wait in the listen backlog"})
@@ -102,6 +107,13 @@ def load_config() -> Config:
     if not values["deployment_id"] and not values["curve_keys_dir"]:
         # Every program of one supervisord sees its control socket's URL, and no program of another.
         values["deployment_id"] = os.environ.get("SUPERVISOR_SERVER_URL", "")
+    # Process counts left at 0 follow the CPUs; resolved here so that every process sees the same numbers.
+    if values["preprocess_workers"] <= 0 or values["frontend_workers"] <= 0:
+        cpus = host_size.usable_cpus()
+        if values["preprocess_workers"] <= 0:
+            values["preprocess_workers"] = host_size.default_preprocess_workers(cpus)
+        if values["frontend_workers"] <= 0:
+            values["frontend_workers"] = host_size.default_frontend_workers(cpus)
     return Config(**values)
 
 

@@ -1,6 +1,6 @@
 """Say on supervisord's terminal where the service is, once it is ready (program "ready_notice").
 
-    listening on http://HOST:PORT, model NAME (revision, device, dtype), N preprocess workers
+    listening on http://HOST:PORT, model NAME (revision, device, dtype), F front-end processes, N preprocess workers
 
 Until then it watches the other programs through supervisord's control socket: a program that
 stays down (FATAL, or EXITED on purpose) is reported with the last line of its log, and a slow
@@ -50,7 +50,7 @@ def listening_line(config, health: dict) -> str:
     if model.get("test_model"):
         name += " [random test weights: answers are gibberish]"
     line = (f"listening on http://{config.host}:{config.port}, model {name}, "
-            f"{health['workers']['preprocess']} preprocess workers")
+            f"{config.frontend_workers} front-end processes, {health['workers']['preprocess']} preprocess workers")
     if config.host in ("0.0.0.0", "::"):
         line += f"; try http://127.0.0.1:{config.port}/ on this machine"
     return line

@@ -57,6 +57,7 @@ def stack_env(run_dir: Path, **overrides) -> dict:
         "MOONDREAM_MODEL": str(REPO / TEST_MODEL),
         "MOONDREAM_DEVICE": "cpu",
         "PREPROCESS_WORKERS": "2",
+        "FRONTEND_WORKERS": "1",  # explicit, as supervisord's numprocs needs (tests of several set more)
         "HEARTBEAT_INTERVAL": "0.5",
         "HEARTBEAT_LIVENESS": "6",  # 3 s: a CPU test model step can take a second
         "NO_GPU_GRACE": "2",

@@ -71,3 +71,18 @@ def test_int8_benchmark_runs(tmp_path, capsys):
     assert saved["decode_speedup"] == result["decode_speedup"] > 0 and saved["memory_ratio"] > 0
     for fid in saved["fidelity"].values():
         assert fid["requests"] >= 1 and 0 <= fid["token_agreement"] <= 1 and fid["logit_rel_err_max"] >= 0
+
+
+@pytest.mark.timeout(300)
+def test_ceiling_benchmark_runs(tmp_path, capsys):
+    from bench import ceiling
+
+    out = tmp_path / "ceiling.json"
+    result = ceiling.main(["--requests", "4", "--warmup", "1", "--repeats", "1", "--cores", "16", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| process type | processes | CPU ms per request |" in printed and "ceiling: " in printed
+    saved = json.loads(out.read_text())
+    assert set(saved["cpu_ms_per_request"]) == {"frontend", "broker", "preprocess", "gpu_worker"}
+    assert all(ms > 0 for ms in saved["cpu_ms_per_request"].values())
+    assert saved["ceiling_rps"] == result["ceiling_rps"] == min(limit["rps"] for limit in saved["limits"])
+    assert 350_000 <= saved["jpeg_bytes"] <= 450_000

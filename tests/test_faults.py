@@ -44,9 +44,9 @@ TARGETS = {
     # the workers register again with the new broker a few seconds later.
     "broker": ("broker", {"ok", "error"}, {"broker_unavailable", "no_gpu_worker", "no_preprocess_worker"}),
     # Open connections break; new ones are refused until it is back.
-    "frontend": ("frontend", {"ok", "error", "dropped", "refused"}, set()),
+    "frontend": ("frontend:frontend_00", {"ok", "error", "dropped", "refused"}, set()),
 }
-PROGRAMS = ("broker", "gpu_worker", "preprocess:preprocess_00", "preprocess:preprocess_01", "frontend")
+PROGRAMS = ("broker", "gpu_worker", "preprocess:preprocess_00", "preprocess:preprocess_01", "frontend:frontend_00")
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def test_official_client_works(stack):
     try:
         exercise_official_client(model)
     except urllib.error.HTTPError as err:  # the client hides the body: show it
-        pytest.fail(f"{err.code} {err.read()!r}\n{stack.log('frontend')[-2000:]}\n{stack.log('broker')[-2000:]}")
+        pytest.fail(f"{err.code} {err.read()!r}\n{stack.log('frontend_00')[-2000:]}\n{stack.log('broker')[-2000:]}")
 
 
 def exercise_official_client(model):

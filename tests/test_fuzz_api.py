@@ -50,7 +50,7 @@ def stack():
 @pytest.fixture(scope="module", autouse=True)
 def pids(stack):
     """Every process's pid before the first example (checked by the last test)."""
-    return {name: stack.pid(name) for name in ("broker", "gpu_worker", "frontend",
+    return {name: stack.pid(name) for name in ("broker", "gpu_worker", "frontend:frontend_00",
                                                "preprocess:preprocess_00", "preprocess:preprocess_01")}
 
 

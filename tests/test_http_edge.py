@@ -219,8 +219,8 @@ FORGING_PATH = "/zz%0d%0a" + FORGED.replace(" ", "%20")
 def test_a_crlf_in_the_path_forges_no_text_log_line(stack):
     status, _, _ = timed(stack.port, "GET", FORGING_PATH)
     assert status == 404
-    wait_for(lambda: "/zz" in stack.log("frontend"), 10, "the access log line")
-    lines = stack.log("frontend").splitlines()
+    wait_for(lambda: "/zz" in stack.log("frontend_00"), 10, "the access log line")
+    lines = stack.log("frontend_00").splitlines()
     assert not [line for line in lines if line.startswith("2026-01-01")], lines[-5:]
     logged = [line for line in lines if "/zz" in line]
     assert len(logged) == 1 and "/zz\\x0d\\x0a2026-01-01" in logged[0], logged

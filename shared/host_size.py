@@ -1,0 +1,80 @@
+"""How many CPUs this process may really use, and the process counts that follow from it.
+
+`usable_cpus()` is the smaller of the CPUs the scheduler lets us run on (affinity, e.g.
+`taskset` or a cpuset) and the cgroup CPU quota (a container's `--cpus`, a Kubernetes CPU
+limit), rounded up.  `os.cpu_count()` sees neither: in a 2-CPU container on a 64-core host
+it says 64.
+
+    eval "$(python -m shared.host_size)"   # scripts/serve.sh, the Dockerfile
+
+prints `export FRONTEND_WORKERS=N PREPROCESS_WORKERS=M` (each as set, or sized from the CPUs
+when unset or 0), which supervisord needs as numbers before it starts (numprocs).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+# Cores kept for the processes that are not sized here: the broker and the GPU worker's own thread.
+RESERVED_CPUS = 2
+# Per request, a front end spends about a tenth of the CPU time of image decoding (docs/performance.md,
+# "The CPU ceiling"), so it gets one core in PREPROCESS_PER_FRONTEND + 1 of the spare ones.
+PREPROCESS_PER_FRONTEND = 6
+MIN_PREPROCESS_WORKERS = 2  # one large image must not stall every other one
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit(cgroup_root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (1.5 for `--cpus 1.5`), or None when unlimited."""
+    v2_dirs = [cgroup_root]
+    for line in (_read(proc_self_cgroup) or "").splitlines():
+        if line.startswith("0::") and line[3:].strip("/"):  # cgroup v2: our group below the mount
+            v2_dirs.insert(0, cgroup_root / line[3:].strip("/"))
+    for directory in v2_dirs:
+        raw = _read(directory / "cpu.max")  # "max 100000" or "<quota> <period>"
+        if raw:
+            quota, _, period = raw.partition(" ")
+            return None if quota == "max" else int(quota) / int(period or 100000)
+    for v1 in ("cpu", "cpu,cpuacct"):  # cgroup v1: -1 is no quota
+        quota, period = _read(cgroup_root / v1 / "cpu.cfs_quota_us"), _read(cgroup_root / v1 / "cpu.cfs_period_us")
+        if quota and period and int(quota) > 0:
+            return int(quota) / int(period)
+    return None
+
+
+def usable_cpus(cgroup_root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> int:
+    """CPUs this process may use: affinity, capped by the cgroup quota (rounded up); at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(cgroup_root, proc_self_cgroup)
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, cpus)
+
+
+def default_frontend_workers(cpus: int) -> int:
+    return max(1, (cpus - RESERVED_CPUS) // (PREPROCESS_PER_FRONTEND + 1))
+
+
+def default_preprocess_workers(cpus: int) -> int:
+    return max(MIN_PREPROCESS_WORKERS, cpus - RESERVED_CPUS - default_frontend_workers(cpus))
+
+
+def main() -> None:
+    from shared.config import load_config  # resolves unset counts with the functions above
+
+    config = load_config()
+    print(f"export FRONTEND_WORKERS={config.frontend_workers} PREPROCESS_WORKERS={config.preprocess_workers}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The CPUs a process may use (affinity, cgroup quota) and what is sized from them: the default
+process counts and the GPU worker's torch threads.  The cgroup files are a directory the test
+makes (the only way to give a quota without a container)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shared import host_size
+from tests.stack import ProcessGroup, stack_env, wait_for
+
+def test_usable_cpus_follow_the_cgroup_quota(tmp_path):
+    affinity = len(os.sched_getaffinity(0))
+    no_cgroup = tmp_path / "none"
+    no_cgroup.write_text("")
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # cgroup v2, no limit
+    assert host_size.usable_cpus(tmp_path, no_cgroup) == affinity
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: rounds up to one
+    assert host_size.cgroup_cpu_limit(tmp_path, no_cgroup) == 0.5
+    assert host_size.usable_cpus(tmp_path, no_cgroup) == 1
+    # cgroup v2 with the process's own group below the mount (what /proc/self/cgroup names)
+    (tmp_path / "svc").mkdir()
+    (tmp_path / "svc" / "cpu.max").write_text("250000 100000\n")
+    own = tmp_path / "own"
+    own.write_text("0::/svc\n")
+    assert host_size.cgroup_cpu_limit(tmp_path, own) == 2.5
+    assert host_size.usable_cpus(tmp_path, own) == min(affinity, 3)
+    # cgroup v1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert host_size.cgroup_cpu_limit(v1, no_cgroup) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    assert host_size.cgroup_cpu_limit(v1, no_cgroup) == 1.5
+
+
+def test_default_process_counts_leave_cores_for_the_broker_and_gpu_worker():
+    assert (host_size.default_frontend_workers(2), host_size.default_preprocess_workers(2)) == (1, 2)
+    assert (host_size.default_frontend_workers(16), host_size.default_preprocess_workers(16)) == (2, 12)
+    for cpus in range(4, 65):
+        used = host_size.default_frontend_workers(cpus) + host_size.default_preprocess_workers(cpus)
+        assert used == max(cpus - host_size.RESERVED_CPUS, 3), cpus
+
+
+@pytest.mark.timeout(120)
+def test_the_gpu_worker_sizes_its_torch_threads(tmp_path):
+    group = ProcessGroup(stack_env(tmp_path), tmp_path)
+    try:
+        sized = group.start("gpu_worker", "sized")
+        chosen = group.start("gpu_worker", "chosen", TORCH_THREADS=3)
+        wait_for(lambda: "torch uses" in sized.log_path.read_text() and "torch uses" in chosen.log_path.read_text(),
+                 60, "the torch threads lines")
+    finally:
+        group.stop_all()
+    assert f"torch uses {host_size.usable_cpus()} CPU threads (TORCH_THREADS=0: the usable CPUs)" in sized.log_path.read_text()
+    assert "torch uses 3 CPU threads (TORCH_THREADS=3)" in chosen.log_path.read_text()
