@@ -43,6 +43,7 @@ import numpy as np
 import pybase64
 from PIL import Image
 
+from bench.common import save_json
 from shared import host_size
 from shared.image_tiling import CROP_SIZE, pixels_key, select_tiling, tile_image
 from tests.stack import running_stack
@@ -195,9 +196,7 @@ def main(argv=None) -> dict:
     result = {"requests": args.requests, "cores": args.cores, "cpu_ms_per_request": per_request_ms,
               "in_process_ms": steps, "limits": [{"what": w, "arithmetic": a, "rps": r} for w, a, r in limits],
               "ceiling_rps": rps, "target_rps": TARGET_RPS, "jpeg_bytes": len(jpeg)}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 

@@ -20,6 +20,7 @@ same code serves the full-size model and the tiny test model.
 from __future__ import annotations
 
 import math
+import json
 import os
 import statistics
 import time
@@ -256,3 +257,10 @@ def fmt(x: float, digits: int = 3) -> str:
     mag = math.floor(math.log10(abs(x)))
     decimals = max(0, digits - 1 - mag)
     return f"{x:,.{decimals}f}"
+
+
+def save_json(path, data) -> None:
+    """Write a benchmark's results (the --json option), when a path is given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import describe_device, markdown_table, median  # noqa: E402
+from bench.common import describe_device, markdown_table, median, save_json  # noqa: E402
 from bench.engine import synthetic_image  # noqa: E402
 from gpu_worker.engine import load_model  # noqa: E402
 from gpu_worker.engine_types import EngineRequest  # noqa: E402
@@ -177,9 +177,7 @@ def main(argv=None) -> dict:
                           "(max)", "tokens equal", "identical prefix (median)"], frows))
     result = {"speed": speed, "decode_speedup": decode_x, "encode_speedup": encode_x, "memory_ratio": memory,
               "fidelity": fid}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.json, result)
     return result
 
 

@@ -14,7 +14,6 @@ share look larger, not smaller.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import code_version, describe_device, load_engine, markdown_table, median, sync  # noqa: E402
+from bench.common import (code_version, describe_device, load_engine, markdown_table, median, save_json,  # noqa: E402
+                          sync)
 from gpu_worker.variants import ADAPTED, adapter_from_state_dict  # noqa: E402
 
 
@@ -101,9 +101,7 @@ def main(argv=None) -> dict:
               "threads": torch.get_num_threads(), "base_s": [s[0] for s in base], "adapters_s": [s[0] for s in lora],
               "base_cpu_s": [s[1] for s in base], "adapters_cpu_s": [s[1] for s in lora],
               "ratio": ratio, "cpu_ratio": cpu_ratio, "code": code_version()}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.json, result)
     return result
 
 
