@@ -2,11 +2,10 @@
 
 The big linears of the text decoder and the vision encoder (and lm_head) are
 converted once, at load time, to int8 with one scale per output channel, and run
-with PyTorch's own quantized kernel `quantized.linear_dynamic` on its oneDNN
-backend (fbgemm where oneDNN is missing): each call quantizes its input on the
-fly, multiplies in int8 and returns float32.  oneDNN measured 2-4x faster than
-fbgemm here at 32 and 730 rows (the batched decode, the prefix prefill and the
-vision encoder), and the same at one row.  Decode
+with PyTorch's own quantized kernel `quantized.linear_dynamic`: each call
+quantizes its input on the fly, multiplies in int8 and returns float32.  The
+vision encoder's linears are packed for the oneDNN backend, the text decoder's
+for fbgemm (see `_engine_for`).  Decode
 steps are memory-bound, so reading 1 byte per weight instead of 4 is most of the
 win; the vision encoder and prefix prefill are compute-bound, where fbgemm's int8
 GEMM is faster than float32 as well.
@@ -52,26 +51,37 @@ class Int8Linear:
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def quantizable(cfg) -> list[str]:
-    names = [f"text.blocks.{i}.{lin}" for i in range(cfg.n_layers) for lin in _TEXT_LINEARS]
-    names += [f"vision.blocks.{i}.{lin}" for i in range(cfg.enc_n_layers) for lin in _VISION_LINEARS]
-    names += ["vision.proj_mlp.fc1", "vision.proj_mlp.fc2", "text.lm_head"]
-    return names
+def quantizable(cfg) -> dict[str, list[str]]:
+    """The linears converted, by the part of the model they belong to."""
+    text = [f"text.blocks.{i}.{lin}" for i in range(cfg.n_layers) for lin in _TEXT_LINEARS] + ["text.lm_head"]
+    vision = [f"vision.blocks.{i}.{lin}" for i in range(cfg.enc_n_layers) for lin in _VISION_LINEARS]
+    return {"text": text, "vision": vision + ["vision.proj_mlp.fc1", "vision.proj_mlp.fc2"]}
+
+
+def _engine_for(part: str) -> str:
+    """Which of PyTorch's quantized backends packs a part's linears (packing is per backend;
+    the kernel follows the packed weight, so both can serve one model).  The vision encoder
+    multiplies hundreds of rows per crop: oneDNN, 2-4x faster there, though it keeps a second
+    copy of each weight.  The text decoder mostly multiplies one row per sequence (decode) and
+    holds most of the weights: fbgemm, as fast at one row and with one copy."""
+    engines = torch.backends.quantized.supported_engines
+    preferred = ("onednn", "x86", "fbgemm") if part == "vision" else ("fbgemm", "x86", "onednn")
+    engine = next((e for e in preferred if e in engines), None)
+    if engine is None:
+        raise RuntimeError(f"this PyTorch build has no x86 quantized engine (it has {engines})")
+    return engine
 
 
 def quantize_weights(weights: dict, cfg) -> dict:
     """Replace the big linears' float weights by Int8Linear, one at a time, freeing each
     float32 copy as it goes; the bias travels inside the packed weight."""
-    engines = torch.backends.quantized.supported_engines
-    engine = next((e for e in ("onednn", "x86", "fbgemm") if e in engines), None)
-    if engine is None:
-        raise RuntimeError(f"this PyTorch build has no x86 quantized engine (it has {engines})")
-    torch.backends.quantized.engine = engine
-    for name in quantizable(cfg):
-        weight = weights.pop(name + ".weight")
-        bias = weights.pop(name + ".bias", None)
-        weights[name + ".weight"] = Int8Linear(weight, bias)
-        del weight, bias
+    for part, names in quantizable(cfg).items():
+        torch.backends.quantized.engine = _engine_for(part)
+        for name in names:
+            weight = weights.pop(name + ".weight")
+            bias = weights.pop(name + ".bias", None)
+            weights[name + ".weight"] = Int8Linear(weight, bias)
+            del weight, bias
     gc.collect()
     _give_memory_back()
     return weights

@@ -29,7 +29,7 @@ def int8_engine():
 
 def test_big_linears_converted_rest_float(int8_engine):
     w = int8_engine.weights
-    names = set(quantizable(int8_engine.config))
+    names = {n for part in quantizable(int8_engine.config).values() for n in part}
     assert all(isinstance(w[n + ".weight"], Int8Linear) for n in names)
     assert not any(n + ".bias" in w for n in names)  # packed with the weight
     floats = [k for k, v in w.items() if isinstance(v, torch.Tensor)]
@@ -38,11 +38,12 @@ def test_big_linears_converted_rest_float(int8_engine):
     assert int8_engine.info["dtype"] == "int8"
 
 
-def test_int8_linear_close_to_float(int8_engine):
+@pytest.mark.parametrize("name", ["text.blocks.0.mlp.fc1", "vision.blocks.3.attn.qkv"])  # packed for fbgemm / oneDNN
+def test_int8_linear_close_to_float(int8_engine, name):
     ref = fixture_engine("variants").weights
-    x = torch.randn(3, 5, int8_engine.config.dim)
-    got = int8_engine.weights["text.blocks.0.mlp.fc1.weight"](x)
-    want = torch.nn.functional.linear(x, ref["text.blocks.0.mlp.fc1.weight"], ref["text.blocks.0.mlp.fc1.bias"])
+    x = torch.randn(3, 5, ref[name + ".weight"].shape[1])
+    got = int8_engine.weights[name + ".weight"](x)
+    want = torch.nn.functional.linear(x, ref[name + ".weight"], ref[name + ".bias"])
     assert got.shape == want.shape
     assert float((got - want).abs().max() / want.abs().max()) < 0.05
 
