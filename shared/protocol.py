@@ -44,6 +44,12 @@ class Submit(Message):
     stream: bool = False
     has_image: bool = False
     deadline: float = 0.0  # absolute time.time(); 0 = none
+    priority: int = 0  # INTERACTIVE, or BACKGROUND for batch lines: the broker queues those behind
+
+
+# Submit.priority values: the broker's queues serve higher values first, in arrival order.
+INTERACTIVE = 0
+BACKGROUND = -1
 
 
 class Cancel(Message):
