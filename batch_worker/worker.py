@@ -26,6 +26,7 @@ from typing import Optional
 
 from batch_worker import chunking, lines
 from frontend import models
+from frontend.app import wait_events
 from shared import protocol
 from shared.batch_store import CANCELLED, CHUNKING, PROCESSING, BatchStore
 
@@ -70,11 +71,11 @@ class BatchWorker:
         self.in_flight_limit = max(1, config.batch_in_flight)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.in_flight_limit, thread_name_prefix="batch-line")
         self.in_flight: dict[concurrent.futures.Future, LineTask] = {}
-        self.streams: dict[tuple[str, int], object] = {}  # (job, line) -> ReplyStream, for cancelling
         self.retries: list[LineTask] = []
         self.cursors: dict[str, int] = {}  # job id -> last line index handed out this run
         self.queued: list[LineTask] = []
         self.running_jobs: list[str] = []
+        self.running_set: frozenset[str] = frozenset()  # read by the pool threads: a line of another job stops
         self.stopping = False
         self.next_housekeeping = 0.0
         self.next_purge = 0.0
@@ -100,8 +101,7 @@ class BatchWorker:
         done, _ = concurrent.futures.wait(self.in_flight, timeout=POLL_S,
                                           return_when=concurrent.futures.FIRST_COMPLETED)
         for future in done:
-            task = self.in_flight.pop(future)
-            self.streams.pop((task.job_id, task.line_index), None)
+            self.in_flight.pop(future)
             self.record(future.result())
 
     def housekeeping(self, now: float) -> None:
@@ -113,10 +113,7 @@ class BatchWorker:
         for job in self.store.jobs_in(CHUNKING):
             self.chunk(job["id"])
         self.running_jobs = [job["id"] for job in self.store.jobs_in(PROCESSING)]
-        running = set(self.running_jobs)
-        for key, stream in list(self.streams.items()):
-            if key[0] not in running:  # cancelled: stop its lines in flight
-                stream.cancel()
+        running = self.running_set = frozenset(self.running_jobs)  # a cancelled job's lines in flight stop
         self.queued = [t for t in self.queued if t.job_id in running]
         self.retries = [t for t in self.retries if t.job_id in running]
 
@@ -185,12 +182,11 @@ class BatchWorker:
         except lines.LineError as ex:
             return Outcome(task, lines.error_line(task.line_index, id_, ex.code, ex.message))
         stream = self.client.submit(submit, image)
-        self.streams[(task.job_id, task.line_index)] = stream
-        final = None
-        for event in stream:
-            if isinstance(event, (protocol.Result, protocol.Error)):
-                final = event
-        if final is None or (isinstance(final, protocol.Error) and final.status == 499):
+        # wait_events cancels the request when its job stops (499) or it outlives its deadline (504).
+        events = wait_events(stream, submit.deadline,
+                             lambda: self.stopping or task.job_id not in self.running_set)
+        final = next(e for e in events if isinstance(e, (protocol.Result, protocol.Error)))
+        if isinstance(final, protocol.Error) and final.status == 499:
             return Outcome(task, retry_reason="cancelled")  # its job was cancelled: nothing is written
         if isinstance(final, protocol.Result):
             body, tokens_in, tokens_out = lines.ok_line(task.line_index, id_, final)
