@@ -83,17 +83,27 @@ class BatchStore:
         self.uploads_dir = self.root / "uploads"
         self.files_dir = self.root / "files"
         self.retention_s = retention_hours * 3600
+        self.db_path = self.root / "batch.sqlite3"
+        self._created = False
+
+    def _create(self) -> None:
+        """Directories and tables, on first use (an app that never sees a batch leaves no trace)."""
         for d in (self.uploads_dir, self.files_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.root / "batch.sqlite3"
-        with self.connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # stored in the file: every later connection uses it
             conn.executescript(SCHEMA)
+        finally:
+            conn.close()
+        self._created = True
 
     # ------------------------------------------------------------------ connections
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
         """One connection per use: sqlite3 connections must not cross threads, and opening is cheap."""
+        if not self._created:
+            self._create()
         conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
         conn.row_factory = sqlite3.Row
         # WAL + NORMAL: a killed process loses nothing committed (only a power cut could).
@@ -121,8 +131,8 @@ class BatchStore:
     # ------------------------------------------------------------------ uploads (front end)
     def create_upload(self) -> tuple[str, str]:
         file_id, upload_id = new_id(), new_id()
-        (self.uploads_dir / file_id).mkdir()
         with self.write() as conn:
+            (self.uploads_dir / file_id).mkdir()
             conn.execute("INSERT INTO uploads VALUES (?, ?, ?)", (file_id, upload_id, time.time()))
         return file_id, upload_id
 
@@ -238,6 +248,8 @@ class BatchStore:
 
     def summary(self) -> dict:
         """Counts for /metrics and /health: jobs by status, lines by outcome, lines waiting."""
+        if not self.db_path.exists():
+            return {"jobs": {}, "lines": {OK: 0, ERROR: 0}, "lines_waiting": 0}
         with self.connect() as conn:
             jobs = {r[0]: r[1] for r in conn.execute("SELECT status, count(*) FROM jobs GROUP BY status")}
             ok, failed, waiting = conn.execute(
