@@ -218,6 +218,8 @@ class Broker:
             worker_restarts=dict(self.workers_lost),
             variants={part: sorted({v for w in gpus for v in w.variants.get(part, [])})
                       for part in ("loaded", "available")},
+            # lets the batch worker see interactive traffic and yield to it
+            background=sum(r.submit.priority < protocol.INTERACTIVE for r in self.requests.values()),
         )
 
     # ------------------------------------------------------------------ workers

@@ -39,6 +39,7 @@ PENDING, OK, ERROR = "pending", "ok", "error"
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 MAX_PART_NUMBER = 10_000
 COPY_CHUNK = 1 << 20
+TMP_FILE_AGE_S = 3600  # an input file still being joined after this long was left by a crash
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
@@ -328,6 +329,9 @@ class BatchStore:
             self.input_path(job_id).unlink(missing_ok=True)
         for file_id in stale:
             shutil.rmtree(self.uploads_dir / file_id, ignore_errors=True)
+        for tmp in self.files_dir.glob("*.tmp"):  # a completion cut short by a crash
+            if tmp.stat().st_mtime < now - TMP_FILE_AGE_S:
+                tmp.unlink(missing_ok=True)
         return len(expired)
 
 

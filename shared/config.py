@@ -81,6 +81,7 @@ class Config:
     batch_max_line_bytes: int = field(default=10 * 1024 * 1024, metadata={"env": "BATCH_MAX_LINE_BYTES", "help": "longest input line; a longer one gets a per-line invalid_request"})
     batch_retention_hours: float = field(default=168.0, metadata={"env": "BATCH_RETENTION_HOURS", "help": "hours a finished job and its results are kept, and an unfinished upload waits to be completed"})
     batch_in_flight: int = field(default=16, metadata={"env": "BATCH_IN_FLIGHT", "help": "batch lines submitted at once (keep it below BATCH_SIZE so interactive requests always find a slot)"})
+    batch_in_flight_busy: int = field(default=2, metadata={"env": "BATCH_IN_FLIGHT_BUSY", "help": "batch lines submitted at once while interactive requests are running (the job yields to them); = BATCH_IN_FLIGHT to never yield"})
 
     # --- logging
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "DEBUG, INFO, WARNING"})

@@ -79,6 +79,7 @@ class Status(Message):
     gpu_stats: dict = {}  # the GPU workers' scheduler counters, summed
     worker_restarts: dict = {}  # kind -> workers lost (died or went silent) since the broker started
     variants: dict = {}  # GPU workers' variant ids, merged: {"loaded": [...], "available": [...]}
+    background: int = 0  # of queued + in_flight, the BACKGROUND ones (batch lines)
 
 
 # ---------------------------------------------------------------- workers <-> broker
