@@ -298,6 +298,22 @@ def test_cancel_stops_the_remaining_lines(stack):
     assert len(rows) == done and len({r["line_index"] for r in rows}) == done
 
 
+def test_a_job_yields_to_interactive_requests(stack):
+    lines = good_lines(40)
+    job_id = submit(stack, jsonl([line for line, _ in lines]))
+    wait_for(lambda: call_json(stack, "GET", f"/v1/batch/{job_id}")["progress"]["completed"] >= 1, 120,
+             "the job to be under way", stack)
+    query = json.dumps({"question": "Say hi.", "settings": SETTINGS}).encode()
+
+    def interactive_seen() -> bool:
+        status, body = call(stack, "POST", "/v1/query", query)
+        assert status == 200, body  # interactive requests are answered while the job runs
+        return "interactive requests running" in stack.log("batch_worker")
+
+    wait_for(interactive_seen, 60, "the batch worker to see the interactive requests", stack)
+    assert call_json(stack, "POST", f"/v1/batch/{job_id}/cancel")["status"] == "cancelled"
+
+
 def test_metrics_and_health_show_the_jobs(stack):
     status, body = call(stack, "GET", "/metrics", key=None)
     text = body.decode()
