@@ -212,6 +212,7 @@ def test_sigkill_during_a_job_loses_and_doubles_nothing(stack, expected, program
     job_id = submit(stack, jsonl([line for line, _ in lines]))
     wait_for(lambda: call_json(stack, "GET", f"/v1/batch/{job_id}")["progress"]["completed"] >= 3, 120,
              "the job to be under way", stack)
+    assert call_json(stack, "GET", f"/v1/batch/{job_id}")["status"] == "processing"  # killed mid-job
     os.kill(stack.pid(program), signal.SIGKILL)
     job = wait_done(stack, job_id)
     assert job["status"] == "completed" and job["progress"] == {"total": 20, "completed": 20, "failed": 0}
@@ -224,6 +225,7 @@ def test_supervisord_restart_during_a_job_loses_and_doubles_nothing(stack, expec
     job_id = submit(stack, jsonl([line for line, _ in lines]))
     wait_for(lambda: call_json(stack, "GET", f"/v1/batch/{job_id}")["progress"]["completed"] >= 3, 120,
              "the job to be under way", stack)
+    assert call_json(stack, "GET", f"/v1/batch/{job_id}")["status"] == "processing"  # stopped mid-job
     stack.stop()  # supervisorctl shutdown: every program stops, the job with it
     stack.process = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(REPO / "supervisord.conf")],
                                      env=stack.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
