@@ -41,16 +41,17 @@ COPY . .
 # A non-root user owns only what it must write: the run directory (logs,
 # supervisord socket) and the Hugging Face cache.
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin moondream \
- && mkdir -p /app/run /data/hf \
- && chown -R moondream:moondream /app/run /data/hf
+ && mkdir -p /app/run /data/hf /data/batch \
+ && chown -R moondream:moondream /app/run /data/hf /data/batch
 USER moondream
 
 ENV HF_HOME=/data/hf \
     RUN_DIR=/app/run \
+    BATCH_DATA_DIR=/data/batch \
     HOST=0.0.0.0 \
     PORT=5000 \
     MOONDREAM_DEVICE=cuda
-VOLUME ["/data/hf"]
+VOLUME ["/data/hf", "/data/batch"]
 EXPOSE 5000
 
 # /health is 200 only once a GPU worker has loaded the model; the first start

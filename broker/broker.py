@@ -211,7 +211,7 @@ class Broker:
                       deadline=deadline, received=now, waiting_since=now)
         self.requests[rid] = req
         if msg.has_image:
-            self.preprocess_queue.append(rid)
+            self._enqueue(self.preprocess_queue, req)
         else:
             self._queue_for_gpu(req, Generate(
                 request_id=rid, skill=msg.skill, params=msg.params, settings=msg.settings,
@@ -236,6 +236,8 @@ class Broker:
             variants={part: sorted({v for w in gpus for v in w.variants.get(part, [])})
                       for part in ("loaded", "available")},
             deployment=self.config.deployment_id,
+            # lets the batch worker see interactive traffic and yield to it
+            background=sum(r.submit.priority < protocol.INTERACTIVE for r in self.requests.values()),
         )
 
     # ------------------------------------------------------------------ workers
@@ -374,7 +376,20 @@ class Broker:
     def _queue_for_gpu(self, req: Request, generate: Generate) -> None:
         req.generate = generate
         req.stage, req.worker, req.waiting_since = QUEUED_GPU, None, time.monotonic()
-        self.gpu_queue.append(req.request_id)
+        self._enqueue(self.gpu_queue, req)
+
+    def _enqueue(self, queue: deque, req: Request) -> None:
+        """Append, but ahead of every waiting request of lower priority (batch lines,
+        protocol.BACKGROUND): an interactive request never waits behind a bulk job.
+        Lower-priority entries are kept at the tail, so the scan is short."""
+        position = len(queue)
+        while position > 0 and self._priority(queue[position - 1]) < req.submit.priority:
+            position -= 1
+        queue.insert(position, req.request_id)
+
+    def _priority(self, request_id: str) -> int:
+        req = self.requests.get(request_id)
+        return req.submit.priority if req is not None else protocol.INTERACTIVE
 
     def dispatch(self) -> None:
         """Hand queued requests to free workers: preprocess LRU, GPU most free capacity."""

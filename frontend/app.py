@@ -16,6 +16,7 @@ Routes:
     GET  /             a page to try the model (static/index.html)
     GET  /openapi.json, /docs   the API description and a page rendering it (openapi.py)
     GET  /metrics      Prometheus metrics (metrics.py)
+    /v1/batch...       the Batch API: bulk jobs from a JSONL file (batch_api.py)
 """
 from __future__ import annotations
 
@@ -412,9 +413,10 @@ def routing_id(req: falcon.Request) -> str:
 class HealthResource:
     """GET /health: is a GPU worker ready?  200 if so, 503 otherwise."""
 
-    def __init__(self, config: Config, client):
+    def __init__(self, config: Config, client, batch_jobs=None):
         self._config = config
         self._client = client
+        self._batch_jobs = batch_jobs  # shared.batch_store.BatchStore, for the jobs running
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = self._client.status(timeout=1.0)
@@ -444,6 +446,9 @@ class HealthResource:
             body["reason"] = reason
         if queue is not None:
             body["queue"] = queue
+        if self._batch_jobs is not None:
+            jobs = self._batch_jobs.summary()["jobs"]
+            body["batch"] = {"jobs_running": jobs.get("processing", 0) + jobs.get("chunking", 0)}
         if model.get("test_model"):
             body["note"] = TEST_MODEL_NOTE
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
@@ -472,6 +477,7 @@ class IndexResource:
 def create_app(config: Config, client=None) -> falcon.App:
     """Build the WSGI app.  `client` is a BrokerClient (or anything with its
     submit/status API); by default one is created from `config`."""
+    from frontend import batch_api  # imported here: it uses this module's ApiError
     if client is None:
         from frontend.broker_client import BrokerClient  # imported late: it starts a thread
         client = BrokerClient(config)
@@ -489,7 +495,9 @@ def create_app(config: Config, client=None) -> falcon.App:
 
     for path, (skill, schema) in schemas.ROUTES.items():
         app.add_route(path, SkillResource(skill, schema, config, client))
-    app.add_route("/health", HealthResource(config, client))
+    batch_jobs = batch_api.add_routes(app, config)  # the Batch API (frontend/batch_api.py)
+    app_metrics.registry.register(batch_api.BatchCollector(batch_jobs))
+    app.add_route("/health", HealthResource(config, client, batch_jobs))
     app.add_route("/health/live", LiveResource())
     app.add_route("/", IndexResource())
     app.add_route("/openapi.json", openapi.SpecResource(config))

@@ -147,6 +147,10 @@ class HealthQueue(msgspec.Struct):
     in_flight: int
 
 
+class HealthBatch(msgspec.Struct):
+    jobs_running: int  # bulk jobs chunking or processing (the Batch API)
+
+
 class HealthModel(msgspec.Struct):
     """The configured model, plus what the GPU worker reports (device, dtype, ...)."""
 
@@ -163,6 +167,7 @@ class Health(msgspec.Struct):
     queue: Union[HealthQueue, UnsetType] = UNSET  # absent when the broker does not answer
     reason: Union[str, UnsetType] = UNSET  # why not ready (503 only)
     note: Union[str, UnsetType] = UNSET  # set for the random-weight test model
+    batch: Union[HealthBatch, UnsetType] = UNSET
 
 
 class Live(msgspec.Struct):

@@ -85,6 +85,15 @@ class Config:
     max_queue: int = field(default=256, metadata={"env": "MAX_QUEUE", "help": "requests waiting in the broker before 429"})
     allow_remote_images: bool = field(default=False, metadata={"env": "ALLOW_REMOTE_IMAGES", "help": "fetch http(s) image_url: public addresses only, at most 3 redirects, MAX_BODY_BYTES, 10 s (off: data URLs only)"})
 
+    # --- bulk jobs (the Batch API; docs/operations.md "Batch jobs")
+    batch_data_dir: str = field(default="batch-data", metadata={"env": "BATCH_DATA_DIR", "help": "where the batch job store (SQLite) and uploaded files live; shared by the front end and the batch worker"})
+    batch_max_file_bytes: int = field(default=2 * 1024 ** 3, metadata={"env": "BATCH_MAX_FILE_BYTES", "help": "largest batch input file (limit_exceeded above)"})
+    batch_max_lines: int = field(default=100_000, metadata={"env": "BATCH_MAX_LINES", "help": "most lines in one batch input file (limit_exceeded above)"})
+    batch_max_line_bytes: int = field(default=10 * 1024 * 1024, metadata={"env": "BATCH_MAX_LINE_BYTES", "help": "longest input line; a longer one gets a per-line invalid_request"})
+    batch_retention_hours: float = field(default=168.0, metadata={"env": "BATCH_RETENTION_HOURS", "help": "hours a finished job and its results are kept, and an unfinished upload waits to be completed"})
+    batch_in_flight: int = field(default=16, metadata={"env": "BATCH_IN_FLIGHT", "help": "batch lines submitted at once (keep it below BATCH_SIZE so interactive requests always find a slot)"})
+    batch_in_flight_busy: int = field(default=2, metadata={"env": "BATCH_IN_FLIGHT_BUSY", "help": "batch lines submitted at once while interactive requests are running (the job yields to them); = BATCH_IN_FLIGHT to never yield"})
+
     # --- logging
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "DEBUG, INFO, WARNING"})
     log_format: str = field(default="text", metadata={"env": "LOG_FORMAT", "help": "text or json (one object per line)"})

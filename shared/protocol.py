@@ -44,6 +44,12 @@ class Submit(Message):
     stream: bool = False
     has_image: bool = False
     deadline: float = 0.0  # absolute time.time(); 0 = none
+    priority: int = 0  # INTERACTIVE, or BACKGROUND for batch lines: the broker queues those behind
+
+
+# Submit.priority values: the broker's queues serve higher values first, in arrival order.
+INTERACTIVE = 0
+BACKGROUND = -1
 
 
 class Cancel(Message):
@@ -74,6 +80,7 @@ class Status(Message):
     worker_restarts: dict = {}  # kind -> workers lost (died or went silent) since the broker started
     variants: dict = {}  # GPU workers' variant ids, merged: {"loaded": [...], "available": [...]}
     deployment: str = ""  # the broker's config.deployment_id: a front end of another deployment stops using it
+    background: int = 0  # of queued + in_flight, the BACKGROUND ones (batch lines)
 
 
 # ---------------------------------------------------------------- workers <-> broker

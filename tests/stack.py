@@ -62,6 +62,7 @@ def stack_env(run_dir: Path, **overrides) -> dict:
         "HEARTBEAT_LIVENESS": "6",  # 3 s: a CPU test model step can take a second
         "NO_GPU_GRACE": "2",
         "IMAGE_CACHE_MB": "256",
+        "BATCH_DATA_DIR": str(run_dir / "batch"),  # the batch job store: survives a supervisord restart
         "PYTHONUNBUFFERED": "1",
     })
     env.update({k: str(v) for k, v in overrides.items()})

@@ -247,3 +247,26 @@ def test_variant_field_offers_and_uses_variants(page):
 
 # tests/conformance/variants/expected.json: the photo, caption "short", variant ft-beta@7, greedy, 24 tokens
 VARIANT_CAPTION = "cuivivivivPcuivivivivivivivivivivivivPcuivPcu"
+
+def test_batch_panel_lists_jobs_with_progress_and_a_download_link(page, stack):
+    import io
+    import json
+    import urllib.request
+
+    from batch_cli.cli import BatchClient  # the CLI's client: upload, poll
+
+    source = Path(tempfile.mkdtemp(prefix="batch-")) / "in.jsonl"
+    line = {"skill": "query", "question": "hi", "settings": {"max_tokens": 2, "temperature": 0}}
+    source.write_text(json.dumps(line) + "\n" + json.dumps({**line, "skill": "nope"}) + "\n")
+    client = BatchClient(stack.url, None)
+    job_id = client.submit(str(source), 1 << 20)["id"]
+    client.wait(job_id, 0.3, out=io.StringIO())
+    page.refresh()
+    row = f'#batch-jobs tr[data-job-id="{job_id}"]'
+    WebDriverWait(page, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, row + '[data-status="completed"]'))
+    bar = page.find_element(By.CSS_SELECTOR, row + " progress")
+    assert (bar.get_attribute("value"), bar.get_attribute("max")) == ("2", "2")
+    assert "1 failed" in page.find_element(By.CSS_SELECTOR, row).text
+    link = page.find_element(By.CSS_SELECTOR, row + " a.batch-download").get_attribute("href")
+    with urllib.request.urlopen(link, timeout=10) as resp:
+        assert len(resp.read().splitlines()) == 2

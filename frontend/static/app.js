@@ -370,6 +370,70 @@ function showVariants(ids) {
   list.replaceChildren(...ids.map((id) => Object.assign(document.createElement("option"), { value: id })));
 }
 
+// ------------------------------------------------------------------ batch jobs
+// The jobs of the Batch API, each with a progress bar and (once it has results) a
+// download link.  The link fetches with the API key, so it is a click handler, not a plain href.
+function batchRow(job) {
+  const row = document.createElement("tr");
+  row.dataset.jobId = job.id;
+  row.dataset.status = job.status;
+  const p = job.progress;
+  const done = p.completed + p.failed;
+  const cells = [job.id.slice(0, 12), job.status, "", (job.created_at || "").replace("T", " "), ""];
+  for (const text of cells) {
+    const cell = document.createElement("td");
+    cell.textContent = text;
+    row.appendChild(cell);
+  }
+  const bar = document.createElement("progress");
+  bar.max = p.total || 1;
+  bar.value = done;
+  row.cells[2].append(bar, ` ${done}/${p.total}` + (p.failed ? ` (${p.failed} failed)` : ""));
+  for (const output of job.outputs) {
+    const link = document.createElement("a");
+    link.href = output.url;
+    link.textContent = job.outputs.length > 1 ? `part ${output.index + 1}` : "download";
+    link.className = "batch-download";
+    link.addEventListener("click", (event) => { event.preventDefault(); downloadResults(output.url, job.id, output.index); });
+    row.cells[4].append(link, " ");
+  }
+  return row;
+}
+
+async function downloadResults(url, jobId, index) {
+  const response = await fetch(url, { headers: headers() });
+  if (!response.ok) return showBatchError(await errorMessage(response));
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = `${jobId}-${index}.jsonl`;
+  link.click();
+  URL.revokeObjectURL(link.href);
+}
+
+function showBatchError(message) {
+  $("batch-error").hidden = !message;
+  $("batch-error").textContent = message || "";
+}
+
+async function refreshBatchJobs() {
+  let running = false;
+  try {
+    const response = await fetch("/v1/batch?limit=20", { headers: headers() });
+    if (!response.ok) {
+      showBatchError(response.status === 401 ? "Enter the API key to see batch jobs." : await errorMessage(response));
+    } else {
+      const jobs = (await response.json()).data;
+      showBatchError("");
+      $("batch-jobs").tBodies[0].replaceChildren(...jobs.map(batchRow));
+      $("batch-empty").hidden = jobs.length > 0;
+      running = jobs.some((job) => job.status === "processing" || job.status === "chunking");
+    }
+  } catch {
+    showBatchError("The server is not answering.");
+  }
+  setTimeout(refreshBatchJobs, running ? 2000 : 10000);
+}
+
 // ------------------------------------------------------------------ start
 setupImageInput();
 for (const tab of document.querySelectorAll("#tabs button")) {
@@ -379,5 +443,9 @@ $("ask-form").addEventListener("submit", run);
 $("chat-new").addEventListener("click", newChat);
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("api-key").value = sessionStorage.getItem("moondream-api-key") || "";
-$("api-key").addEventListener("change", () => sessionStorage.setItem("moondream-api-key", $("api-key").value));
+$("api-key").addEventListener("change", () => {
+  sessionStorage.setItem("moondream-api-key", $("api-key").value);
+  refreshBatchJobs();
+});
 refreshHealth();
+refreshBatchJobs();
