@@ -24,9 +24,10 @@ pytestmark = pytest.mark.timeout(60)
 class TransformersWorkerPeer(threading.Thread):
     """Registers as a transformers-engine GPU worker and answers one Generate."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, deployment: str):
         super().__init__(daemon=True)
         self.address = address
+        self.deployment = deployment  # the broker refuses a worker of another deployment
         self.received: list = []
 
     def run(self) -> None:
@@ -34,7 +35,8 @@ class TransformersWorkerPeer(threading.Thread):
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.address)
         sock.send_multipart(protocol.encode(Ready(kind=protocol.GPU, worker_id="peer", capacity=1,
-                                                  model={"engine": "transformers", "name": "stand-in"})))
+                                                  model={"engine": "transformers", "name": "stand-in"},
+                                                  deployment=self.deployment)))
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         while not self.received:
@@ -52,7 +54,7 @@ class TransformersWorkerPeer(threading.Thread):
 def test_pixels_travel_with_the_crops_for_the_transformers_engine(services):  # noqa: F811
     s = services()
     s.start("preprocess_worker")
-    peer = TransformersWorkerPeer(s.config.broker_backend_addr)
+    peer = TransformersWorkerPeer(s.config.broker_backend_addr, s.config.deployment_id)
     peer.start()
     s.wait_for(preprocess=1, gpu=1)
     events = list(s.client.submit(Submit(request_id=uuid.uuid4().hex, skill="caption", params={"length": "short"},
