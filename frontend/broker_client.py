@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import msgspec
 import zmq
@@ -32,7 +32,6 @@ log = logging.getLogger("broker_client")
 
 Event = Union[Chunk, Result, Error]
 _PING_PREFIX = "ping-"
-_DEADLINE_GRACE = 1.0  # the broker answers 504 at the deadline; we give it this long before we do
 
 
 def _unavailable(request_id: str, why: str) -> Error:
@@ -40,13 +39,14 @@ def _unavailable(request_id: str, why: str) -> Error:
 
 
 class ReplyStream:
-    """The events of one request, in order, ending with one Result or Error."""
+    """The events of one request, in order, ending with one Result or Error.  Read
+    with next_event(); frontend.app.wait_events adds the deadline and the client's
+    disconnects."""
 
-    def __init__(self, client: "BrokerClient", request_id: str, replies: queue.Queue, deadline: float):
+    def __init__(self, client: "BrokerClient", request_id: str, replies: queue.Queue):
         self.request_id = request_id
         self._client = client
         self._replies = replies
-        self._deadline = deadline  # time.time()
         self._done = False
 
     def next_event(self, timeout: float) -> Event:
@@ -58,18 +58,6 @@ class ReplyStream:
         if isinstance(event, (Result, Error)):
             self._done = True
         return event
-
-    def __iter__(self) -> Iterator[Event]:
-        while not self._done:
-            remaining = self._deadline - time.time()
-            if remaining <= 0:
-                self.cancel()
-                yield Error(self.request_id, 504, "timeout", "request timed out")
-                return
-            try:
-                yield self.next_event(remaining)
-            except TimeoutError:
-                continue
 
     def cancel(self) -> None:
         """Tell the broker to stop this request (no-op once it has finished)."""
@@ -107,12 +95,11 @@ class BrokerClient:
         replies: queue.Queue = queue.Queue()
         with self._replies_lock:
             self._replies[msg.request_id] = replies
-        deadline = (msg.deadline or time.time() + self.config.request_timeout) + _DEADLINE_GRACE
         if self._closed.is_set():
             replies.put(_unavailable(msg.request_id, "client closed"))
         else:
             self._hand_to_io(msg.request_id, protocol.encode(msg, image if msg.has_image else None))
-        return ReplyStream(self, msg.request_id, replies, deadline)
+        return ReplyStream(self, msg.request_id, replies)
 
     def status(self, timeout: float = 1.0) -> Optional[Status]:
         """The broker's Status, or None when it does not answer within `timeout` seconds."""
