@@ -9,7 +9,7 @@ requests/s and latency percentiles for each plus their ratio.
 Both sides do the same work inside their timed windows: the JPEG files are made
 before either timer starts (that is the client's work, not the service's), and
 every request's JPEG is decoded and tiled inside the window: by the stack's
-preprocess workers, and in process by a pool of as many threads.  What the ratio
+preprocess workers, and in process by a pool of as many processes.  What the ratio
 leaves is the cost of serving over HTTP: the front end, base64 and JSON, the
 broker's ZeroMQ hops and the separate processes.
 """
@@ -20,6 +20,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import multiprocessing
 import os
 import statistics
 import time
@@ -85,36 +86,32 @@ def run_http(url: str, bodies: list[dict], jpegs: dict[str, bytes], concurrency:
 
 
 def run_in_process(scheduler: Scheduler, config, bodies: list[dict], jpegs: dict[str, bytes], concurrency: int,
-                   decoders: int) -> tuple[float, list[float]]:
+                   decoders: concurrent.futures.Executor) -> tuple[float, list[float]]:
     """The same requests straight into a Scheduler, at most `concurrency` at a time;
-    each request's JPEG is decoded and tiled by one of `decoders` threads (the stack's
-    preprocess workers) before it is added."""
-
-    def decode(name: str) -> ImageInput:
-        done = preprocess(jpegs[name], config.max_image_pixels, config.max_image_side)
-        return ImageInput(crops=done.crops, tiling=done.tiling, key=done.key)
-
+    each request's JPEG is decoded and tiled by `decoders` (processes, as the stack's
+    preprocess workers are) before it is added."""
     pending = list(bodies)
     decoding: dict[concurrent.futures.Future, tuple[dict, float]] = {}
     started: dict[str, float] = {}
     latencies: list[float] = []
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(decoders) as pool:
-        while pending or decoding or started:
-            while pending and len(decoding) + len(started) < concurrency:
-                body = pending.pop(0)
-                decoding[pool.submit(decode, body["image"])] = (body, time.perf_counter())
-            if decoding and not started:  # nothing to step: wait for an image
-                concurrent.futures.wait(decoding, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in [f for f in decoding if f.done()]:
-                body, submitted = decoding.pop(future)
-                rid = uuid.uuid4().hex
-                scheduler.add(EngineRequest(rid, body["skill"], dict(body["params"]), dict(body["settings"]),
-                                            image=future.result()))
-                started[rid] = submitted
-            for event in scheduler.step():
-                if isinstance(event, (Finished, Failed)):
-                    latencies.append(time.perf_counter() - started.pop(event.request_id))
+    while pending or decoding or started:
+        while pending and len(decoding) + len(started) < concurrency:
+            body = pending.pop(0)
+            job = decoders.submit(preprocess, jpegs[body["image"]], config.max_image_pixels, config.max_image_side)
+            decoding[job] = (body, time.perf_counter())
+        if decoding and not started:  # nothing to step: wait for an image
+            concurrent.futures.wait(decoding, return_when=concurrent.futures.FIRST_COMPLETED)
+        for job in [j for j in decoding if j.done()]:
+            body, submitted = decoding.pop(job)
+            done = job.result()
+            rid = uuid.uuid4().hex
+            scheduler.add(EngineRequest(rid, body["skill"], dict(body["params"]), dict(body["settings"]),
+                                        image=ImageInput(crops=done.crops, tiling=done.tiling, key=done.key)))
+            started[rid] = submitted
+        for event in scheduler.step():
+            if isinstance(event, (Finished, Failed)):
+                latencies.append(time.perf_counter() - started.pop(event.request_id))
     return time.perf_counter() - start, latencies
 
 
@@ -147,9 +144,11 @@ def main() -> None:
         config = config_from_env(stack.env)
     # The stack is down now, so the in-process run has the machine to itself.
     scheduler = Scheduler(load_model(config), max_batch=config.batch_size, image_cache_bytes=config.image_cache_mb << 20)
-    decoders = args.preprocess_workers
-    run_in_process(scheduler, config, bodies[: min(8, len(bodies))], jpegs, args.concurrency, decoders)  # warm-up
-    direct = report("in-process", *run_in_process(scheduler, config, bodies, jpegs, args.concurrency, decoders))
+    # Decoding processes started (spawned: no copy of the model's threads) before the timer.
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.preprocess_workers, mp_context=spawn) as decoders:
+        run_in_process(scheduler, config, bodies[: min(8, len(bodies))], jpegs, args.concurrency, decoders)  # warm-up
+        direct = report("in-process", *run_in_process(scheduler, config, bodies, jpegs, args.concurrency, decoders))
     print(f"ratio        stack/in-process throughput = {http / direct:.2f}")
 
 
