@@ -1,6 +1,6 @@
 """Moondream 2's image tiling: an RGB image -> uint8 crops.  No torch here, so the
-CPU preprocess workers can run it.  See docs/model.md, "From an image to crops";
-the conformance fixtures pin the output bit for bit."""
+CPU preprocess workers can run it.  See ../shared/docs/moondream2-model.md, "Image
+preprocessing"; the conformance fixtures pin the output bit for bit."""
 from __future__ import annotations
 
 import hashlib

@@ -48,26 +48,3 @@ def test_throughput_benchmark_runs(tmp_path, capsys):
         # greedy on random weights may stop early at the end-of-text token, never late
         assert 1 <= row["mean_output_tokens"] <= row["max_tokens"]
         assert row["flop_fraction"] > 0 and row["memory_fraction"] > 0
-
-
-def test_load_warmup_never_sends_a_timed_image():
-    """bench/load.py warms up on its own images, so no timed request finds its image
-    already encoded by the warm-up (in either workload, with or without distinct images)."""
-    from bench import load
-
-    for workload in ("decode-heavy", "mixed"):
-        for distinct in (False, True):
-            timed = {body["image_url"] for _, body in load.make_requests(workload, 12, 0, distinct)}
-            warmup = {body["image_url"] for _, body in
-                      load.make_requests(workload, 8, 1, distinct, image_seeds=load.WARMUP_IMAGE_SEEDS)}
-            assert timed and warmup and not timed & warmup, (workload, distinct)
-
-
-def test_load_reports_time_per_output_token_apart_from_chunk_gaps():
-    from bench import load
-
-    # 11 tokens in 3 chunks: first chunk at 0.2 s, done at 1.2 s
-    sample = load.Sample(True, 200, latency=1.2, ttft=0.2, chunk_gaps=[0.4, 0.6], output_tokens=11)
-    row = load.summarize([sample], elapsed=1.2)
-    assert row["tpot_p50_ms"] == 100.0  # (1.2 - 0.2) / (11 - 1)
-    assert row["chunk_gap_p50_ms"] == 400.0 and row["chunk_gap_p99_ms"] == 600.0
