@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import io
 import json
 import os
@@ -124,7 +125,7 @@ def send(base_url: str, skill: str, body: dict, timeout: float = 600.0) -> Sampl
 
 
 def _read_stream(resp, start: float) -> Sample:
-    ttft, last, chunk_gaps, tokens, ok = None, None, [], 0, False
+    ttft, last, chunk_gaps, tokens, ok, status = None, None, [], 0, False, 200
     for raw in resp:
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data: "):
@@ -133,6 +134,7 @@ def _read_stream(resp, start: float) -> Sample:
         event = json.loads(line[6:])
         if event.get("completed"):
             ok = "error" not in event
+            status = event.get("error", {}).get("status", 200)  # an error after the stream began
             tokens = event.get("metrics", {}).get("output_tokens", 0)
             break
         if event.get("chunk"):
@@ -141,7 +143,7 @@ def _read_stream(resp, start: float) -> Sample:
             elif last is not None:
                 chunk_gaps.append(now - last)
             last = now
-    return Sample(ok, 200, time.perf_counter() - start, ttft, chunk_gaps, tokens)
+    return Sample(ok, status, time.perf_counter() - start, ttft, chunk_gaps, tokens)
 
 
 # ---------------------------------------------------------------- a run
@@ -182,8 +184,10 @@ def summarize(samples: list[Sample], elapsed: float) -> dict:
     ttfts = [s.ttft for s in good if s.ttft is not None]
     tpots = [(s.latency - s.ttft) / (s.output_tokens - 1) for s in good if s.ttft is not None and s.output_tokens > 1]
     lat = [s.latency for s in good]
+    failed = collections.Counter(str(s.status) for s in samples if not s.ok)  # "0": no HTTP answer at all
     return {
         "requests": len(samples), "ok": len(good), "errors": len(samples) - len(good), "seconds": round(elapsed, 2),
+        "error_statuses": dict(failed),
         "req_per_s": len(good) / elapsed if elapsed else 0.0,
         "output_tok_per_s": sum(s.output_tokens for s in good) / elapsed if elapsed else 0.0,
         **{f"ttft_p{q}_ms": _ms(pct(ttfts, q)) for q in (50, 90, 99)},
