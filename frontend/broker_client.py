@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import msgspec
 import zmq
@@ -39,14 +39,15 @@ def _unavailable(request_id: str, why: str) -> Error:
 
 
 class ReplyStream:
-    """The events of one request, in order, ending with one Result or Error.  Read
-    with next_event(); frontend.app.wait_events adds the deadline and the client's
-    disconnects."""
+    """The events of one request, in order, ending with one Result or Error.  The
+    front end reads them with next_event() through frontend.app.wait_events, which
+    also enforces the deadline and watches the HTTP client."""
 
-    def __init__(self, client: "BrokerClient", request_id: str, replies: queue.Queue):
+    def __init__(self, client: "BrokerClient", request_id: str, replies: queue.Queue, deadline: float):
         self.request_id = request_id
         self._client = client
         self._replies = replies
+        self._deadline = deadline  # time.time() at which the broker answers 504
         self._done = False
 
     def next_event(self, timeout: float) -> Event:
@@ -58,6 +59,13 @@ class ReplyStream:
         if isinstance(event, (Result, Error)):
             self._done = True
         return event
+
+    def __iter__(self) -> Iterator[Event]:
+        """Every event to the end, for scripts and tests: the front end's own loop
+        (one deadline rule, one grace period), without an HTTP client to watch."""
+        from frontend.app import wait_events  # here: app imports this module
+
+        return wait_events(self, self._deadline, client_gone=None)
 
     def cancel(self) -> None:
         """Tell the broker to stop this request (no-op once it has finished)."""
@@ -99,7 +107,7 @@ class BrokerClient:
             replies.put(_unavailable(msg.request_id, "client closed"))
         else:
             self._hand_to_io(msg.request_id, protocol.encode(msg, image if msg.has_image else None))
-        return ReplyStream(self, msg.request_id, replies)
+        return ReplyStream(self, msg.request_id, replies, msg.deadline or time.time() + self.config.request_timeout)
 
     def status(self, timeout: float = 1.0) -> Optional[Status]:
         """The broker's Status, or None when it does not answer within `timeout` seconds."""

@@ -12,7 +12,6 @@ import pytest
 import zmq
 from PIL import Image
 
-from frontend.app import wait_events
 from frontend.broker_client import BrokerClient
 from shared import protocol
 from shared.protocol import Error, Ready, Result, Submit
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.timeout(60)
 
 PHOTO = (REPO / "tests/conformance/main/images/photo_773x767.jpg").read_bytes()
 SETTINGS = {"temperature": 0, "max_tokens": 16}
-
-
-def read_to_the_end(stream, timeout: float) -> list:
-    """A request's events up to its Result or Error, read as the front end reads them."""
-    return list(wait_events(stream, time.time() + timeout, client_gone=None))
 
 
 class Services:
@@ -55,7 +49,7 @@ class Services:
     def run(self, skill="caption", params=None, image=None, **submit_fields) -> list:
         msg = Submit(request_id=uuid.uuid4().hex, skill=skill, params=params or {"length": "short"},
                      settings=dict(SETTINGS), has_image=image is not None, **submit_fields)
-        return read_to_the_end(self.client.submit(msg, image), self.config.request_timeout)
+        return list(self.client.submit(msg, image))
 
     def broker_log(self, wait_for: str = "", timeout: float = 3.0) -> str:
         """The broker's log so far; with `wait_for`, once it contains that text (it logs after replying)."""
@@ -164,7 +158,7 @@ def test_killed_preprocess_worker_job_is_retried_on_another(services):
     stream = s.client.submit(msg, big_jpeg())
     time.sleep(0.7)  # `first` (idle the longest, so chosen) is decoding it now
     first.send_signal(signal.SIGKILL)
-    events = read_to_the_end(stream, s.config.request_timeout)
+    events = list(stream)
     # Preprocessed by the second worker, then no GPU: 503 no_gpu_worker, not a lost request.
     assert [(e.status, e.code) for e in events] == [(503, "no_gpu_worker")]
     assert "(1 jobs in flight)" in s.broker_log("(1 jobs in flight)")
@@ -179,7 +173,7 @@ def test_queue_limit_gives_429(services):
     assert (third.status, third.code) == (429, "overloaded")
     # The other two were queued and are answered too (no preprocess worker: 503 after the grace).
     for stream in streams[:2]:
-        assert read_to_the_end(stream, s.config.request_timeout)[-1].code == "no_preprocess_worker"
+        assert list(stream)[-1].code == "no_preprocess_worker"
 
 
 def test_deadline_gives_504(services):
@@ -220,8 +214,7 @@ def test_broker_unreachable_ends_stream_with_503(tmp_path):
     client = BrokerClient(config_from_env(env))  # nothing listens there
     try:
         started = time.monotonic()
-        stream = client.submit(Submit(request_id="r", skill="query", params={"question": "q"}, settings={}), None)
-        events = read_to_the_end(stream, client.config.request_timeout)
+        events = list(client.submit(Submit(request_id="r", skill="query", params={"question": "q"}, settings={}), None))
         assert [(e.status, e.code) for e in events] == [(503, "broker_unavailable")]
         assert time.monotonic() - started < 5
         assert client.status(timeout=0.3) is None
@@ -236,7 +229,7 @@ def test_broker_dying_mid_request_ends_stream_with_503(services):
     time.sleep(0.3)
     s.broker.send_signal(signal.SIGKILL)
     started = time.monotonic()
-    events = read_to_the_end(stream, s.config.request_timeout)
+    events = list(stream)
     assert [(e.status, e.code) for e in events] == [(503, "broker_unavailable")]
     assert time.monotonic() - started < 5
 
@@ -259,8 +252,7 @@ def test_preprocess_worker_stuck_past_its_time_limit_exits_and_the_job_is_taken_
     s = services(PREPROCESS_TIMEOUT=0.3, NO_GPU_GRACE=0.5)
     worker = s.start("preprocess_worker")
     s.wait_for(preprocess=1)
-    stream = s.client.submit(Submit(request_id="slow", skill="caption", params={}, settings={}, has_image=True), big_jpeg())
-    events = read_to_the_end(stream, s.config.request_timeout)
+    events = list(s.client.submit(Submit(request_id="slow", skill="caption", params={}, settings={}, has_image=True), big_jpeg()))
     assert worker.wait(timeout=10) == 3  # supervisord would start a fresh one
     # Taken back into the queue; with no worker left it ends with a 503 instead of hanging.
     assert [(e.status, e.code) for e in events] == [(503, "no_preprocess_worker")]

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from shared.protocol import Chunk, Result, Submit
-from tests.test_broker import PHOTO, Services, png, read_to_the_end, services  # noqa: F401  (services is a fixture)
+from tests.test_broker import PHOTO, Services, png, services  # noqa: F401  (services is a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,7 +72,7 @@ def test_gpu_worker_killed_mid_request_gives_503(gpu_services):
     gpu = next(p for p in s.group.procs if p.args[-1] == "gpu_worker")
     gpu.send_signal(signal.SIGKILL)
     started = time.monotonic()
-    events = read_to_the_end(stream, s.config.request_timeout)
+    events = list(stream)
     assert (events[-1].status, events[-1].code) == (503, "worker_died")
     assert time.monotonic() - started < 5
 
@@ -126,7 +126,7 @@ def test_every_request_gets_exactly_one_final_reply_under_a_mixed_load(services)
             time.sleep(0.05)
             stream.cancel()
             return "cancelled"
-        events = read_to_the_end(stream, s.config.request_timeout)
+        events = list(stream)
         finals = [e for e in events if not isinstance(e, Chunk)]
         assert len(finals) == 1 and events[-1] is finals[0], events
         return type(finals[0]).__name__, getattr(finals[0], "code", "")

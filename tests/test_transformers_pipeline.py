@@ -16,7 +16,7 @@ from PIL import Image
 
 from shared import protocol
 from shared.protocol import Generate, Ready, Result, Submit
-from tests.test_broker import PHOTO, read_to_the_end, services  # noqa: F401  (fixture)
+from tests.test_broker import PHOTO, services  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,9 +55,8 @@ def test_pixels_travel_with_the_crops_for_the_transformers_engine(services):  # 
     peer = TransformersWorkerPeer(s.config.broker_backend_addr)
     peer.start()
     s.wait_for(preprocess=1, gpu=1)
-    stream = s.client.submit(Submit(request_id=uuid.uuid4().hex, skill="caption", params={"length": "short"},
-                                    settings={}, has_image=True), PHOTO)
-    events = read_to_the_end(stream, s.config.request_timeout)
+    events = list(s.client.submit(Submit(request_id=uuid.uuid4().hex, skill="caption", params={"length": "short"},
+                                         settings={}, has_image=True), PHOTO))
     assert isinstance(events[-1], Result)
     peer.join(5)
     msg, frame = peer.received[0]
