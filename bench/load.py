@@ -8,9 +8,12 @@ baseline in the same run.
 Without --url it starts the whole stack (real supervisord, tests/stack.py) on free
 ports with the tiny test model, once per BATCH_SIZE setting, and runs the same
 request list against each.  Reported per setting: requests/s, output tokens/s, and
-percentiles of time to first token, inter-token latency and end-to-end latency.
-Text requests are streamed (SSE) so TTFT and inter-token gaps are measured as a
-client sees them.
+percentiles of time to first token (TTFT), time per output token (TPOT), the gap
+between streamed chunks and end-to-end latency.  Text requests are streamed (SSE) so
+these are measured as a client sees them.  A streamed chunk is several tokens (the
+text is flushed up to its last space), so the chunk gap is not a per-token figure;
+TPOT is: (end-to-end - TTFT) / (output tokens - 1) of each request.  The warm-up
+before each timed run uses images that the timed run never sends.
 
 Arrivals: `--concurrency N` keeps N requests in flight (closed loop); `--rate R`
 sends R requests/s on a Poisson schedule (open loop) with at most --concurrency in
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import io
 import json
 import os
@@ -51,21 +55,29 @@ def synthetic_image(width: int, height: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def make_requests(workload: str, n: int, seed: int, distinct_images: bool) -> list[tuple[str, dict]]:
+# The warm-up's image seeds start here, far above any the timed run uses, so no
+# timed request finds its image already encoded by the warm-up.
+WARMUP_IMAGE_SEEDS = 1_000_000
+
+
+def make_requests(workload: str, n: int, seed: int, distinct_images: bool,
+                  image_seeds: int = 0) -> list[tuple[str, dict]]:
+    """n request bodies; every image is seeded from `image_seeds` upwards (pool images
+    first, then one per request with --distinct-images)."""
     rng = random.Random(seed)
     if workload == "decode-heavy":
-        pool = [synthetic_image(96, 64, i) for i in range(4)]
+        pool = [synthetic_image(96, 64, image_seeds + i) for i in range(4)]
         out = []
         for i in range(n):
-            image = synthetic_image(96, 64, 1000 + i) if distinct_images else pool[i % len(pool)]
+            image = synthetic_image(96, 64, image_seeds + 1000 + i) if distinct_images else pool[i % len(pool)]
             out.append(("caption", {"image_url": image, "length": "long", "stream": True,
                                     "settings": {"temperature": 0.5, "top_p": 0.9, "max_tokens": 128}}))
         return out
     sizes = [(96, 64), (378, 378), (800, 600)]
-    pool = [synthetic_image(w, h, i) for i, (w, h) in enumerate(sizes * 2)]
+    pool = [synthetic_image(w, h, image_seeds + i) for i, (w, h) in enumerate(sizes * 2)]
     out = []
     for i in range(n):
-        image = synthetic_image(*sizes[i % 3], 2000 + i) if distinct_images else rng.choice(pool)
+        image = synthetic_image(*sizes[i % 3], image_seeds + 2000 + i) if distinct_images else rng.choice(pool)
         skill = rng.choice(["caption", "query", "query", "detect", "point"])
         tokens = rng.choice([16, 32, 64, 128])
         if skill == "caption":
@@ -87,7 +99,7 @@ class Sample:
     status: int
     latency: float
     ttft: float | None = None
-    gaps: list = field(default_factory=list)
+    chunk_gaps: list = field(default_factory=list)  # between streamed chunks (each several tokens)
     output_tokens: int = 0
 
 
@@ -113,7 +125,7 @@ def send(base_url: str, skill: str, body: dict, timeout: float = 600.0) -> Sampl
 
 
 def _read_stream(resp, start: float) -> Sample:
-    ttft, last, gaps, tokens, ok = None, None, [], 0, False
+    ttft, last, chunk_gaps, tokens, ok, status = None, None, [], 0, False, 200
     for raw in resp:
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data: "):
@@ -122,15 +134,16 @@ def _read_stream(resp, start: float) -> Sample:
         event = json.loads(line[6:])
         if event.get("completed"):
             ok = "error" not in event
+            status = event.get("error", {}).get("status", 200)  # an error after the stream began
             tokens = event.get("metrics", {}).get("output_tokens", 0)
             break
         if event.get("chunk"):
             if ttft is None:
                 ttft = now - start
             elif last is not None:
-                gaps.append(now - last)
+                chunk_gaps.append(now - last)
             last = now
-    return Sample(ok, 200, time.perf_counter() - start, ttft, gaps, tokens)
+    return Sample(ok, status, time.perf_counter() - start, ttft, chunk_gaps, tokens)
 
 
 # ---------------------------------------------------------------- a run
@@ -167,15 +180,19 @@ def pct(values: list, q: float) -> float | None:
 
 def summarize(samples: list[Sample], elapsed: float) -> dict:
     good = [s for s in samples if s.ok]
-    gaps = [g for s in good for g in s.gaps]
+    gaps = [g for s in good for g in s.chunk_gaps]
     ttfts = [s.ttft for s in good if s.ttft is not None]
+    tpots = [(s.latency - s.ttft) / (s.output_tokens - 1) for s in good if s.ttft is not None and s.output_tokens > 1]
     lat = [s.latency for s in good]
+    failed = collections.Counter(str(s.status) for s in samples if not s.ok)  # "0": no HTTP answer at all
     return {
         "requests": len(samples), "ok": len(good), "errors": len(samples) - len(good), "seconds": round(elapsed, 2),
+        "error_statuses": dict(failed),
         "req_per_s": len(good) / elapsed if elapsed else 0.0,
         "output_tok_per_s": sum(s.output_tokens for s in good) / elapsed if elapsed else 0.0,
         **{f"ttft_p{q}_ms": _ms(pct(ttfts, q)) for q in (50, 90, 99)},
-        **{f"itl_p{q}_ms": _ms(pct(gaps, q)) for q in (50, 90, 99)},
+        **{f"tpot_p{q}_ms": _ms(pct(tpots, q)) for q in (50, 90, 99)},
+        **{f"chunk_gap_p{q}_ms": _ms(pct(gaps, q)) for q in (50, 90, 99)},
         **{f"e2e_p{q}_ms": _ms(pct(lat, q)) for q in (50, 90, 99)},
         "e2e_mean_ms": _ms(statistics.fmean(lat)) if lat else None,
     }
@@ -187,7 +204,8 @@ def _ms(seconds):
 
 def table(rows: list[tuple[str, dict]]) -> str:
     cols = ["req_per_s", "output_tok_per_s", "ok", "errors", "ttft_p50_ms", "ttft_p99_ms",
-            "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms"]
+            "tpot_p50_ms", "tpot_p99_ms", "chunk_gap_p50_ms", "chunk_gap_p99_ms", "e2e_p50_ms", "e2e_p90_ms",
+            "e2e_p99_ms"]
     lines = ["| setting | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows:
         cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else ("" if r[c] is None else str(r[c])) for c in cols]
@@ -210,7 +228,8 @@ def main() -> None:
     args = ap.parse_args()
 
     requests = make_requests(args.workload, args.requests, args.seed, args.distinct_images)
-    warmup = make_requests(args.workload, min(8, args.concurrency), args.seed + 1, args.distinct_images)
+    warmup = make_requests(args.workload, min(8, args.concurrency), args.seed + 1, args.distinct_images,
+                           image_seeds=WARMUP_IMAGE_SEEDS)
     settings = [("batched", args.batch_size)] + ([] if args.no_baseline or args.url else [("BATCH_SIZE=1", 1)])
     results = []
     for name, batch_size in settings:

@@ -38,7 +38,6 @@ log = logging.getLogger("broker_client")
 
 Event = Union[Chunk, Result, Error]
 _PING_PREFIX = "ping-"
-_DEADLINE_GRACE = 1.0  # the broker answers 504 at the deadline; we give it this long before we do
 
 
 def _unavailable(request_id: str, why: str) -> Error:
@@ -46,13 +45,15 @@ def _unavailable(request_id: str, why: str) -> Error:
 
 
 class ReplyStream:
-    """The events of one request, in order, ending with one Result or Error."""
+    """The events of one request, in order, ending with one Result or Error.  The
+    front end reads them with next_event() through frontend.app.wait_events, which
+    also enforces the deadline and watches the HTTP client."""
 
     def __init__(self, client: "BrokerClient", request_id: str, replies: queue.Queue, deadline: float):
         self.request_id = request_id
         self._client = client
         self._replies = replies
-        self._deadline = deadline  # time.time()
+        self._deadline = deadline  # time.time() at which the broker answers 504
         self._done = False
 
     def next_event(self, timeout: float) -> Event:
@@ -66,16 +67,11 @@ class ReplyStream:
         return event
 
     def __iter__(self) -> Iterator[Event]:
-        while not self._done:
-            remaining = self._deadline - time.time()
-            if remaining <= 0:
-                self.cancel()
-                yield Error(self.request_id, 504, "timeout", "request timed out")
-                return
-            try:
-                yield self.next_event(remaining)
-            except TimeoutError:
-                continue
+        """Every event to the end, for scripts and tests: the front end's own loop
+        (one deadline rule, one grace period), without an HTTP client to watch."""
+        from frontend.app import wait_events  # here: app imports this module
+
+        return wait_events(self, self._deadline, client_gone=None)
 
     def cancel(self) -> None:
         """Tell the broker to stop this request (no-op once it has finished)."""
@@ -116,12 +112,11 @@ class BrokerClient:
         replies: queue.Queue = queue.Queue()
         with self._replies_lock:
             self._replies[msg.request_id] = replies
-        deadline = (msg.deadline or time.time() + self.config.request_timeout) + _DEADLINE_GRACE
         if self._closed.is_set():
             replies.put(_unavailable(msg.request_id, "client closed"))
         else:
             self._hand_to_io(msg.request_id, protocol.encode(msg, image if msg.has_image else None))
-        return ReplyStream(self, msg.request_id, replies, deadline)
+        return ReplyStream(self, msg.request_id, replies, msg.deadline or time.time() + self.config.request_timeout)
 
     def status(self, timeout: float = 1.0) -> Optional[Status]:
         """The broker's Status, or None when it does not answer within `timeout` seconds."""

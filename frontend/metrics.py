@@ -6,12 +6,11 @@ Three sources:
   it end to end (for a stream: until its last event was written).
 * `MeteredClient` wraps the BrokerClient and watches each request's events as
   the front end receives them: time to the first streamed chunk, time between
-  chunks, and the numbers the GPU worker puts in Result.metrics (tokens, queue
-  time, image-cache hits, preprocess time).
+  chunks, and the numbers in Result.metrics (tokens, queue time and image-cache
+  hits from the GPU worker, preprocess time added by the broker).
 * `BrokerCollector` asks the broker for its Status on every scrape: worker
-  counts, queue depth (what an autoscaler should follow), requests in flight.
-  Status fields the broker does not send yet are read with getattr, so they
-  appear here as soon as shared/protocol.py gains them (see OPTIONAL_STATUS).
+  counts, queue depth (what an autoscaler should follow), requests in flight,
+  KV slots, the GPU workers' scheduler counters and worker restarts.
 
 Every app gets its own CollectorRegistry, so several apps in one process (tests)
 do not share counts.
@@ -43,15 +42,13 @@ TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0
 UNMATCHED_ROUTE = "unmatched"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-# Status fields that the broker may send in the future -> (metric name, help, type).
-# Read with getattr: absent fields are simply not exported.
-OPTIONAL_STATUS = {
+# Status fields about KV slots -> (metric name, help, type).
+SLOT_STATUS = {
     "gpu_free_slots": ("moondream_gpu_free_slots", "KV-cache slots free for new sequences, all GPU workers", "gauge"),
     "gpu_slots": ("moondream_gpu_slots", "KV-cache slots in all, all GPU workers", "gauge"),
-    "gpu_batch": ("moondream_gpu_batch_size", "Sequences in the last decode step, all GPU workers", "gauge"),
 }
-# Keys of a future Status.gpu_stats dict (the GPU worker's Scheduler.stats(),
-# summed over GPU workers) -> (metric name, help, type).
+# Keys of Status.gpu_stats (the GPU workers' Scheduler.stats(), summed) -> (metric
+# name, help, type).  Keys not listed here are not exported.
 GPU_STATS = {
     "running": ("moondream_gpu_running_sequences", "Sequences decoding", "gauge"),
     "waiting": ("moondream_gpu_waiting_sequences", "Sequences admitted to a GPU worker, waiting for a slot", "gauge"),
@@ -91,7 +88,8 @@ class FrontendMetrics:
                               "Time from submitting a streamed request to its first text chunk",
                               ["skill"], buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("moondream_inter_token_latency_seconds",
-                             "Time between consecutive text chunks of a streamed request (a chunk is usually one token)",
+                             "Time between consecutive text chunks of a streamed request (a chunk is the text up to "
+                             "a space or newline: often one word, so usually more than one token)",
                              ["skill"], buckets=TOKEN_GAP_BUCKETS, registry=r)
         self.queue_time = Histogram("moondream_queue_time_seconds",
                                     "Time a request waited in the GPU worker before its prefill (Result.metrics)",
@@ -132,10 +130,8 @@ class FrontendMetrics:
             self.output_tokens.labels(skill).inc(m["output_tokens"])
         if "queue_time_ms" in m:
             self.queue_time.labels(skill).observe(m["queue_time_ms"] / 1000)
-        # The broker may add the preprocess worker's time under either name.
-        preprocess_ms = m.get("preprocess_time_ms", m.get("preprocess_ms"))
-        if preprocess_ms is not None:
-            self.preprocess_time.observe(preprocess_ms / 1000)
+        if "preprocess_time_ms" in m:  # added by the broker for requests with an image
+            self.preprocess_time.observe(m["preprocess_time_ms"] / 1000)
         if has_image and "image_cache_hit" in m:
             self.image_lookups.inc()
             if m["image_cache_hit"]:
@@ -293,27 +289,26 @@ class BrokerCollector:
         in_flight = GaugeMetricFamily("moondream_requests_in_flight", "Requests on a worker (decoding or generating)")
         in_flight.add_metric([], status.in_flight)
         yield in_flight
-        yield from self._optional(status)
+        yield from self._gpu_workers(status)
 
     @staticmethod
-    def _optional(status):
+    def _gpu_workers(status):
         seen = set()
-        for field, (name, help_text, kind) in OPTIONAL_STATUS.items():
-            value = getattr(status, field, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                family = _family(name, help_text, kind)
-                family.add_metric([], value)
-                seen.add(name)
-                yield family
-        for key, value in (getattr(status, "gpu_stats", None) or {}).items():
+        for field, (name, help_text, kind) in SLOT_STATUS.items():
+            family = _family(name, help_text, kind)
+            family.add_metric([], getattr(status, field))
+            seen.add(name)
+            yield family
+        for key, value in status.gpu_stats.items():
+            # gpu_stats' free_slots is the same number as Status.gpu_free_slots: exported once
             if key in GPU_STATS and isinstance(value, (int, float)) and GPU_STATS[key][0] not in seen:
                 name, help_text, kind = GPU_STATS[key]
                 family = _family(name, help_text, kind)
                 family.add_metric([], value)
                 seen.add(name)
                 yield family
-        restarts = getattr(status, "worker_restarts", None)
-        if isinstance(restarts, dict) and restarts:
+        restarts = status.worker_restarts
+        if restarts:
             family = CounterMetricFamily("moondream_worker_restarts", "Workers that registered again (restarted or reconnected), by kind",
                                          labels=["kind"])
             for kind, count in restarts.items():

@@ -18,12 +18,25 @@ from gpu_worker.engine_types import EngineRequest, Failed, Finished, TextChunk
 from gpu_worker.programs import DEFAULT_SETTINGS
 
 
+def remote_tokenizer(hf_model):
+    """The remote code's `tokenizers.Tokenizer`.  Its Hugging Face wrapper
+    (hf_moondream.py) holds the real model as `.model`, and the tokenizer is an
+    attribute of that inner model, not of the wrapper."""
+    for holder in (getattr(hf_model, "model", None), hf_model):
+        tokenizer = getattr(holder, "tokenizer", None)
+        if tokenizer is not None:
+            return tokenizer
+    raise ModelLoadError("the remote code's model has no tokenizer (looked for model.model.tokenizer): "
+                         "an unsupported revision of the remote code?")
+
+
 class TransformersEngine:
     kind = "transformers"
 
     def __init__(self, hf_model, info: dict):
         self.model = hf_model
         self.info = info
+        self.tokenizer = remote_tokenizer(hf_model)
 
     @classmethod
     def load(cls, config) -> "TransformersEngine":
@@ -158,7 +171,7 @@ class SerialScheduler:
         if result.get("reasoning") is not None:
             output["reasoning"] = result["reasoning"]
         # The remote code does not report why it stopped; equal to the limit means "length".
-        n_tokens = len(model.tokenizer.encode(output[key]).ids) if hasattr(model, "tokenizer") else 0
+        n_tokens = len(self.engine.tokenizer.encode(output[key]).ids)
         finish = "length" if n_tokens >= s["max_tokens"] else "stop"
         yield Finished(req.request_id, output, finish, self._metrics(started, first or time.perf_counter(), n_tokens))
 

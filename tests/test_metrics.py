@@ -118,24 +118,21 @@ def test_traffic_moves_counters_and_histograms(warm):
     assert ("moondream_requests_in_flight", ()) in after
 
 
-def test_status_fields_the_broker_may_add_are_exported():
-    """The collector reads fields newer brokers may send (see OPTIONAL_STATUS)."""
-
-    class FutureStatus(protocol.Status):
-        gpu_free_slots: int = 0
-        gpu_stats: dict = {}
-        worker_restarts: dict = {}
+def test_status_slots_gpu_stats_and_restarts_are_exported():
+    """Every Status field about the GPU workers becomes a metric (only listed gpu_stats keys)."""
 
     class Client:  # stands in for the BrokerClient: only status() is used
         def status(self, timeout):
-            return FutureStatus("s", 2, 1, True, queued=3, gpu_free_slots=5,
-                                gpu_stats={"running": 4, "last_batch": 4, "steps": 10, "unknown": 1},
-                                worker_restarts={"gpu": 1})
+            return protocol.Status("s", 2, 1, True, queued=3, gpu_slots=8, gpu_free_slots=5,
+                                   gpu_stats={"running": 4, "last_batch": 4, "steps": 10, "free_slots": 5,
+                                              "unknown": 1},
+                                   worker_restarts={"gpu": 1})
 
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in BrokerCollector(Client()).collect() for s in family.samples}
     assert samples[("moondream_queue_depth", ())] == 3
     assert samples[("moondream_gpu_free_slots", ())] == 5
+    assert samples[("moondream_gpu_slots", ())] == 8
     assert samples[("moondream_gpu_running_sequences", ())] == 4
     assert samples[("moondream_gpu_batch_size", ())] == 4
     assert samples[("moondream_gpu_steps_total", ())] == 10

@@ -1,20 +1,30 @@
 """The transformers-engine adapter, driven with a stand-in for the official remote-code
-model (it cannot be downloaded here).  The stand-in is named as such and only
-records calls and returns fixed shapes of output, like the remote code's API."""
+model (it cannot be downloaded here).  The stand-in is named as such, mirrors the
+remote code's structure (a Hugging Face wrapper whose `.model` is the Moondream
+model holding the methods and the tokenizer), records calls and returns fixed
+shapes of output, like the remote code's API."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
+from gpu_worker.checkpoint import ModelLoadError
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput, TextChunk
 from gpu_worker.transformers_engine import TransformersEngine
 from shared.config import Config
 
+FIXTURE_TOKENIZER = os.path.join(os.path.dirname(__file__), "conformance", "main", "tokenizer.json")
 
-class RemoteCodeModelStandIn:
-    """Mimics the call signatures of vikhyatk/moondream2's remote code."""
+
+class MoondreamModelStandIn:
+    """The inner model of vikhyatk/moondream2's remote code: the skills and the
+    tokenizer (a real `tokenizers.Tokenizer`, the fixtures' small one)."""
 
     def __init__(self, fail_on=None):
+        self.tokenizer = Tokenizer.from_file(FIXTURE_TOKENIZER)
         self.encoded = 0
         self.calls = []
         self.fail_on = fail_on
@@ -45,6 +55,21 @@ class RemoteCodeModelStandIn:
         return {"points": [{"x": 0.5, "y": 0.5}]}
 
 
+class RemoteCodeWrapperStandIn:
+    """The remote code's Hugging Face wrapper (HfMoondream): the Moondream model is
+    `.model`, the skills are properties handing out its methods, and the wrapper
+    itself has no tokenizer."""
+
+    def __init__(self, inner: MoondreamModelStandIn):
+        self.model = inner
+
+    encode_image = property(lambda self: self.model.encode_image)
+    caption = property(lambda self: self.model.caption)
+    query = property(lambda self: self.model.query)
+    detect = property(lambda self: self.model.detect)
+    point = property(lambda self: self.model.point)
+
+
 def image(key="k1"):
     pixels = np.zeros((20, 30, 3), dtype=np.uint8)
     return ImageInput(crops=np.zeros((2, 378, 378, 3), np.uint8), tiling=(1, 1), key=key, pixels=pixels)
@@ -58,8 +83,9 @@ def drain(sched):
 
 
 def make(fail_on=None):
-    stand_in = RemoteCodeModelStandIn(fail_on)
-    return stand_in, TransformersEngine(stand_in, {"engine": "transformers"}).create_scheduler()
+    stand_in = MoondreamModelStandIn(fail_on)
+    engine = TransformersEngine(RemoteCodeWrapperStandIn(stand_in), {"engine": "transformers"})
+    return stand_in, engine.create_scheduler()
 
 
 def test_caption_streams_chunks_then_finishes():
@@ -69,6 +95,32 @@ def test_caption_streams_chunks_then_finishes():
     assert [e.text for e in events if isinstance(e, TextChunk)] == ["A ", "cat ", "on a mat."]
     assert isinstance(events[-1], Finished) and events[-1].output == {"caption": "A cat on a mat."}
     assert stand_in.calls[0][2] == "short" and stand_in.calls[0][3]["max_tokens"] == 50
+
+
+def test_output_tokens_counted_with_the_inner_models_tokenizer():
+    stand_in, sched = make()
+    sched.add(EngineRequest("r1", "caption", {}, {"max_tokens": 50}, image()))
+    finished = drain(sched)[-1]
+    expected = len(stand_in.tokenizer.encode("A cat on a mat.").ids)
+    assert expected > 0 and finished.metrics["output_tokens"] == expected
+    assert finished.finish_reason == "stop"
+
+
+def test_answer_as_long_as_max_tokens_finishes_by_length():
+    stand_in, sched = make()
+    n_tokens = len(stand_in.tokenizer.encode("Two dogs.").ids)
+    sched.add(EngineRequest("at", "query", {"question": "how many?"}, {"max_tokens": n_tokens}, image()))
+    sched.add(EngineRequest("under", "query", {"question": "how many?"}, {"max_tokens": n_tokens + 1}, image()))
+    done = {e.request_id: e for e in drain(sched) if isinstance(e, Finished)}
+    assert done["at"].finish_reason == "length" and done["at"].metrics["output_tokens"] == n_tokens
+    assert done["under"].finish_reason == "stop"
+
+
+def test_a_model_without_a_tokenizer_is_a_load_error():
+    inner = MoondreamModelStandIn()
+    del inner.tokenizer
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        TransformersEngine(RemoteCodeWrapperStandIn(inner), {"engine": "transformers"})
 
 
 def test_one_request_at_a_time_and_image_reuse():
