@@ -496,7 +496,7 @@ def create_app(config: Config, client=None) -> falcon.App:
     for path, (skill, schema) in schemas.ROUTES.items():
         app.add_route(path, SkillResource(skill, schema, config, client))
     batch_jobs = batch_api.add_routes(app, config)  # the Batch API (frontend/batch_api.py)
-    app_metrics.registry.register(batch_api.BatchCollector(batch_jobs))
+    app_metrics.scrape_registry.register(batch_api.BatchCollector(batch_jobs))  # read at scrape time
     app.add_route("/health", HealthResource(config, client, batch_jobs))
     app.add_route("/health/live", LiveResource())
     app.add_route("/", IndexResource())
