@@ -24,7 +24,8 @@ class FakeGpuWorker:
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(config.broker_backend_addr)
-        self.socket.send_multipart(protocol.encode(Ready(kind=protocol.GPU, worker_id="fake-gpu", capacity=1)))
+        self.socket.send_multipart(protocol.encode(Ready(kind=protocol.GPU, worker_id="fake-gpu", capacity=1,
+                                                         deployment=config.deployment_id)))
 
     def next_generate(self, timeout: float = 10.0) -> str:
         end = time.monotonic() + timeout
