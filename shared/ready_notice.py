@@ -49,8 +49,10 @@ def listening_line(config, health: dict) -> str:
     name = f"{model.get('name', config.model)} ({details})" if details else model.get("name", config.model)
     if model.get("test_model"):
         name += " [random test weights: answers are gibberish]"
+    fronts, workers = config.frontend_workers, health["workers"]["preprocess"]
     line = (f"listening on http://{config.host}:{config.port}, model {name}, "
-            f"{config.frontend_workers} front-end processes, {health['workers']['preprocess']} preprocess workers")
+            f"{fronts} front-end process{'es' if fronts != 1 else ''}, "
+            f"{workers} preprocess worker{'s' if workers != 1 else ''}")
     if config.host in ("0.0.0.0", "::"):
         line += f"; try http://127.0.0.1:{config.port}/ on this machine"
     return line
