@@ -12,14 +12,18 @@ import sys
 
 from batch_worker.worker import BatchWorker
 from frontend.broker_client import BrokerClient
-from shared.config import load_config
+from shared.config import EXIT_CONFIG, StartupError, load_config
 from shared.logs import setup_logging
 
 
 def main() -> int:
     config = load_config()
     log = setup_logging("batch_worker", config)
-    client = BrokerClient(config)
+    try:
+        client = BrokerClient(config)
+    except StartupError as exc:  # no keys for a remote broker: one line, and stay down
+        log.error("%s", exc)
+        return EXIT_CONFIG
     worker = BatchWorker(config, client)
 
     def stop(signum, frame):

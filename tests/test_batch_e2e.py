@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -301,18 +302,32 @@ def test_cancel_stops_the_remaining_lines(stack):
 
 
 def test_a_job_yields_to_interactive_requests(stack):
-    lines = good_lines(40)
+    lines = good_lines(120)  # more than it can finish before it sees the interactive load
     job_id = submit(stack, jsonl([line for line, _ in lines]))
     wait_for(lambda: call_json(stack, "GET", f"/v1/batch/{job_id}")["progress"]["completed"] >= 1, 120,
              "the job to be under way", stack)
-    query = json.dumps({"question": "Say hi.", "settings": SETTINGS}).encode()
+    # longer answers, three at a time: always some in flight when the worker looks (it samples)
+    query = json.dumps({"question": "Say hi.", "settings": {**SETTINGS, "max_tokens": 48}}).encode()
+    seen = threading.Event()
+    statuses = []
 
-    def interactive_seen() -> bool:
-        status, body = call(stack, "POST", "/v1/query", query)
-        assert status == 200, body  # interactive requests are answered while the job runs
-        return "interactive requests running" in stack.log("batch_worker")
+    def interactive_load() -> None:
+        end = time.monotonic() + 90
+        while not seen.is_set() and time.monotonic() < end:
+            status, _ = call(stack, "POST", "/v1/query", query)
+            statuses.append(status)
 
-    wait_for(interactive_seen, 60, "the batch worker to see the interactive requests", stack)
+    threads = [threading.Thread(target=interactive_load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: "interactive requests running" in stack.log("batch_worker"), 90,
+                 "the batch worker to see the interactive requests", stack)
+    finally:
+        seen.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert statuses and set(statuses) == {200}  # interactive requests are answered while the job runs
     assert call_json(stack, "POST", f"/v1/batch/{job_id}/cancel")["status"] == "cancelled"
 
 

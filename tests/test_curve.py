@@ -65,7 +65,7 @@ def test_generate_makes_the_three_key_pairs_with_private_secrets(tmp_path):
 @pytest.mark.parametrize("module, setting", [
     ("broker", "BROKER_BACKEND_BIND"), ("broker", "BROKER_FRONTEND_BIND"),
     ("preprocess_worker", "BROKER_BACKEND_ADDR"), ("gpu_worker", "BROKER_BACKEND_ADDR"),
-    ("frontend", "BROKER_FRONTEND_ADDR"),
+    ("frontend", "BROKER_FRONTEND_ADDR"), ("batch_worker", "BROKER_FRONTEND_ADDR"),
 ])
 def test_an_address_beyond_loopback_without_keys_is_refused_at_start(tmp_path, module, setting):
     # Refused before any socket is bound or connected: no traffic leaves the machine.
