@@ -60,9 +60,15 @@ class Worker:
     stats: dict = field(default_factory=dict)  # GPU: its scheduler counters from its last Heartbeat
     variants: dict = field(default_factory=dict)  # GPU: its loaded / available variant ids, from its last Heartbeat
 
+    background_jobs: set = field(default_factory=set)  # GPU: of `jobs`, the batch lines
+
     @property
     def free(self) -> int:
         return self.capacity - len(self.jobs)
+
+    def takes_background(self) -> bool:
+        """Batch lines never fill a GPU worker: some slots stay for interactive requests."""
+        return len(self.background_jobs) < protocol.background_slots(self.capacity)
 
 
 @dataclass
@@ -215,7 +221,7 @@ class Broker:
         else:
             self._queue_for_gpu(req, Generate(
                 request_id=rid, skill=msg.skill, params=msg.params, settings=msg.settings,
-                stream=msg.stream, has_image=False, deadline=deadline))
+                stream=msg.stream, has_image=False, deadline=deadline, priority=msg.priority))
 
     def status(self, request_id: str) -> Status:
         gpus = [w for w in self.workers.values() if w.kind == protocol.GPU]
@@ -327,7 +333,7 @@ class Broker:
         self._queue_for_gpu(req, Generate(
             request_id=s.request_id, skill=s.skill, params=s.params, settings=s.settings, stream=s.stream,
             has_image=True, n_crops=msg.n_crops, tiling=tuple(msg.tiling), image_key=msg.image_key,
-            deadline=req.deadline, pixels_shape=tuple(msg.pixels_shape)))
+            deadline=req.deadline, pixels_shape=tuple(msg.pixels_shape), priority=s.priority))
 
     def _gpu_wants_pixels(self) -> bool:
         """The transformers engine takes whole images, not crops: then preprocessing ships both."""
@@ -343,6 +349,7 @@ class Broker:
     def _job_done(self, worker: Worker, request_id: str) -> None:
         if request_id in worker.jobs:
             worker.jobs.discard(request_id)
+            worker.background_jobs.discard(request_id)
             worker.idle_since = time.monotonic()
 
     def remove_worker(self, identity: bytes, reason: str, left: bool = False) -> None:
@@ -407,7 +414,9 @@ class Broker:
             job = PreprocessJob(request_id=req.request_id, deadline=req.deadline, want_pixels=self._gpu_wants_pixels())
             self.send_to_worker(worker.identity, protocol.encode(job, req.image))
         while self.gpu_queue:
-            worker = self._pick(protocol.GPU)
+            # The queue holds interactive requests first; a batch line at its head means none wait.
+            background = self._priority(self.gpu_queue[0]) < protocol.INTERACTIVE
+            worker = self._pick(protocol.GPU, background)
             if worker is None:
                 break
             req = self.requests.get(self.gpu_queue.popleft())
@@ -416,11 +425,14 @@ class Broker:
             req.stage, req.worker = GENERATING, worker.identity
             req.marks["gpu_start"] = time.monotonic()
             worker.jobs.add(req.request_id)
+            if background:
+                worker.background_jobs.add(req.request_id)
             crops, req.crops = req.crops, None  # the GPU worker holds them from now on
             self.send_to_worker(worker.identity, protocol.encode(req.generate, crops))
 
-    def _pick(self, kind: str) -> Optional[Worker]:
-        candidates = [w for w in self.workers.values() if w.kind == kind and w.free > 0]
+    def _pick(self, kind: str, background: bool = False) -> Optional[Worker]:
+        candidates = [w for w in self.workers.values()
+                      if w.kind == kind and w.free > 0 and (not background or w.takes_background())]
         if not candidates:
             return None
         if kind == protocol.GPU:
@@ -436,6 +448,7 @@ class Broker:
             worker = self.workers.get(req.worker)
             if worker is not None:
                 worker.jobs.discard(request_id)  # the worker aborts it at once
+                worker.background_jobs.discard(request_id)
                 self.send_to_worker(worker.identity, protocol.encode(Cancel(request_id)))
         # A preprocess job in flight runs to the end; its reply is then dropped.
         self.finish(req, None, reply)

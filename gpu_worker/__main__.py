@@ -5,6 +5,7 @@ routes work to a worker that cannot serve it.  A model that does not load is
 a configuration problem: log one line and exit non-zero (supervisord retries,
 then shows FATAL).
 """
+import os
 import signal
 import sys
 
@@ -15,13 +16,14 @@ from shared.logs import setup_logging
 
 
 def size_torch_threads(config, log) -> None:
-    """torch's default is one thread per core it sees, blind to a cgroup CPU quota: in a container
-    limited to 4 CPUs on a 64-core host, 64 threads would fight over 4 CPUs' worth of time."""
+    """torch's default is one thread per core it sees, blind to a cgroup CPU quota and to the other
+    processes of the stack on the same cores; config.torch_threads is sized from both
+    (shared/host_size.default_torch_threads) unless TORCH_THREADS sets it."""
     import torch
 
-    threads = config.torch_threads if config.torch_threads > 0 else host_size.usable_cpus()
-    torch.set_num_threads(threads)
-    log.info("torch uses %d CPU threads (TORCH_THREADS=%s)", threads, config.torch_threads or "0: the usable CPUs")
+    torch.set_num_threads(config.torch_threads)
+    log.info("torch uses %d CPU threads (TORCH_THREADS=%s)", config.torch_threads,
+             os.environ.get("TORCH_THREADS", "0: sized from the CPUs"))
 
 
 def main() -> int:

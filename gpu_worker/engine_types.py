@@ -24,6 +24,7 @@ class EngineRequest:
     image: Optional[ImageInput] = None  # None only for a text-only query
     seed: Optional[int] = None  # sampling seed; None = random
     variant: Optional[str] = None  # fine-tuned variant id (settings["variant"] is moved here); None = base model
+    priority: int = 0  # protocol.INTERACTIVE (0), or protocol.BACKGROUND (-1) for batch lines
 
 
 @dataclass

@@ -11,6 +11,13 @@ Each request becomes a `Sequence`: a KV-cache slot plus its skill's program
   4. resumes each program, which yields its next feed or finishes.
 Requests join and leave at every step; nothing in a sequence's arithmetic
 depends on the others in its batch.
+
+Batch lines (priority BACKGROUND) yield to interactive requests: they wait behind
+them, never take the last `reserved_slots` slots, start their image encodes only
+in steps where no interactive request starts (one image per step while
+interactive sequences decode), and, with `batch_yield_steps` = N, decode in only
+one step of N + 1 while interactive sequences run (on a CPU, where every row
+costs step time), so a bulk job costs interactive users little.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from gpu_worker import programs as P
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, TextChunk
 from gpu_worker.model import PrefixKV
 from gpu_worker.variants import Adapter, VariantError, VariantNotFound
+from shared.protocol import INTERACTIVE, background_slots
 
 VALID_LENGTHS = ("short", "normal", "long")
 
@@ -86,7 +94,8 @@ class Sequence:
 class Scheduler:
     def __init__(self, engine, max_batch: int = 32, image_cache_bytes: int = 1 << 30,
                  max_images_per_step: int = 8, context: Optional[int] = None, share_prefixes: bool = True,
-                 max_encode_crops: int = 40, variants=None):
+                 max_encode_crops: int = 40, variants=None, reserved_slots: Optional[int] = None,
+                 batch_yield_steps: int = 0):
         self.engine = engine
         self.variants = variants  # gpu_worker.variants.VariantStore, or None: base model only
         self.max_batch = slots_that_fit(engine, max_batch, context)
@@ -99,6 +108,10 @@ class Scheduler:
         self.share_prefixes = share_prefixes
         self.max_images_per_step = max_images_per_step
         self.max_encode_crops = max_encode_crops
+        # Slots batch lines may never take: an interactive request always finds one free.
+        self.reserved_slots = self.max_batch - background_slots(self.max_batch) if reserved_slots is None else reserved_slots
+        self.batch_yield_steps = batch_yield_steps
+        self.batch_steps_sat_out = 0  # in a row, while interactive sequences ran
         self.events: list = []
         self.counters = collections.Counter()
         self.recorder: Optional[Recorder] = None  # tests: logits and feeds of chosen requests
@@ -112,7 +125,14 @@ class Scheduler:
         if req.variant is not None and self._variant_status(req.variant) == "fetching":
             self.awaiting_variant.setdefault(req.variant, []).append(entry)
             return
-        self.waiting.append(entry)
+        self._enqueue(entry)
+
+    def _enqueue(self, entry: tuple[EngineRequest, float]) -> None:
+        """Append, but ahead of waiting requests of lower priority (batch lines), which stay at the tail."""
+        position = len(self.waiting)
+        while position > 0 and self.waiting[position - 1][0].priority < entry[0].priority:
+            position -= 1
+        self.waiting.insert(position, entry)
 
     def abort(self, request_id: str) -> None:
         for i, (req, _) in enumerate(self.waiting):
@@ -190,7 +210,7 @@ class Scheduler:
         for variant, err in self.variants.poll_downloads():
             for req, t_added in self.awaiting_variant.pop(variant, []):
                 if err is None:
-                    self.waiting.append((req, t_added))
+                    self._enqueue((req, t_added))
                 else:
                     self.events.append(Failed(req.request_id, str(err), err.status, err.code))
 
@@ -208,14 +228,25 @@ class Scheduler:
     def _admit(self) -> None:
         """Start waiting requests in free slots.  While others are decoding, only
         `max_encode_crops` crops of new images are encoded per step, so a burst of
-        large images delays the running streams by one bounded step, not by all of it."""
+        large images delays the running streams by one bounded step, not by all of it.
+        Batch lines come last (the queue keeps them at its tail) and yield, see the module's doc."""
         batch: list[tuple[EngineRequest, float]] = []
         crops_budget = self.max_encode_crops if self.running else None
         new_keys: set[str] = set()
+        interactive_running = any(s.request.priority >= INTERACTIVE for s in self.running.values())
+        background_encodes = 0
         while self.waiting and len(batch) < len(self.free):
             req = self.waiting[0][0]
             key = self._image_cache_key(req)
             needs_encode = req.image is not None and key not in new_keys and self.images.get(key) is None
+            if req.priority < INTERACTIVE:
+                if len(self.free) - len(batch) <= self.reserved_slots:
+                    break  # the last slots stay free for interactive requests
+                if needs_encode:
+                    starting_interactive = any(r.priority >= INTERACTIVE for r, _ in batch)
+                    if starting_interactive or (interactive_running and background_encodes >= 1):
+                        break  # its encode would stall the interactive ones: a later step
+                    background_encodes += 1
             if needs_encode and crops_budget is not None:
                 if batch and crops_budget < len(req.image.crops):
                     break
@@ -303,9 +334,22 @@ class Scheduler:
         return seq
 
     # ------------------------------------------------------------------ running
+    def _stepping(self) -> list[Sequence]:
+        """The sequences that run this step: all, except that batch lines sit out
+        `batch_yield_steps` steps between two of their own while interactive ones run."""
+        seqs = list(self.running.values())
+        if self.batch_yield_steps <= 0:
+            return seqs
+        interactive = [s for s in seqs if s.request.priority >= INTERACTIVE]
+        if not interactive or len(interactive) == len(seqs) or self.batch_steps_sat_out >= self.batch_yield_steps:
+            self.batch_steps_sat_out = 0
+            return seqs
+        self.batch_steps_sat_out += 1
+        return interactive
+
     def _run_feeds(self) -> None:
         groups: dict[int, list[Sequence]] = collections.defaultdict(list)
-        for seq in self.running.values():
+        for seq in self._stepping():
             groups[seq.feed.length].append(seq)
         results: list[tuple[Sequence, P.StepResult]] = []
         for length, seqs in groups.items():

@@ -32,7 +32,7 @@ class Config:
     hf_token: str = field(default="", metadata={"env": "HF_TOKEN", "help": "Hugging Face token (optional)", "secret": True})
     batch_size: int = field(default=32, metadata={"env": "BATCH_SIZE", "help": "max sequences decoding together in the GPU worker"})
     batch_timeout: float = field(default=0.005, metadata={"env": "BATCH_TIMEOUT", "help": "seconds the GPU worker waits to gather new requests when idle"})
-    torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS", "help": "CPU threads of the GPU worker's torch; 0: the CPUs it may use (affinity and cgroup quota). On a shared host set it to its share"})
+    torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS", "help": "CPU threads of the GPU worker's torch; 0: on a GPU the CPUs it may use (affinity and cgroup quota), on the CPU those less one per front end, preprocess worker and the broker, at least 1. On a shared host set it to its share"})
     gpu_step_timeout: float = field(default=120.0, metadata={"env": "GPU_STEP_TIMEOUT", "help": "seconds one GPU step may take; a GPU worker stuck longer exits (supervisord restarts it)"})
     image_cache_mb: int = field(default=2048, metadata={"env": "IMAGE_CACHE_MB", "help": "bytes budget (MiB) of encoded-image KV prefixes kept for reuse"})
 
@@ -49,8 +49,8 @@ class Config:
     moondream_api_key: str = field(default="", metadata={"env": "MOONDREAM_API_KEY", "help": "key sent (X-Moondream-Auth) with variant downloads", "secret": True})
 
     # --- processes
-    preprocess_workers: int = field(default=0, metadata={"env": "PREPROCESS_WORKERS", "help": "number of image-decode processes (supervisord numprocs); 0: the usable CPUs less those of the other processes, at least 2 (shared/host_size.py)"})
-    frontend_workers: int = field(default=0, metadata={"env": "FRONTEND_WORKERS", "help": "HTTP front-end processes sharing PORT (supervisord numprocs); 0: one per 7 usable CPUs beyond 2, at least 1 (shared/host_size.py)"})
+    preprocess_workers: int = field(default=0, metadata={"env": "PREPROCESS_WORKERS", "help": "number of image-decode processes (supervisord numprocs); 0: the usable CPUs less those of the other processes, at least 2; 2 when the model runs on the CPU (shared/host_size.py)"})
+    frontend_workers: int = field(default=0, metadata={"env": "FRONTEND_WORKERS", "help": "HTTP front-end processes sharing PORT (supervisord numprocs); 0: one per 7 usable CPUs beyond 2, at least 1; 1 when the model runs on the CPU (shared/host_size.py)"})
     preprocess_timeout: float = field(default=60.0, metadata={"env": "PREPROCESS_TIMEOUT", "help": "seconds one image may take to decode; a worker stuck longer exits and is restarted"})
     port: int = field(default=5000, metadata={"env": "PORT", "help": "HTTP port of the front end"})
     host: str = field(default="0.0.0.0", metadata={"env": "HOST", "help": "HTTP listen address"})
@@ -92,6 +92,7 @@ class Config:
     batch_max_line_bytes: int = field(default=10 * 1024 * 1024, metadata={"env": "BATCH_MAX_LINE_BYTES", "help": "longest input line; a longer one gets a per-line invalid_request"})
     batch_retention_hours: float = field(default=168.0, metadata={"env": "BATCH_RETENTION_HOURS", "help": "hours a finished job and its results are kept, and an unfinished upload waits to be completed"})
     batch_in_flight: int = field(default=16, metadata={"env": "BATCH_IN_FLIGHT", "help": "batch lines submitted at once (keep it below BATCH_SIZE so interactive requests always find a slot)"})
+    batch_yield_steps: int = field(default=-1, metadata={"env": "BATCH_YIELD_STEPS", "help": "while interactive requests decode, batch lines sit out this many steps between two of their own; -1: 3 when the model runs on the CPU (each row costs step time there), 0 on a GPU"})
     batch_in_flight_busy: int = field(default=2, metadata={"env": "BATCH_IN_FLIGHT_BUSY", "help": "batch lines submitted at once while interactive requests are running (the job yields to them); = BATCH_IN_FLIGHT to never yield"})
 
     # --- logging
@@ -117,12 +118,16 @@ def load_config() -> Config:
         # Every program of one supervisord sees its control socket's URL, and no program of another.
         values["deployment_id"] = os.environ.get("SUPERVISOR_SERVER_URL", "")
     # Process counts left at 0 follow the CPUs; resolved here so that every process sees the same numbers.
-    if values["preprocess_workers"] <= 0 or values["frontend_workers"] <= 0:
+    if values["preprocess_workers"] <= 0 or values["frontend_workers"] <= 0 or values["torch_threads"] <= 0:
         cpus = host_size.usable_cpus()
+        on_cpu = host_size.model_on_cpu(values["device"])
         if values["preprocess_workers"] <= 0:
-            values["preprocess_workers"] = host_size.default_preprocess_workers(cpus)
+            values["preprocess_workers"] = host_size.default_preprocess_workers(cpus, on_cpu)
         if values["frontend_workers"] <= 0:
-            values["frontend_workers"] = host_size.default_frontend_workers(cpus)
+            values["frontend_workers"] = host_size.default_frontend_workers(cpus, on_cpu)
+        if values["torch_threads"] <= 0:
+            values["torch_threads"] = host_size.default_torch_threads(
+                cpus, values["frontend_workers"], values["preprocess_workers"], on_cpu)
     return Config(**values)
 
 

@@ -61,12 +61,38 @@ def usable_cpus(cgroup_root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_S
     return max(1, cpus)
 
 
-def default_frontend_workers(cpus: int) -> int:
+# Device files whose presence says a GPU is there (NVIDIA's driver, AMD's ROCm), read without importing torch.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd")
+
+
+def model_on_cpu(device: str, gpu_device_files=GPU_DEVICE_FILES) -> bool:
+    """Whether the model will run on the CPU: MOONDREAM_DEVICE=cpu, or auto on a host without a GPU."""
+    if device == "auto":
+        return not any(os.path.exists(path) for path in gpu_device_files)
+    return device == "cpu"
+
+
+def default_frontend_workers(cpus: int, on_cpu: bool = False) -> int:
+    if on_cpu:  # the model serves a request in seconds there: one front end keeps up with it
+        return 1
     return max(1, (cpus - RESERVED_CPUS) // (PREPROCESS_PER_FRONTEND + 1))
 
 
-def default_preprocess_workers(cpus: int) -> int:
+def default_preprocess_workers(cpus: int, on_cpu: bool = False) -> int:
+    if on_cpu:  # an image encode takes seconds on the CPU: two decoders stay ahead of it, the model gets the rest
+        return MIN_PREPROCESS_WORKERS
     return max(MIN_PREPROCESS_WORKERS, cpus - RESERVED_CPUS - default_frontend_workers(cpus))
+
+
+def default_torch_threads(cpus: int, frontend_workers: int, preprocess_workers: int, on_cpu: bool) -> int:
+    """torch's threads for the GPU worker.  On a GPU they matter little: the CPUs it may use.  On the
+    CPU they are the model's speed, and more threads than the cores left free make each step wait
+    for whichever thread the OS has put aside (a busy stack on 2 cores ran its decode steps 30x
+    slower with 2 threads than with 1): the CPUs less one per front end, preprocess worker and the
+    broker, at least 1."""
+    if not on_cpu:
+        return cpus
+    return max(1, cpus - frontend_workers - preprocess_workers - 1)
 
 
 def main() -> None:

@@ -52,6 +52,13 @@ INTERACTIVE = 0
 BACKGROUND = -1
 
 
+def background_slots(capacity: int) -> int:
+    """How many of a GPU worker's `capacity` slots batch lines may hold at once: all but a
+    quarter (at least one is kept for interactive requests, unless there is only one).  The
+    broker dispatches by it and the GPU worker's scheduler admits by it."""
+    return capacity - min(capacity - 1, max(1, capacity // 4))
+
+
 class Cancel(Message):
     """Client went away or gave up: stop work on request_id (idempotent)."""
 
@@ -151,6 +158,7 @@ class Generate(Message):
     image_key: str = ""
     deadline: float = 0.0
     pixels_shape: tuple = ()  # (H, W, 3) when the decoded image follows the crops in the frame
+    priority: int = INTERACTIVE  # Submit.priority: the GPU worker starts interactive requests first
 
 
 # ---------------------------------------------------------------- replies (GPU/preprocess -> broker -> front end)

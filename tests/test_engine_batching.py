@@ -6,8 +6,9 @@ import uuid
 
 import pytest
 
-from gpu_worker.engine_types import EngineRequest
+from gpu_worker.engine_types import EngineRequest, Finished
 from gpu_worker.scheduler import Scheduler
+from shared.protocol import BACKGROUND
 from tests.engine_helpers import fixture_engine, fixture_image, run_requests
 
 IMAGES = ["small_96x64.png", "landscape_800x600.png", "tall_300x1500.png", "photo_773x767.jpg", "wide_1920x1080.png"]
@@ -230,3 +231,76 @@ def test_new_images_are_encoded_a_few_at_a_time_while_others_decode():
     assert sched.stats()["image_encodes"] == encodes_before + 1  # the second image waits a step
     sched.step()
     assert sched.stats()["image_encodes"] == encodes_before + 2
+
+
+def background(rid: str, image_name: str, max_tokens: int = 20) -> EngineRequest:
+    return EngineRequest(rid, "caption", {}, {"temperature": 0, "max_tokens": max_tokens},
+                         fixture_image("main", image_name), priority=BACKGROUND)
+
+
+def test_batch_lines_yield_to_interactive_requests():
+    engine = fixture_engine("main")
+    sched = Scheduler(engine, max_batch=4)  # one slot reserved for interactive requests
+    assert sched.reserved_slots == 1
+    names = ["square_378.png", "tall_300x1500.png", "gray_500x400.png", "small_96x64.png", "photo_773x767.jpg"]
+    for i, name in enumerate(names):
+        sched.add(background(f"b{i}", name))
+    sched.step()
+    # No interactive request runs: batch lines fill all but the reserved slot at once.
+    assert {rid for rid in sched.running} == {"b0", "b1", "b2"}
+    interactive = EngineRequest("i", "query", {"question": "What is this?"}, {"temperature": 0, "max_tokens": 5},
+                                fixture_image("main", "landscape_800x600.png"))
+    sched.add(interactive)
+    assert [req.request_id for req, _ in sched.waiting] == ["i", "b3", "b4"]  # ahead of the batch lines
+    events = sched.step()
+    assert "i" in sched.running and "b3" not in sched.running  # the reserved slot is the interactive one's
+    while "i" in sched.running:
+        events += sched.step()
+    answer = next(ev.output for ev in events if isinstance(ev, Finished) and ev.request_id == "i")
+    alone = run_requests(Scheduler(engine, max_batch=4), [clone(interactive)])
+    assert answer == next(iter(alone.values())).output  # batch lines around it change nothing in it
+
+
+def test_batch_line_encodes_wait_for_steps_where_no_interactive_request_starts():
+    engine = fixture_engine("main")
+    sched = Scheduler(engine, max_batch=8)
+    running = EngineRequest("r", "caption", {}, {"temperature": 0, "max_tokens": 30}, fixture_image("main", "small_96x64.png"))
+    sched.add(running)
+    sched.step()
+    sched.add(background("b0", "square_378.png"))
+    sched.add(background("b1", "tall_300x1500.png"))
+    sched.add(EngineRequest("i", "query", {"question": "Where?"}, {"temperature": 0, "max_tokens": 5},
+                            fixture_image("main", "gray_500x400.png")))
+    encodes = sched.stats()["image_encodes"]
+    sched.step()  # the interactive request starts alone: no batch line's encode in its step
+    assert "i" in sched.running and not {"b0", "b1"} & set(sched.running)
+    assert sched.stats()["image_encodes"] == encodes + 1
+    sched.step()  # then one batch line's image per step while interactive sequences decode
+    assert "b0" in sched.running and "b1" not in sched.running
+    sched.step()
+    assert "b1" in sched.running
+
+
+def test_batch_lines_sit_out_steps_while_interactive_ones_decode_and_answer_the_same():
+    engine = fixture_engine("main")
+    sched = Scheduler(engine, max_batch=8, batch_yield_steps=3)
+    line = background("b", "square_378.png", max_tokens=40)
+    sched.add(line)
+    sched.step()
+    sched.step()
+    position = sched.running["b"].ctx.position
+    sched.step()
+    assert sched.running["b"].ctx.position == position + 1  # alone, it steps every time
+    sched.add(EngineRequest("i", "query", {"question": "What is this?"}, {"temperature": 0, "max_tokens": 12},
+                            fixture_image("main", "square_378.png")))  # same image: no encode in the way
+    events, moved = [], []
+    for _ in range(8):
+        before = sched.running["b"].ctx.position
+        events += sched.step()
+        moved.append(sched.running["b"].ctx.position != before)
+    assert moved == [False, False, False, True] * 2  # one step in four while "i" runs
+    while sched.has_work():
+        events += sched.step()
+    answer = next(ev.output for ev in events if isinstance(ev, Finished) and ev.request_id == "b")
+    alone = run_requests(Scheduler(engine, max_batch=8), [background("b2", "square_378.png", max_tokens=40)])
+    assert answer == alone["b2"].output

@@ -42,6 +42,24 @@ def test_default_process_counts_leave_cores_for_the_broker_and_gpu_worker():
     for cpus in range(4, 65):
         used = host_size.default_frontend_workers(cpus) + host_size.default_preprocess_workers(cpus)
         assert used == max(cpus - host_size.RESERVED_CPUS, 3), cpus
+    assert host_size.default_torch_threads(16, 2, 12, on_cpu=False) == 16  # on a GPU: threads matter little
+
+
+def test_with_the_model_on_the_cpu_the_model_gets_the_spare_cores():
+    assert (host_size.default_frontend_workers(16, on_cpu=True), host_size.default_preprocess_workers(16, on_cpu=True)) == (1, 2)
+    assert host_size.default_torch_threads(16, 1, 2, on_cpu=True) == 12
+    # A busy 2-core stack: one thread, never two fighting the decoders for the same cores.
+    assert host_size.default_torch_threads(2, 1, 2, on_cpu=True) == 1
+    for cpus in range(1, 65):
+        others = host_size.default_frontend_workers(cpus, True) + host_size.default_preprocess_workers(cpus, True) + 1
+        assert host_size.default_torch_threads(cpus, 1, 2, on_cpu=True) == max(1, cpus - others), cpus
+
+
+def test_auto_means_the_cpu_only_without_a_gpu_device_file(tmp_path):
+    assert host_size.model_on_cpu("cpu") and not host_size.model_on_cpu("cuda:1")
+    assert host_size.model_on_cpu("auto", gpu_device_files=(str(tmp_path / "nvidiactl"),))
+    (tmp_path / "nvidiactl").touch()
+    assert not host_size.model_on_cpu("auto", gpu_device_files=(str(tmp_path / "nvidiactl"),))
 
 
 @pytest.mark.timeout(120)
@@ -54,5 +72,7 @@ def test_the_gpu_worker_sizes_its_torch_threads(tmp_path):
                  60, "the torch threads lines")
     finally:
         group.stop_all()
-    assert f"torch uses {host_size.usable_cpus()} CPU threads (TORCH_THREADS=0: the usable CPUs)" in sized.log_path.read_text()
+    cpus = host_size.usable_cpus()  # the test stack runs the model on the CPU with 2 preprocess workers
+    expected = host_size.default_torch_threads(cpus, host_size.default_frontend_workers(cpus, True), 2, on_cpu=True)
+    assert f"torch uses {expected} CPU threads (TORCH_THREADS=0: sized from the CPUs)" in sized.log_path.read_text()
     assert "torch uses 3 CPU threads (TORCH_THREADS=3)" in chosen.log_path.read_text()
