@@ -47,7 +47,8 @@ def paths(config: Config) -> dict:
                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PART_NUMBER},
                    "description": "The part's place in the file; uploading a number again replaces that part."}
     limit = {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "description": "Jobs per page."}
+             "schema": {"type": "integer", "minimum": 1, "maximum": batch_schemas.LIST_MAX,
+                        "default": batch_schemas.LIST_DEFAULT}, "description": "Jobs per page."}
     cursor = {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
               "description": "next_cursor of the previous page."}
     index = {"name": "index", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0},

@@ -8,6 +8,10 @@ from typing import Any, Literal, Optional, Union
 import msgspec
 from msgspec import UNSET, UnsetType
 
+# GET /v1/batch: jobs per page (`limit`), and the largest cursor (SQLite's largest integer).
+LIST_DEFAULT, LIST_MAX = 20, 100
+MAX_CURSOR = 2 ** 63 - 1
+
 BatchStatus = Literal["chunking", "processing", "completed", "failed", "cancelled"]
 
 

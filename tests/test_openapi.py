@@ -219,6 +219,8 @@ def test_a_batch_job_conforms_from_upload_to_results(api):
     assert listed["data"][0]["id"] == job["id"]
     if listed["has_more"]:
         call("GET", "/v1/batch", query={"limit": 1, "cursor": listed["next_cursor"]})
+    past_sqlite = api["/v1/batch"]["GET"].Case(query={"cursor": str(2 ** 64)})  # once a 500 (OverflowError)
+    assert past_sqlite.call_and_validate(checks=CHECKS, timeout=HTTP_TIMEOUT_S).status_code == 400
     assert call("POST", "/v1/batch/{item_id}/cancel", path_parameters=item).json()["status"] == "completed"
     results = call("GET", "/v1/batch/{item_id}/results/{index}", path_parameters={**item, "index": 0})
     assert results.headers["content-type"][0].startswith("application/jsonl")
