@@ -31,7 +31,10 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 from batch_cli.cli import BatchClient  # noqa: E402
+from bench.common import code_version, describe_device, save_json  # noqa: E402
 from bench.load import make_requests, run_load, synthetic_image  # noqa: E402
 
 
@@ -133,7 +136,10 @@ def main(argv=None) -> dict:
 
     def measure(url: str) -> dict:
         client = BatchClient(url, args.api_key)
-        results = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "api_key")}}
+        results = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "api_key")},
+                   # the machine this script runs on (with --url, the server's may be another)
+                   "setup": {"code": code_version(), "machine": describe_device(torch.device("cpu")),
+                             "cpus": os.cpu_count(), "load_at_start": os.getloadavg()}}
         if not args.skip_throughput:
             results["throughput"] = throughput(url, client, args, tmp)
         if not args.skip_fairness:
@@ -162,9 +168,7 @@ def main(argv=None) -> dict:
     if f:
         print(f"fairness: interactive p50 {f['alone']['e2e_p50_ms']} ms alone, {f['with_job']['e2e_p50_ms']} ms "
               f"with a job ({f['job_lines_done_meanwhile']} lines done meanwhile): ratio {f['p50_ratio']:.2f} (goal <= 1.5)")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+    save_json(args.json, results)
     return results
 
 

@@ -25,21 +25,12 @@ import msgspec
 from prometheus_client.core import GaugeMetricFamily
 
 from frontend.app import ApiError
+from frontend.batch_schemas import LIST_DEFAULT, LIST_MAX, MAX_CURSOR, CompleteBody
 from shared import batch_store
 from shared.batch_store import BatchStore
 from shared.config import Config
 
 OUTPUT_LINES = 10_000  # result lines per output file
-MAX_LIST = 100
-
-
-class Part(msgspec.Struct, rename="camel"):
-    part_number: int
-    etag: str
-
-
-class CompleteBody(msgspec.Struct):
-    parts: list[Part]
 
 
 def _not_found(ex: batch_store.NotFound) -> ApiError:
@@ -100,8 +91,8 @@ class BatchCollection:
         resp.media = {"fileId": file_id, "uploadId": upload_id}
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIST, default=20)
-        cursor = req.get_param_as_int("cursor", min_value=0)
+        limit = req.get_param_as_int("limit", min_value=1, max_value=LIST_MAX, default=LIST_DEFAULT)
+        cursor = req.get_param_as_int("cursor", min_value=0, max_value=MAX_CURSOR)  # larger: SQLite would raise
         jobs = self._store.list_jobs(limit + 1, cursor)
         more = len(jobs) > limit
         jobs = jobs[:limit]

@@ -21,7 +21,7 @@ import falcon
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from frontend import chat_openapi, schemas
+from frontend import batch_openapi, chat_openapi, schemas
 from shared.config import Config
 
 DOCS_HTML = Path(__file__).parent / "static" / "docs.html"
@@ -205,7 +205,7 @@ def _components() -> dict:
     answer_schemas = [schema for schema, _ in ANSWERS.values()]
     _, components = msgspec.json.schema_components(
         [*request_schemas, *answer_schemas, StreamChunk, StreamEnd, StreamError, ErrorBody, Health, Live,
-         *chat_openapi.SCHEMAS],
+         *chat_openapi.SCHEMAS, *batch_openapi.SCHEMAS],
         ref_template=REF,
     )
     return components
@@ -329,6 +329,7 @@ def build_spec(config: Config) -> dict:
     paths["/"] = _get("index", "A page to try the model.",
                       {"200": _response("HTML page.", {"text/html": text})}, tag="documentation")
     paths.update(chat_openapi.paths(config))
+    paths.update(batch_openapi.paths(config))
 
     spec: dict[str, Any] = {
         "openapi": "3.2.0",

@@ -86,3 +86,20 @@ def test_ceiling_benchmark_runs(tmp_path, capsys):
     assert all(ms > 0 for ms in saved["cpu_ms_per_request"].values())
     assert saved["ceiling_rps"] == result["ceiling_rps"] == min(limit["rps"] for limit in saved["limits"])
     assert 350_000 <= saved["jpeg_bytes"] <= 450_000
+
+
+@pytest.mark.timeout(300)
+def test_batch_benchmark_runs(tmp_path, capsys):
+    """bench/batch.py on its own stack, both measurements at a few lines and seconds."""
+    from bench import batch as batch_bench
+
+    out = tmp_path / "batch.json"
+    result = batch_bench.main(["--lines", "4", "--max-tokens", "2", "--concurrency", "2", "--rate", "2",
+                               "--seconds", "2", "--fairness-lines", "40", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "throughput: HTTP" in printed and "fairness: interactive p50" in printed
+    saved = json.loads(out.read_text())
+    assert saved["throughput"]["ratio"] == result["throughput"]["ratio"] > 0
+    assert saved["throughput"]["job_failed_lines"] == saved["throughput"]["http_errors"] == 0
+    assert saved["fairness"]["p50_ratio"] > 0
+    assert saved["setup"]["code"] and saved["setup"]["machine"] and saved["settings"]["lines"] == 4

@@ -63,8 +63,11 @@ def test_kustomization_lists_every_file():
 
 def test_every_process_has_a_deployment():
     commands = {" ".join(c["command"]) for c in containers()}
-    assert {"python -m broker", "python -m frontend", "python -m gpu_worker", "python -m preprocess_worker"} <= commands
-    assert by_kind("Deployment")["moondream-broker"]["spec"]["replicas"] == 1  # the broker is not replicated
+    assert {"python -m broker", "python -m frontend", "python -m gpu_worker", "python -m preprocess_worker",
+            "python -m batch_worker"} <= commands
+    for single in ("moondream-broker", "moondream-batch-worker"):  # neither is replicated, nor doubled by an update
+        assert by_kind("Deployment")[single]["spec"]["replicas"] == 1
+        assert by_kind("Deployment")[single]["spec"]["strategy"] == {"type": "Recreate"}
 
 
 def test_gpu_worker_requests_one_gpu():
@@ -134,3 +137,29 @@ def test_hpa_follows_a_metric_the_front_end_exports():
     assert metric in exported
     rules = yaml.safe_load(by_kind("ConfigMap")["moondream-prometheus-adapter-rules"]["data"]["config.yaml"])
     assert rules["externalRules"][0]["name"]["as"] == metric
+
+
+def test_batch_store_is_one_local_volume_shared_by_the_batch_worker_and_front_ends():
+    """The batch worker and the front ends (which serve /v1/batch) open one SQLite store at
+    BATCH_DATA_DIR: a ReadWriteOnce claim (no network filesystem), mounted there by both,
+    with the front ends scheduled onto the batch worker's node."""
+    data_dir = by_kind("ConfigMap")["moondream-config"]["data"]["BATCH_DATA_DIR"]
+    claim = by_kind("PersistentVolumeClaim")["moondream-batch-data"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    mounting = {}
+    for name, deployment in by_kind("Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"] for v in pod.get("volumes", [])
+                   if v.get("persistentVolumeClaim", {}).get("claimName") == "moondream-batch-data"}
+        for container in pod["containers"]:
+            paths = [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in volumes]
+            if paths:
+                assert paths == [data_dir], name
+                assert pod["securityContext"]["fsGroup"] == 1000, name  # the image's user writes there
+                mounting[" ".join(container["command"])] = deployment
+    assert set(mounting) == {"python -m batch_worker", "python -m frontend"}
+    worker_labels = mounting["python -m batch_worker"]["spec"]["template"]["metadata"]["labels"]
+    front = mounting["python -m frontend"]["spec"]["template"]["spec"]
+    [term] = front["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= worker_labels.items()

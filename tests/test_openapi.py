@@ -11,11 +11,17 @@ cases with a real image cover the successful answers, streamed and not.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
+import re
 import shutil
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
+import falcon.inspect
+import msgspec
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -27,6 +33,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from frontend.app import create_app
 from frontend.chat_schemas import MISSING_SKILL_STATUS, MISSING_SKILLS
 from frontend.openapi import build_spec
 from tests.frontend_helpers import SMALL_IMAGE, warm_up
@@ -52,6 +59,10 @@ GET_ROUTES = ["/health", "/health/live", "/metrics", "/openapi.json", "/docs", "
 OPENAI_POST_ROUTES = ["/v1/chat/completions"]
 OPENAI_GET_ROUTES = ["/v1/models", "/v1/models/{model_id}"]
 MISSING_SKILL_ROUTES = list(MISSING_SKILLS)
+# The Batch API (frontend/batch_api.py): one operation per method; each takes its own `action`.
+BATCH_OPERATIONS = [("POST", "/v1/batch"), ("GET", "/v1/batch"), ("PUT", "/v1/batch/{item_id}"),
+                    ("POST", "/v1/batch/{item_id}"), ("DELETE", "/v1/batch/{item_id}"), ("GET", "/v1/batch/{item_id}"),
+                    ("POST", "/v1/batch/{item_id}/cancel"), ("GET", "/v1/batch/{item_id}/results/{index}")]
 
 
 @schemathesis.check
@@ -84,7 +95,8 @@ def test_document_describes_every_route_from_the_schemas(stack, api):
     spec = api.raw_schema
     operations = {f"{method.upper()} {path}" for path, item in spec["paths"].items() for method in item}
     assert operations == ({f"POST {p}" for p in SKILL_ROUTES + OPENAI_POST_ROUTES + MISSING_SKILL_ROUTES}
-                          | {f"GET {p}" for p in GET_ROUTES + OPENAI_GET_ROUTES})
+                          | {f"GET {p}" for p in GET_ROUTES + OPENAI_GET_ROUTES}
+                          | {f"{method} {path}" for method, path in BATCH_OPERATIONS})
     components = spec["components"]["schemas"]
     # Request bodies are the front end's own msgspec Structs, with the configured limits.
     assert components["Settings"]["properties"]["max_tokens"]["maximum"] == MAX_TOKENS_LIMIT
@@ -100,6 +112,22 @@ def test_document_describes_every_route_from_the_schemas(stack, api):
         page = resp.read().decode()
     assert resp.headers["Content-Type"].startswith("text/html")
     assert "openapi.json" in page and "<script src" not in page  # renders the document, loads nothing else
+
+
+def test_every_route_the_app_serves_is_documented(stack, api):
+    """The app's own routing table (Falcon's inspect), every method a resource implements,
+    against the document: a route added without its description fails here."""
+    from frontend.broker_client import BrokerClient
+
+    broker = BrokerClient(stack.config)
+    try:
+        app = create_app(stack.config, broker)
+    finally:
+        broker.close()
+    served = {f"{method.method} {re.sub(r':[a-z]+}', '}', route.path)}"
+              for route in falcon.inspect.inspect_routes(app) for method in route.methods if not method.internal}
+    documented = {f"{method.upper()} {path}" for path, item in api.raw_schema["paths"].items() for method in item}
+    assert served == documented
 
 
 def few_tokens(case):
@@ -124,6 +152,10 @@ def test_api_key_is_documented_only_when_required():
         assert operation["security"] == [{"apiKey": []}, {"bearer": []}] and "401" in operation["responses"]
     for path in OPENAI_GET_ROUTES:
         assert "401" in keyed["paths"][path]["get"]["responses"]
+    for method, path in BATCH_OPERATIONS:
+        operation = keyed["paths"][path][method.lower()]
+        assert operation["security"] == [{"apiKey": []}, {"bearer": []}] and "401" in operation["responses"]
+        assert "401" not in open_spec["paths"][path][method.lower()]["responses"]
     assert "security" not in keyed["paths"]["/health"]["get"]  # health and docs stay open
 
 
@@ -143,6 +175,60 @@ def _run_generated(api, method: str, path: str, mode: GenerationMode) -> None:
 @pytest.mark.parametrize("path", SKILL_ROUTES + OPENAI_POST_ROUTES + MISSING_SKILL_ROUTES)
 def test_generated_requests_conform(api, path, mode):
     _run_generated(api, "POST", path, mode)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
+@pytest.mark.parametrize("method, path", BATCH_OPERATIONS)
+def test_generated_batch_requests_conform(api, method, path, mode):
+    """Generated ids name no upload or job, so these prove the 400s and 404s (and a new upload per mpu-create)."""
+    _run_generated(api, method, path, mode)
+
+
+def test_a_batch_job_conforms_from_upload_to_results(api):
+    """Every batch operation with ids that exist, through a real job (the stack's batch worker
+    runs it): each answer is checked against the document, the result lines too."""
+    from frontend.batch_schemas import ResultLineError, ResultLineOk
+
+    def call(method: str, path: str, **kwargs):
+        response = api[path][method].Case(**kwargs).call_and_validate(checks=CHECKS, timeout=HTTP_TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        return response
+
+    lines = [{"id": "a", "skill": "caption", "image": IMAGE_URL.split(",", 1)[1], "length": "short", "settings": FEW},
+             {"id": "b", "skill": "no-such-skill", "image": ""}]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    upload = call("POST", "/v1/batch", query={"action": "mpu-create"}).json()
+    dropped = call("POST", "/v1/batch", query={"action": "mpu-create"}).json()
+    call("DELETE", "/v1/batch/{item_id}", path_parameters={"item_id": dropped["fileId"]},
+         query={"action": "mpu-abort", "uploadId": dropped["uploadId"]})
+    part = call("PUT", "/v1/batch/{item_id}", path_parameters={"item_id": upload["fileId"]},
+                query={"action": "mpu-uploadpart", "uploadId": upload["uploadId"], "partNumber": 1},
+                body=data, media_type="application/octet-stream").json()
+    assert part == {"etag": hashlib.md5(data).hexdigest(), "partNumber": 1}
+    job = call("POST", "/v1/batch/{item_id}", path_parameters={"item_id": upload["fileId"]},
+               query={"action": "mpu-complete", "uploadId": upload["uploadId"]},
+               body={"parts": [part]}, media_type="application/json").json()
+    item = {"item_id": job["id"]}
+    for _ in range(600):  # the tiny model answers in seconds; bounded at 60 s
+        status = call("GET", "/v1/batch/{item_id}", path_parameters=item).json()
+        if status["status"] == "completed":
+            break
+        time.sleep(0.1)
+    assert status["progress"] == {"total": 2, "completed": 1, "failed": 1}, status
+    listed = call("GET", "/v1/batch", query={"limit": 1}).json()
+    assert listed["data"][0]["id"] == job["id"]
+    if listed["has_more"]:
+        call("GET", "/v1/batch", query={"limit": 1, "cursor": listed["next_cursor"]})
+    past_sqlite = api["/v1/batch"]["GET"].Case(query={"cursor": str(2 ** 64)})  # once a 500 (OverflowError)
+    assert past_sqlite.call_and_validate(checks=CHECKS, timeout=HTTP_TIMEOUT_S).status_code == 400
+    assert call("POST", "/v1/batch/{item_id}/cancel", path_parameters=item).json()["status"] == "completed"
+    results = call("GET", "/v1/batch/{item_id}/results/{index}", path_parameters={**item, "index": 0})
+    assert results.headers["content-type"][0].startswith("application/jsonl")
+    result_lines = results.text.splitlines()
+    assert len(result_lines) == 2
+    ok, error = result_lines
+    assert msgspec.json.decode(ok, type=ResultLineOk).id == "a"
+    assert msgspec.json.decode(error, type=ResultLineError).error.code == "unknown_skill"
 
 
 def test_generated_model_ids_conform(api):
