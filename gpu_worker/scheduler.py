@@ -15,9 +15,9 @@ depends on the others in its batch.
 Batch lines (priority BACKGROUND) yield to interactive requests: they wait behind
 them, never take the last `reserved_slots` slots, start their image encodes only
 in steps where no interactive request starts (one image per step while
-interactive sequences decode), and, with `batch_yield_steps` = N, decode in only
-one step of N + 1 while interactive sequences run (on a CPU, where every row
-costs step time), so a bulk job costs interactive users little.
+interactive sequences decode), and, with `batch_yield_s` > 0, decode at most one
+step per `batch_yield_s` while interactive sequences run (on a CPU, where every
+row costs step time), so a bulk job costs interactive users little.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class Scheduler:
     def __init__(self, engine, max_batch: int = 32, image_cache_bytes: int = 1 << 30,
                  max_images_per_step: int = 8, context: Optional[int] = None, share_prefixes: bool = True,
                  max_encode_crops: int = 40, variants=None, reserved_slots: Optional[int] = None,
-                 batch_yield_steps: int = 0):
+                 batch_yield_s: float = 0.0):
         self.engine = engine
         self.variants = variants  # gpu_worker.variants.VariantStore, or None: base model only
         self.max_batch = slots_that_fit(engine, max_batch, context)
@@ -110,8 +110,8 @@ class Scheduler:
         self.max_encode_crops = max_encode_crops
         # Slots batch lines may never take: an interactive request always finds one free.
         self.reserved_slots = self.max_batch - background_slots(self.max_batch) if reserved_slots is None else reserved_slots
-        self.batch_yield_steps = batch_yield_steps
-        self.batch_steps_sat_out = 0  # in a row, while interactive sequences ran
+        self.batch_yield_s = batch_yield_s
+        self.batch_last_step = 0.0  # perf_counter of the last step batch lines took part in
         self.events: list = []
         self.counters = collections.Counter()
         self.recorder: Optional[Recorder] = None  # tests: logits and feeds of chosen requests
@@ -335,17 +335,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ running
     def _stepping(self) -> list[Sequence]:
-        """The sequences that run this step: all, except that batch lines sit out
-        `batch_yield_steps` steps between two of their own while interactive ones run."""
+        """The sequences that run this step: all, except that while interactive ones run,
+        batch lines take a step only once per `batch_yield_s` (never stalled, only slowed)."""
         seqs = list(self.running.values())
-        if self.batch_yield_steps <= 0:
+        if self.batch_yield_s <= 0:
             return seqs
+        now = time.perf_counter()
         interactive = [s for s in seqs if s.request.priority >= INTERACTIVE]
-        if not interactive or len(interactive) == len(seqs) or self.batch_steps_sat_out >= self.batch_yield_steps:
-            self.batch_steps_sat_out = 0
-            return seqs
-        self.batch_steps_sat_out += 1
-        return interactive
+        if interactive and len(interactive) < len(seqs) and now - self.batch_last_step < self.batch_yield_s:
+            return interactive
+        self.batch_last_step = now
+        return seqs
 
     def _run_feeds(self) -> None:
         groups: dict[int, list[Sequence]] = collections.defaultdict(list)

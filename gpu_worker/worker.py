@@ -92,7 +92,7 @@ class GpuWorker:
     def __init__(self, config, model, context=None):
         self.config = config
         # the native engine's continuous batching, or the transformers engine's one-at-a-time
-        extra = {"variants": variant_store(config, model), "batch_yield_steps": batch_yield_steps(config, model)} \
+        extra = {"variants": variant_store(config, model), "batch_yield_s": batch_yield_ms(config, model) / 1000} \
             if model.kind == "native" else {}
         self.scheduler = model.create_scheduler(max_batch=config.batch_size, image_cache_bytes=config.image_cache_mb << 20,
                                                 **extra)
@@ -261,13 +261,13 @@ class GpuWorker:
         self.streaming.clear()
 
 
-def batch_yield_steps(config, model) -> int:
-    """BATCH_YIELD_STEPS, or its default: on the CPU a step's time grows with its rows, so batch
-    lines sit out 3 steps in 4 while interactive requests decode; on a GPU a step costs about the
-    same for 8 rows or 24, and sitting out would only slow the job."""
-    if config.batch_yield_steps >= 0:
-        return config.batch_yield_steps
-    return 3 if str(model.device).startswith("cpu") else 0
+def batch_yield_ms(config, model) -> int:
+    """BATCH_YIELD_MS, or its default: on the CPU a step's time grows with its rows, so batch lines
+    mostly sit out while interactive requests decode (one step per 250 ms keeps them moving); on a
+    GPU a step costs about the same for 8 rows or 24, and sitting out would only slow the job."""
+    if config.batch_yield_ms >= 0:
+        return config.batch_yield_ms
+    return 250 if str(model.device).startswith("cpu") else 0
 
 
 def variant_store(config, model) -> VariantStore:

@@ -92,7 +92,7 @@ class Config:
     batch_max_line_bytes: int = field(default=10 * 1024 * 1024, metadata={"env": "BATCH_MAX_LINE_BYTES", "help": "longest input line; a longer one gets a per-line invalid_request"})
     batch_retention_hours: float = field(default=168.0, metadata={"env": "BATCH_RETENTION_HOURS", "help": "hours a finished job and its results are kept, and an unfinished upload waits to be completed"})
     batch_in_flight: int = field(default=16, metadata={"env": "BATCH_IN_FLIGHT", "help": "batch lines submitted at once (keep it below BATCH_SIZE so interactive requests always find a slot)"})
-    batch_yield_steps: int = field(default=-1, metadata={"env": "BATCH_YIELD_STEPS", "help": "while interactive requests decode, batch lines sit out this many steps between two of their own; -1: 3 when the model runs on the CPU (each row costs step time there), 0 on a GPU"})
+    batch_yield_ms: int = field(default=-1, metadata={"env": "BATCH_YIELD_MS", "help": "while interactive requests decode, batch lines decode at most once per this many milliseconds; -1: 250 when the model runs on the CPU (each row costs step time there), 0 (never wait) on a GPU"})
     batch_in_flight_busy: int = field(default=2, metadata={"env": "BATCH_IN_FLIGHT_BUSY", "help": "batch lines submitted at once while interactive requests are running (the job yields to them); = BATCH_IN_FLIGHT to never yield"})
 
     # --- logging

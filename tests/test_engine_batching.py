@@ -2,6 +2,7 @@
 give exactly what each gives alone, also when requests join a running batch."""
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -283,7 +284,7 @@ def test_batch_line_encodes_wait_for_steps_where_no_interactive_request_starts()
 
 def test_batch_lines_sit_out_steps_while_interactive_ones_decode_and_answer_the_same():
     engine = fixture_engine("main")
-    sched = Scheduler(engine, max_batch=8, batch_yield_steps=3)
+    sched = Scheduler(engine, max_batch=8, batch_yield_s=3600.0)  # longer than the test: sit out throughout
     line = background("b", "square_378.png", max_tokens=40)
     sched.add(line)
     sched.step()
@@ -293,14 +294,31 @@ def test_batch_lines_sit_out_steps_while_interactive_ones_decode_and_answer_the_
     assert sched.running["b"].ctx.position == position + 1  # alone, it steps every time
     sched.add(EngineRequest("i", "query", {"question": "What is this?"}, {"temperature": 0, "max_tokens": 12},
                             fixture_image("main", "square_378.png")))  # same image: no encode in the way
-    events, moved = [], []
-    for _ in range(8):
-        before = sched.running["b"].ctx.position
+    events = []
+    position = sched.running["b"].ctx.position
+    while "i" in sched.running or not events:
         events += sched.step()
-        moved.append(sched.running["b"].ctx.position != before)
-    assert moved == [False, False, False, True] * 2  # one step in four while "i" runs
+    assert sched.running["b"].ctx.position == position  # it waited while "i" decoded
+    sched.batch_yield_s = 0.0  # and once the wait is over it moves every step again
     while sched.has_work():
         events += sched.step()
     answer = next(ev.output for ev in events if isinstance(ev, Finished) and ev.request_id == "b")
     alone = run_requests(Scheduler(engine, max_batch=8), [background("b2", "square_378.png", max_tokens=40)])
     assert answer == alone["b2"].output
+
+
+def test_batch_lines_keep_moving_under_steady_interactive_load():
+    engine = fixture_engine("main")
+    sched = Scheduler(engine, max_batch=8, batch_yield_s=0.0)
+    sched.add(background("b", "square_378.png", max_tokens=200))
+    sched.step()
+    sched.batch_yield_s = 0.05
+    for i in range(3):  # interactive requests back to back for a while
+        sched.add(EngineRequest(f"i{i}", "query", {"question": "What is this?"}, {"temperature": 0, "max_tokens": 30},
+                                fixture_image("main", "square_378.png")))
+    position, started = sched.running["b"].ctx.position, time.perf_counter()
+    while any(rid.startswith("i") for rid in sched.running) or sched.waiting:
+        sched.step()
+    elapsed = time.perf_counter() - started
+    moved = sched.running["b"].ctx.position - position
+    assert 1 <= moved <= elapsed / 0.05 + 1  # at most one step per 50 ms, and never none
