@@ -174,7 +174,7 @@ def conformance_requests() -> list[EngineRequest]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:full")
-    p.add_argument("--reps", type=int, default=5, help="timed batch-1 decode steps")
+    p.add_argument("--reps", type=int, default=9, help="timed batch-1 decode steps per dtype")
     p.add_argument("--encode-reps", type=int, default=1, help="timed 2-crop encodes")
     p.add_argument("--context", type=int, default=780, help="positions before the decoded one")
     p.add_argument("--max-tokens", type=int, default=64, help="answer length for the fidelity runs")
