@@ -7,6 +7,9 @@
    alone): resident set size after loading, a batch-1 decode step (~780 positions of
    context) and a 2-crop image encode (vision encoder + the 730-position prefix prefill).
    Times are the process's CPU time: on a shared machine that is what the step cost.
+   Both processes stay loaded (int8 first, then float32: ~10.5 GB together on the full
+   model) and take turns, one step each, so other jobs' load (which slows memory-bound
+   steps even in CPU time) falls on both dtypes alike.
 2. Fidelity, in this process: the same greedy requests through both engines, comparing the
    first logits (relative error: max |int8 - float32| / max |float32|) and the answers'
    tokens (positions equal, and the length of the identical prefix), on the model above and
@@ -45,42 +48,76 @@ def rss_bytes() -> int:
     return 0
 
 
-def cpu_time(fn, reps: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(reps):
-        start = time.process_time()
-        fn()
-        out.append(time.process_time() - start)
-    return out
+RESULT = "RESULT "  # marks the child's answers on its stdout
 
 
-def measure(model: str, dtype: str, reps: int, encode_reps: int, context: int) -> dict:
-    """One dtype's speed and memory (run in a child process)."""
+def serve(model: str, dtype: str, context: int) -> None:
+    """Child process: load one dtype, report its memory, then time the steps the parent
+    names on stdin ("decode" / "encode"), one CPU time per line."""
     engine = load_model(Config(model=model, device="cpu", dtype=dtype))
     rss = rss_bytes()
-    cfg = engine.config
     cache = engine.new_cache(1, context=context + 8)
-    ids = [5]
+    image = synthetic_image(2)
 
     def decode():
-        hidden = engine.forward(engine.embed_tokens(ids).view(1, 1, -1), [context - 1], [0], cache)
+        hidden = engine.forward(engine.embed_tokens([5]).view(1, 1, -1), [context - 1], [0], cache)
         engine.logits(hidden)
 
-    image = synthetic_image(2)
+    steps = {"decode": decode, "encode": lambda: engine.encode_images([image])}
+    print(RESULT + json.dumps({"dtype": dtype, "rss_bytes": rss, "layers": engine.config.n_layers,
+                               "threads": torch.get_num_threads()}), flush=True)
     with torch.inference_mode():
-        decode_s = cpu_time(decode, reps)
-        encode_s = cpu_time(lambda: engine.encode_images([image]), encode_reps)
-    return {"dtype": dtype, "rss_bytes": rss, "decode_b1_cpu_s": decode_s, "encode_2crop_cpu_s": encode_s,
-            "layers": cfg.n_layers, "threads": torch.get_num_threads()}
+        for line in sys.stdin:
+            start = time.process_time()
+            steps[line.strip()]()
+            print(RESULT + json.dumps(time.process_time() - start), flush=True)
 
 
-def run_child(args, dtype: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--measure", dtype, "--model", args.model,
-           "--reps", str(args.reps), "--encode-reps", str(args.encode_reps), "--context", str(args.context),
-           "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout
-    return json.loads(out.strip().splitlines()[-1])
+class Child:
+    """One dtype's `serve` process."""
+
+    def __init__(self, args, dtype: str):
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve", dtype, "--model", args.model,
+               "--context", str(args.context), "--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        self.info = self._answer()
+
+    def _answer(self):
+        for line in self.proc.stdout:
+            if line.startswith(RESULT):
+                return json.loads(line[len(RESULT):])
+        raise RuntimeError(f"the benchmark's child process exited ({self.proc.wait()})")
+
+    def time(self, step: str) -> float:
+        self.proc.stdin.write(step + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def measure_speed(args) -> dict:
+    """Both dtypes loaded side by side, timed in turns (the first of each pair alternates)."""
+    children = {}
+    try:
+        for dtype in ("int8", "float32"):  # int8 first: its float32 load is freed before float32's starts
+            children[dtype] = Child(args, dtype)
+        pair = [children["float32"], children["int8"]]
+        for child in pair:  # warm-up
+            child.time("decode")
+            child.time("encode")
+        times = {dtype: {"decode_b1_cpu_s": [], "encode_2crop_cpu_s": []} for dtype in children}
+        plan = (("decode", "decode_b1_cpu_s", args.reps), ("encode", "encode_2crop_cpu_s", args.encode_reps))
+        for step, key, reps in plan:
+            for i in range(reps):
+                for child in (pair if i % 2 == 0 else pair[::-1]):
+                    times[child.info["dtype"]][key].append(child.time(step))
+    finally:
+        for child in children.values():
+            child.close()
+    return {dtype: {**children[dtype].info, **times[dtype]} for dtype in ("float32", "int8")}
 
 
 def greedy_runs(engine, requests: list[EngineRequest]) -> dict:
@@ -137,23 +174,23 @@ def conformance_requests() -> list[EngineRequest]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:full")
-    p.add_argument("--reps", type=int, default=5, help="timed batch-1 decode steps")
+    p.add_argument("--reps", type=int, default=9, help="timed batch-1 decode steps per dtype")
     p.add_argument("--encode-reps", type=int, default=1, help="timed 2-crop encodes")
     p.add_argument("--context", type=int, default=780, help="positions before the decoded one")
     p.add_argument("--max-tokens", type=int, default=64, help="answer length for the fidelity runs")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="few reps, short answers (smoke test)")
-    p.add_argument("--measure", help=argparse.SUPPRESS)  # child process: one dtype
+    p.add_argument("--serve", help=argparse.SUPPRESS)  # child process: one dtype
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.measure:
-        print(json.dumps(measure(args.model, args.measure, args.reps, args.encode_reps, args.context)))
+    if args.serve:
+        serve(args.model, args.serve, args.context)
         return {}
     if args.quick:
         args.reps, args.encode_reps, args.max_tokens = 2, 1, 8
 
-    speed = {dtype: run_child(args, dtype) for dtype in ("float32", "int8")}
+    speed = measure_speed(args)
     f32, i8 = speed["float32"], speed["int8"]
     decode_x = median(f32["decode_b1_cpu_s"]) / median(i8["decode_b1_cpu_s"])
     encode_x = median(f32["encode_2crop_cpu_s"]) / median(i8["encode_2crop_cpu_s"])

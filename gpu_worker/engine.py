@@ -19,12 +19,13 @@ class Engine:
 
     kind = "native"
 
-    def __init__(self, checkpoint: Checkpoint, weight_format: str = ""):
+    def __init__(self, checkpoint: Checkpoint, weight_format: str = "", kv_dtype: Optional[torch.dtype] = None):
         self.config = checkpoint.config
         self.weights = checkpoint.weights
         self.tokenizer = checkpoint.tokenizer
         embedding = self.weights["text.wte"]  # always a plain tensor, in the compute dtype
         self.device, self.dtype = embedding.device, embedding.dtype
+        self.kv_dtype = kv_dtype or self.dtype  # the KV cache's and encoded images' keys and values
         self.rope = M.rotary_table(self.config.max_context, self.device)
         self.info = {
             "name": checkpoint.source,
@@ -85,7 +86,8 @@ class Engine:
         prefix = torch.stack([torch.cat([bos, e], dim=0) for e in embeddings])
         lora = self.lora_batch(adapters) if adapters else None
         _, prefixes = M.prefill_prefixes(prefix, self.weights, self.config, self.rope, lora)
-        return [M.PrefixKV(k=[t.contiguous() for t in p.k], v=[t.contiguous() for t in p.v], length=p.length)
+        return [M.PrefixKV(k=[t.to(self.kv_dtype).contiguous() for t in p.k],
+                           v=[t.to(self.kv_dtype).contiguous() for t in p.v], length=p.length)
                 for p in prefixes]
 
     def image_embeddings(self, images: list) -> list[torch.Tensor]:
@@ -97,7 +99,7 @@ class Engine:
 
     # -- text
     def new_cache(self, n_slots: int, context: int | None = None) -> M.KVCache:
-        return M.KVCache(self.config, n_slots, context or self.config.max_context, self.device, self.dtype)
+        return M.KVCache(self.config, n_slots, context or self.config.max_context, self.device, self.kv_dtype)
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, start_pos: list[int], slots: list[int], cache: M.KVCache,
@@ -201,9 +203,9 @@ def load_model(config) -> Engine:
 
 def _load_int8(config) -> Engine:
     """MOONDREAM_DTYPE=int8: load in float32 on the CPU, then convert the big linears
-    once (gpu_worker/quantize.py)."""
+    once (gpu_worker/quantize.py); keys and values are kept in INT8_KV_DTYPE."""
     from gpu_worker.checkpoint import resolve_device
-    from gpu_worker.quantize import quantize_weights
+    from gpu_worker.quantize import INT8_KV_DTYPE, quantize_weights
 
     if config.device.startswith("cuda") or resolve_device(config.device).type != "cpu":
         raise ModelLoadError("MOONDREAM_DTYPE=int8 runs on the CPU (PyTorch's fbgemm kernels); "
@@ -213,4 +215,4 @@ def _load_int8(config) -> Engine:
         quantize_weights(checkpoint.weights, checkpoint.config)
     except RuntimeError as err:
         raise ModelLoadError(f"MOONDREAM_DTYPE=int8: {err}") from None
-    return Engine(checkpoint, weight_format="int8")
+    return Engine(checkpoint, weight_format="int8", kv_dtype=INT8_KV_DTYPE)

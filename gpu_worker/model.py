@@ -147,7 +147,8 @@ class KVCache:
     Layout per layer: (n_slots, kv_heads, context + 1, head_dim).  A sequence owns one
     slot for its life; its position p lives at [slot, :, p].  Image prefixes are
     copied in at positions 0..729 (`load_prefix`).  The extra last position is
-    the discard position: padding rows of a batch write there and nobody reads it."""
+    the discard position: padding rows of a batch write there and nobody reads it.
+    Its dtype is the model's or a narrower one (int8 weights: bfloat16, `Engine.kv_dtype`)."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, context: int, device, dtype):
         shape = (n_slots, cfg.n_kv_heads, context + 1, cfg.head_dim)
@@ -316,8 +317,13 @@ def text_forward(embeds: torch.Tensor, positions: torch.Tensor, write_positions:
         k_cache, v_cache = cache.k[layer], cache.v[layer]
 
         def attend(q, k, v):
-            k_cache[slot_index, :, write_positions] = k.permute(0, 2, 1, 3)
-            v_cache[slot_index, :, write_positions] = v.permute(0, 2, 1, 3)
+            # a cache in a narrower dtype than the model's (int8 weights: bfloat16) is
+            # read in its own dtype; with equal dtypes the casts are no-ops
+            k_cache[slot_index, :, write_positions] = k.permute(0, 2, 1, 3).to(k_cache.dtype)
+            v_cache[slot_index, :, write_positions] = v.permute(0, 2, 1, 3).to(v_cache.dtype)
+            return attend_cached(q.to(k_cache.dtype)).to(q.dtype)
+
+        def attend_cached(q):
             if plan is None:
                 return F.scaled_dot_product_attention(q, k_cache[rows, :, :live], v_cache[rows, :, :live],
                                                       attn_mask=sdpa_mask, enable_gqa=gqa)

@@ -543,7 +543,7 @@ def slots_that_fit(engine, wanted: int, context: Optional[int] = None, share: fl
     CPU: a quarter of the RAM available now.  BATCH_SIZE is the upper bound."""
     cfg = engine.config
     positions = (context or cfg.max_context) + 1
-    per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * positions * torch.finfo(engine.dtype).bits // 8
+    per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * positions * torch.finfo(engine.kv_dtype).bits // 8
     if engine.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(engine.device)
         budget = free * share

@@ -38,6 +38,17 @@ def test_big_linears_converted_rest_float(int8_engine):
     assert int8_engine.info["dtype"] == "int8"
 
 
+def test_int8_keeps_keys_and_values_in_bfloat16(int8_engine):
+    cache = int8_engine.new_cache(2, context=800)
+    assert all(t.dtype == torch.bfloat16 for t in cache.k + cache.v)
+    [prefix] = int8_engine.encode_images([fixture_image("variants", "photo_773x767.jpg")])
+    assert all(t.dtype == torch.bfloat16 for t in prefix.k + prefix.v)
+    # the decode step reads that cache and still answers in the model's dtype
+    cache.load_prefix(1, prefix)
+    hidden = int8_engine.forward(int8_engine.embed_tokens([5]).view(1, 1, -1), [prefix.length], [1], cache)
+    assert hidden.dtype == torch.float32 and bool(torch.isfinite(hidden).all())
+
+
 @pytest.mark.parametrize("name", ["text.blocks.0.mlp.fc1", "vision.blocks.3.attn.qkv"])  # packed for fbgemm / oneDNN
 def test_int8_linear_close_to_float(int8_engine, name):
     ref = fixture_engine("variants").weights
