@@ -7,7 +7,6 @@ still be written once).
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
@@ -17,15 +16,9 @@ from shared.config import EXIT_CONFIG, StartupError, load_config
 from shared.logs import setup_logging
 
 
-# The OS runs this process after the interactive path's: its own CPU work (reading lines, base64,
-# SQLite) never takes a core a front end is waiting for.
-NICENESS = 10
-
-
 def main() -> int:
     config = load_config()
     log = setup_logging("batch_worker", config)
-    os.nice(NICENESS)
     try:
         client = BrokerClient(config)
     except StartupError as exc:  # no keys for a remote broker: one line, and stay down
