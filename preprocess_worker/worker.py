@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from shared import protocol
 from shared.broker_link import BrokerLink
-from shared.image_tiling import ResizedForTiling, pixels_key, resize_for_tiling, resized_frame
+from shared.image_tiling import ResizedForTiling, cut_crops, pixels_key, resize_for_tiling, resized_frame
 from shared.protocol import Error, PreprocessJob, Preprocessed
 
 log = logging.getLogger("preprocess_worker")
@@ -52,6 +52,16 @@ class PreprocessedImage:
     key: str
     size_wh: tuple[int, int]
     pixels: Optional[np.ndarray] = None  # the decoded RGB image, when asked for
+
+    @property
+    def tiling(self) -> tuple[int, int]:
+        return self.resized.tiling
+
+    @property
+    def crops(self) -> np.ndarray:
+        """The crops the GPU worker cuts from this result's frame (a new array each time): for
+        code that runs the engine in process (tests, benchmarks)."""
+        return cut_crops(self.resized.global_crop, self.resized.resized, self.resized.tiling)
 
 
 def _refused_format(data: bytes) -> Optional[str]:
