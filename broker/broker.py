@@ -326,7 +326,8 @@ class Broker:
         except ValueError:
             frame_size = -1
         if frame is None or len(frame) != frame_size:
-            self.finish(req, None, Error(req.request_id, 500, "preprocess_failed", "preprocess worker sent a bad resized frame"))
+            self.finish(req, None, Error(req.request_id, 500, "preprocess_failed",
+                                         "preprocess worker sent a resized frame of the wrong size"))
             return
         req.marks["preprocessed"] = time.monotonic()
         req.marks["preprocess_ms_worker"] = msg.preprocess_ms

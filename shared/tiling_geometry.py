@@ -43,9 +43,10 @@ def resized_shape(tiling: tuple[int, int]) -> tuple[int, int, int]:
     return rows * WINDOW_PX + 2 * MARGIN_PX, cols * WINDOW_PX + 2 * MARGIN_PX, 3
 
 
-# ---------------------------------------------------------------- the resized frame (preprocess -> broker -> GPU worker)
-# The overlapping local crops hold ~1.5x the pixels of the image they are cut from, so the
-# preprocess worker ships that image and the GPU worker cuts the crops (docs/architecture.md).
+# ------------------------------------------------------- the resized frame (preprocess -> broker -> GPU worker)
+# The overlapping local crops hold more bytes than the image they are cut from (1.55x for 3 x 3
+# crops), so the preprocess worker ships that image and the GPU worker cuts the crops
+# (docs/architecture.md).
 # One raw uint8 frame, C order: the global crop (378, 378, 3), then the resized image
 # (resized_shape(tiling)), then, only when pixels_shape is set, the decoded image (pixels_shape).
 

@@ -1,7 +1,8 @@
 """The frame between the preprocess worker and the GPU worker carries the global crop and the one
 resized image; the GPU worker cuts the local crops itself.  What it cuts must be tile_image's
 crops bit for bit (the conformance crop hashes), and a frame of the wrong size must be a clean
-400 from the real GPU worker process, never a crash."""
+400 from the real GPU worker process (and a 500 from the broker when a preprocess worker sends
+it), never a crash."""
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,9 @@ from shared import protocol
 from shared.image_tiling import (
     CROP_BYTES, resize_for_tiling, resized_frame, resized_frame_size, select_tiling, split_resized_frame, tile_image,
 )
-from shared.protocol import Error, Generate, Heartbeat, Ready, Result
+from shared.protocol import Error, Generate, Heartbeat, Preprocessed, PreprocessJob, Ready, Result, Submit
 from tests.stack import REPO, ProcessGroup, free_port, stack_env
+from tests.test_broker import PHOTO, services  # noqa: F401  (services is a fixture)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -190,3 +192,28 @@ def test_gpu_worker_answers_a_wrong_frame_with_400_and_keeps_serving(gpu_worker_
         assert isinstance(reply, Error) and (reply.status, reply.code) == (400, "invalid_image"), reply
     good = broker.ask(generate(resized.tiling), frame)
     assert isinstance(good, Result) and good.output["caption"], good
+
+
+def test_broker_fails_a_request_whose_frame_does_not_match_its_tiling(services):  # noqa: F811
+    """A preprocess worker that sends a frame of the wrong size (a fault injected by a protocol
+    peer on a real socket) gets the request a 500, not a GPU worker a frame it cannot cut."""
+    s = services()
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(s.config.broker_backend_addr)
+    try:
+        peer.send_multipart(protocol.encode(Ready(kind=protocol.PREPROCESS, worker_id="short-frames", capacity=1,
+                                                  deployment=s.config.deployment_id)))
+        s.wait_for(preprocess=1)
+        stream = s.client.submit(Submit(request_id=uuid.uuid4().hex, skill="caption", params={"length": "short"},
+                                        settings={}, has_image=True), PHOTO)
+        end, job = time.monotonic() + 20, None
+        while not isinstance(job, PreprocessJob):  # heartbeats from the broker come first
+            assert time.monotonic() < end and peer.poll(5000), "no PreprocessJob came"
+            job, _ = protocol.decode(peer.recv_multipart())
+        reply = Preprocessed(request_id=job.request_id, tiling=(2, 2), image_key="k", size_wh=(773, 767))
+        peer.send_multipart(protocol.encode(reply, bytes(resized_frame_size((2, 2)) - 1)))
+        events = list(stream)
+        assert [(type(e), e.status, e.code) for e in events] == [(Error, 500, "preprocess_failed")]
+    finally:
+        peer.close(linger=0)
