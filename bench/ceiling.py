@@ -13,7 +13,7 @@ the machine may be shared, and other jobs slow a process down without adding to 
 The same image every time: the GPU worker's image cache then spares it the vision encoder
 (it is not what is measured), while the front end, broker and preprocess worker do their whole
 work for every request (the broker does not know the image is cached: it is preprocessed and its
-crops shipped each time).
+resized frame, what the GPU worker cuts the crops from, shipped each time).
 
 Then the arithmetic for N cores with the default settings (shared/host_size.py): each
 front end and preprocess worker is one process, at most one core busy; the broker is one; two
@@ -45,7 +45,10 @@ from PIL import Image
 
 from bench.common import save_json
 from shared import host_size
-from shared.image_tiling import CROP_SIZE, pixels_key, select_tiling, tile_image
+from shared.image_tiling import (
+    CROP_BYTES, CROP_SIZE, pixels_key, resize_for_tiling, resized_frame, resized_frame_size, select_tiling,
+    split_resized_frame, tile_image,
+)
 from tests.stack import running_stack
 
 TARGET_RPS = 2 * 62.8  # issue 14: twice what Moondream's own engine serves on one H100 on this workload
@@ -117,11 +120,15 @@ def in_process_costs(jpeg: bytes, data_url: str, repeats: int) -> dict[str, floa
     rows, cols = select_tiling(image.height, image.width)
     local_size = (cols * 266 + 112, rows * 266 + 112)
     payload = data_url.partition(",")[2]
+    resized = resize_for_tiling(image)
+    frame = resized_frame(resized)
     return {
         "decode JPEG": cpu_ms(lambda: Image.open(io.BytesIO(jpeg)).load()),
         f"LANCZOS resize to {CROP_SIZE}x{CROP_SIZE} (global crop)": cpu_ms(lambda: image.resize((CROP_SIZE, CROP_SIZE), Image.LANCZOS)),
         f"LANCZOS resize to {local_size[0]}x{local_size[1]} (local crops)": cpu_ms(lambda: image.resize(local_size, Image.LANCZOS)),
         "tile_image (both resizes, cutting)": cpu_ms(lambda: tile_image(image)),
+        "resized frame assembly (preprocess worker)": cpu_ms(lambda: resized_frame(resized)),
+        "cutting the crops from the frame (GPU worker)": cpu_ms(lambda: split_resized_frame(frame, resized.tiling)),
         "pixels_key (sha256 of the pixels)": cpu_ms(lambda: pixels_key(image)),
         "base64, standard library": cpu_ms(lambda: base64.b64decode(payload, validate=True)),
         "base64, pybase64 (front end)": cpu_ms(lambda: pybase64.b64decode(payload, validate=True)),
@@ -157,8 +164,11 @@ def main(argv=None) -> dict:
     data_url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
     body = json.dumps({"image_url": data_url, "question": "What is in the image?",
                        "settings": {"max_tokens": 3, "temperature": 0}}).encode()
+    tiling = select_tiling(IMAGE_SIZE[1], IMAGE_SIZE[0])
+    n_crops = 1 + tiling[0] * tiling[1]
     print(f"workload: {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG of {len(jpeg) / 1000:.0f} KB, body {len(body) / 1000:.0f} KB, "
-          f"{1 + np.prod(select_tiling(IMAGE_SIZE[1], IMAGE_SIZE[0]))} crops, 3-token answers, tiny model; "
+          f"{n_crops} crops ({n_crops * CROP_BYTES / 1e6:.2f} MB) cut by the GPU worker from a resized frame of "
+          f"{resized_frame_size(tiling) / 1e6:.2f} MB, 3-token answers, tiny model; "
           f"{args.requests} requests, {args.concurrency} at a time")
 
     with running_stack(preprocess_workers=2, FRONTEND_WORKERS=2, ready_timeout=300, TORCH_THREADS=1) as stack:

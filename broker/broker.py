@@ -28,6 +28,7 @@ import msgspec
 import zmq
 
 from shared import keys, protocol
+from shared.tiling_geometry import resized_frame_size
 from shared.config import StartupError
 from shared.logs import log_request
 from shared.protocol import (
@@ -42,7 +43,6 @@ PREPROCESSING = "preprocessing"
 QUEUED_GPU = "queued_gpu"
 GENERATING = "generating"
 
-CROP_BYTES = 378 * 378 * 3
 MAX_PREPROCESS_ATTEMPTS = 3  # an image that kills this many workers is not retried again
 TICK_SECONDS = 0.1  # how often deadlines, grace periods and heartbeats are checked
 
@@ -82,7 +82,7 @@ class Request:
     worker: Optional[bytes] = None
     attempts: int = 0  # preprocess attempts
     generate: Optional[Generate] = None
-    crops: object = None  # crops frame from the preprocess worker, until sent to a GPU worker
+    resized_frame: object = None  # from the preprocess worker (shared/tiling_geometry.py), until sent to a GPU worker
     waiting_since: float = 0.0  # monotonic time it entered its current queue
     marks: dict = field(default_factory=dict)  # stage timings, monotonic
 
@@ -316,23 +316,27 @@ class Broker:
         log.info("%s worker %s registered (capacity %d)", msg.kind, msg.worker_id, max(1, msg.capacity))
         self.send_to_worker(identity, protocol.encode(Heartbeat()))
 
-    def on_preprocessed(self, worker: Worker, msg: Preprocessed, crops) -> None:
+    def on_preprocessed(self, worker: Worker, msg: Preprocessed, frame) -> None:
         self._job_done(worker, msg.request_id)
         req = self._request_held_by(worker, msg.request_id)
         if req is None:
             return
-        pixel_bytes = _product(msg.pixels_shape) if msg.pixels_shape else 0
-        if crops is None or msg.n_crops < 1 or len(crops) != msg.n_crops * CROP_BYTES + pixel_bytes:
-            self.finish(req, None, Error(req.request_id, 500, "preprocess_failed", "preprocess worker sent bad crops"))
+        try:
+            frame_size = resized_frame_size(tuple(msg.tiling), tuple(msg.pixels_shape))
+        except ValueError:
+            frame_size = -1
+        if frame is None or len(frame) != frame_size:
+            self.finish(req, None, Error(req.request_id, 500, "preprocess_failed",
+                                         "preprocess worker sent a resized frame of the wrong size"))
             return
         req.marks["preprocessed"] = time.monotonic()
         req.marks["preprocess_ms_worker"] = msg.preprocess_ms
         req.image = None  # the encoded image is no longer needed
-        req.crops = crops
+        req.resized_frame = frame
         s = req.submit
         self._queue_for_gpu(req, Generate(
             request_id=s.request_id, skill=s.skill, params=s.params, settings=s.settings, stream=s.stream,
-            has_image=True, n_crops=msg.n_crops, tiling=tuple(msg.tiling), image_key=msg.image_key,
+            has_image=True, tiling=tuple(msg.tiling), image_key=msg.image_key,
             deadline=req.deadline, pixels_shape=tuple(msg.pixels_shape), priority=s.priority))
 
     def _gpu_wants_pixels(self) -> bool:
@@ -427,8 +431,8 @@ class Broker:
             worker.jobs.add(req.request_id)
             if background:
                 worker.background_jobs.add(req.request_id)
-            crops, req.crops = req.crops, None  # the GPU worker holds them from now on
-            self.send_to_worker(worker.identity, protocol.encode(req.generate, crops))
+            frame, req.resized_frame = req.resized_frame, None  # the GPU worker holds it from now on
+            self.send_to_worker(worker.identity, protocol.encode(req.generate, frame))
 
     def _pick(self, kind: str, background: bool = False) -> Optional[Worker]:
         candidates = [w for w in self.workers.values()
@@ -533,10 +537,3 @@ def _sum_counters(dicts) -> dict:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 total[key] = total.get(key, 0) + value
     return total
-
-
-def _product(shape) -> int:
-    n = 1
-    for dim in shape:
-        n *= int(dim)
-    return n

@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 
-import numpy as np
 import zmq
 
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput, TextChunk
@@ -28,11 +27,11 @@ from gpu_worker.variants import VariantError, VariantStore, default_cache_dir
 from shared import protocol
 from shared.broker_link import BrokerLink
 from shared.config import EXIT_CONFIG, StartupError
+from shared.image_tiling import split_resized_frame
 from shared.protocol import Cancel, Chunk, Error, Generate, Result
 
 log = logging.getLogger("gpu_worker")
 
-CROP_SHAPE = (378, 378, 3)
 RECONNECTED = object()  # put on the inbox when the broker is lost: drop all work
 
 
@@ -188,23 +187,20 @@ class GpuWorker:
                 self.send(Error(rid, 500, "generation_failed", "internal error starting the request"))
         return False
 
-    def _start(self, msg: Generate, crops) -> None:
+    def _start(self, msg: Generate, frame) -> None:
         rid = msg.request_id
         if rid in self.active:
             return  # duplicate delivery; the first one answers
         image = None
         if msg.has_image:
-            crop_bytes = msg.n_crops * int(np.prod(CROP_SHAPE))
-            pixel_bytes = int(np.prod(msg.pixels_shape)) if msg.pixels_shape else 0
-            if crops is None or msg.n_crops < 1 or len(crops) != crop_bytes + pixel_bytes:
-                self.send(Error(rid, 400, "invalid_image", "crops missing or of the wrong size"))
+            # The crops are cut here from the resized image in the frame, into a new writable array
+            # (the frame's memory is read-only and torch wants to own its input).
+            try:
+                crops, pixels = split_resized_frame(frame, tuple(msg.tiling), tuple(msg.pixels_shape))
+            except ValueError as exc:
+                self.send(Error(rid, 400, "invalid_image", f"resized frame missing or of the wrong size: {exc}"))
                 return
-            # A writable copy: the frame's memory is read-only and torch wants to own its input.
-            frame = np.frombuffer(crops, dtype=np.uint8)
-            image = ImageInput(crops=frame[:crop_bytes].reshape(msg.n_crops, *CROP_SHAPE).copy(),
-                               tiling=tuple(msg.tiling), key=msg.image_key)
-            if pixel_bytes:  # the decoded image itself, for the transformers engine
-                image.pixels = frame[crop_bytes:].reshape(tuple(msg.pixels_shape)).copy()
+            image = ImageInput(crops=crops, tiling=tuple(msg.tiling), key=msg.image_key, pixels=pixels)
         request = EngineRequest(request_id=rid, skill=msg.skill, params=dict(msg.params),
                                 settings=dict(msg.settings), image=image, priority=msg.priority)
         try:

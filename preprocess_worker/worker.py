@@ -1,4 +1,4 @@
-"""Preprocess worker: untrusted image bytes -> uint8 crops for the GPU worker.
+"""Preprocess worker: untrusted image bytes -> the resized images the GPU worker cuts its crops from.
 
 One job at a time (capacity 1).  The decode runs on a helper thread so this
 loop keeps heartbeating while a large image is resized; Pillow releases the GIL
@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from shared import protocol
 from shared.broker_link import BrokerLink
-from shared.image_tiling import pixels_key, tile_image
+from shared.image_tiling import ResizedForTiling, cut_crops, pixels_key, resize_for_tiling, resized_frame
 from shared.protocol import Error, PreprocessJob, Preprocessed
 
 log = logging.getLogger("preprocess_worker")
@@ -48,11 +48,20 @@ class ImageRejected(Exception):
 
 @dataclass
 class PreprocessedImage:
-    crops: np.ndarray  # uint8 (n, 378, 378, 3)
-    tiling: tuple[int, int]
+    resized: ResizedForTiling  # the global crop and the image the local crops are cut from
     key: str
     size_wh: tuple[int, int]
     pixels: Optional[np.ndarray] = None  # the decoded RGB image, when asked for
+
+    @property
+    def tiling(self) -> tuple[int, int]:
+        return self.resized.tiling
+
+    @property
+    def crops(self) -> np.ndarray:
+        """The crops the GPU worker cuts from this result's frame (a new array each time): for
+        code that runs the engine in process (tests, benchmarks)."""
+        return cut_crops(self.resized.global_crop, self.resized.resized, self.resized.tiling)
 
 
 def _refused_format(data: bytes) -> Optional[str]:
@@ -118,8 +127,7 @@ def release_freed_memory() -> None:
 
 def preprocess(data: bytes, max_pixels: int, max_side: int, want_pixels: bool = False) -> PreprocessedImage:
     image = decode_image(data, max_pixels, max_side)
-    tiled = tile_image(image)
-    return PreprocessedImage(crops=tiled.crops, tiling=tiled.tiling, key=pixels_key(image), size_wh=image.size,
+    return PreprocessedImage(resized=resize_for_tiling(image), key=pixels_key(image), size_wh=image.size,
                              pixels=np.asarray(image) if want_pixels else None)
 
 
@@ -193,10 +201,8 @@ class PreprocessWorker:
             return
         if result.size_wh[0] * result.size_wh[1] >= BIG_IMAGE_PIXELS:
             release_freed_memory()
-        reply = Preprocessed(request_id=job.request_id, n_crops=len(result.crops), tiling=result.tiling,
-                             image_key=result.key, size_wh=result.size_wh, preprocess_ms=round(elapsed_ms, 2))
-        frame = memoryview(np.ascontiguousarray(result.crops)).cast("B")
-        if result.pixels is not None:  # the transformers engine wants the image itself, after the crops
+        reply = Preprocessed(request_id=job.request_id, tiling=result.resized.tiling, image_key=result.key,
+                             size_wh=result.size_wh, preprocess_ms=round(elapsed_ms, 2))
+        if result.pixels is not None:  # the transformers engine wants the image itself, at the end of the frame
             reply.pixels_shape = tuple(result.pixels.shape)
-            frame = result.crops.tobytes() + np.ascontiguousarray(result.pixels).tobytes()
-        self.link.send(reply, frame)
+        self.link.send(reply, resized_frame(result.resized, result.pixels))

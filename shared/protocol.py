@@ -2,14 +2,14 @@
 
 Wire format: a multipart ZeroMQ message whose first payload frame is a msgpack
 encoding of one of the tagged structs below, optionally followed by one raw
-binary frame (image bytes, or uint8 crops) that is never pickled or copied into
+binary frame (image bytes, or the resized image the crops are cut from) that is never pickled or copied into
 the msgpack part.  ROUTER sockets add identity frames in front; the helpers
 `encode`/`decode` only deal with the payload frames.
 
 Flow of one request (request_id is the key everywhere):
 
     front end --Submit(+image bytes)--> broker --PreprocessJob(+image bytes)--> preprocess worker
-    preprocess worker --Preprocessed(+crops)--> broker --Generate(+crops)--> GPU worker
+    preprocess worker --Preprocessed(+resized frame)--> broker --Generate(+resized frame)--> GPU worker
     GPU worker --Chunk* then Result | Error--> broker --same--> the front end that asked
 
 Workers announce themselves with Ready, then send Heartbeat; the broker sends
@@ -133,19 +133,20 @@ class PreprocessJob(Message):
 
 
 class Preprocessed(Message):
-    """Crops follow as one raw frame: uint8, shape (n_crops, 378, 378, 3), C order."""
+    """The resized frame follows: raw uint8, C order, the global crop (378, 378, 3) then the image
+    resized for the tiling (shared/tiling_geometry.py, resized_shape), from which the GPU worker
+    cuts the 1 + rows*cols crops itself (fewer bytes than the overlapping crops)."""
 
     request_id: str
-    n_crops: int
-    tiling: tuple[int, int]
+    tiling: tuple[int, int]  # (rows, cols) of local crops: fixes the resized image's shape
     image_key: str  # sha256 of the decoded RGB pixels: the GPU worker's image-cache key
     size_wh: tuple[int, int]
     preprocess_ms: float = 0.0
-    pixels_shape: tuple = ()  # (H, W, 3) when the decoded image follows the crops in the same frame
+    pixels_shape: tuple = ()  # (H, W, 3) when the decoded image follows, at the end of the same frame
 
 
 class Generate(Message):
-    """A request ready for the GPU; crops (if has_image) follow as one raw frame."""
+    """A request ready for the GPU; if has_image, the resized frame of Preprocessed follows."""
 
     request_id: str
     skill: str
@@ -153,11 +154,10 @@ class Generate(Message):
     settings: dict
     stream: bool = False
     has_image: bool = False
-    n_crops: int = 0
     tiling: tuple[int, int] = (1, 1)
     image_key: str = ""
     deadline: float = 0.0
-    pixels_shape: tuple = ()  # (H, W, 3) when the decoded image follows the crops in the frame
+    pixels_shape: tuple = ()  # (H, W, 3) when the decoded image ends the frame (MOONDREAM_ENGINE=transformers)
     priority: int = INTERACTIVE  # Submit.priority: the GPU worker starts interactive requests first
 
 

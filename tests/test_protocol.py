@@ -26,8 +26,8 @@ EXAMPLES = [
     Heartbeat(worker_id="w", free=3),
     Heartbeat(),
     PreprocessJob("r1", deadline=1.0),
-    Preprocessed("r1", n_crops=2, tiling=(1, 1), image_key="k", size_wh=(96, 64), preprocess_ms=1.5),
-    Generate("r1", "caption", {"length": "short"}, {}, has_image=True, n_crops=2, tiling=(1, 1), image_key="k"),
+    Preprocessed("r1", tiling=(1, 1), image_key="k", size_wh=(96, 64), preprocess_ms=1.5),
+    Generate("r1", "caption", {"length": "short"}, {}, has_image=True, tiling=(1, 1), image_key="k"),
     Chunk("r1", "héllo 世界\n"),
     Result("r1", {"objects": [{"x_min": 0.1, "y_min": 0.2, "x_max": 0.3, "y_max": 0.4}]}, None, {"output_tokens": 3}),
     Error("r1", 503, "worker_died", "gone"),
@@ -47,7 +47,7 @@ def test_blob_travels_as_a_separate_raw_frame_over_zmq():
     a.bind("inproc://protocol-test")
     b.connect("inproc://protocol-test")
     try:
-        msg = Preprocessed("r", n_crops=2, tiling=(1, 1), image_key="k", size_wh=(10, 10))
+        msg = Preprocessed("r", tiling=(1, 1), image_key="k", size_wh=(10, 10))
         frames = protocol.encode(msg, memoryview(crops).cast("B"))
         assert len(frames) == 2
         a.send_multipart(frames, copy=False)

@@ -1,6 +1,6 @@
 """MOONDREAM_ENGINE=transformers takes whole images: when such a GPU worker is
 registered, the broker asks preprocessing for the decoded pixels too and hands them
-on with the crops.  The real broker and preprocess worker run; the GPU side is a
+on with the resized image the crops are cut from.  The real broker and preprocess worker run; the GPU side is a
 protocol peer on a real socket (`TransformersWorkerPeer`, a stand-in: the official
 remote code cannot be downloaded here) that records what it is given."""
 from __future__ import annotations
@@ -15,6 +15,7 @@ import zmq
 from PIL import Image
 
 from shared import protocol
+from shared.image_tiling import split_resized_frame, tile_image
 from shared.protocol import Generate, Ready, Result, Submit
 from tests.test_broker import PHOTO, services  # noqa: F401  (fixture)
 
@@ -64,6 +65,6 @@ def test_pixels_travel_with_the_crops_for_the_transformers_engine(services):  # 
     msg, frame = peer.received[0]
     expected = np.asarray(Image.open(io.BytesIO(PHOTO)).convert("RGB"))
     assert tuple(msg.pixels_shape) == expected.shape
-    crop_bytes = msg.n_crops * 378 * 378 * 3
-    pixels = np.frombuffer(frame[crop_bytes:], dtype=np.uint8).reshape(expected.shape)
+    crops, pixels = split_resized_frame(frame, tuple(msg.tiling), tuple(msg.pixels_shape))
     assert np.array_equal(pixels, expected)
+    assert np.array_equal(crops, tile_image(Image.fromarray(expected)).crops)  # the crops still travel, bit-exact
