@@ -36,7 +36,7 @@ log = logging.getLogger("batch_worker")
 
 MAX_ATTEMPTS = 5  # runs of one line that end in worker_died or timeout before it is given up
 RETRY_DELAY_S = 1.0  # a line that could not run now waits this long (the broker may be restarting)
-HOUSEKEEPING_S = 1.0  # how often new jobs, cancels and expiries are looked for
+HOUSEKEEPING_S = 0.25  # how often new jobs, cancels and expiries are looked for (a new job waits at most this long)
 PURGE_EVERY_S = 600.0
 POLL_S = 0.2
 LOOK_FOR_INTERACTIVE_S = 0.25  # how often the broker is asked whether interactive requests are running
