@@ -28,13 +28,13 @@ import msgspec
 import zmq
 
 from shared import keys, protocol
-from shared.tiling_geometry import resized_frame_size
 from shared.config import StartupError
 from shared.logs import log_request
 from shared.protocol import (
     Cancel, Chunk, Error, Generate, Heartbeat, Leaving, PreprocessJob, Preprocessed, Ready, Refused,
     RegisterAgain, Result, Status, StatusQuery, Submit,
 )
+from shared.tiling_geometry import resized_frame_size
 
 log = logging.getLogger("broker")
 
@@ -59,7 +59,6 @@ class Worker:
     idle_since: float = 0.0  # for least-recently-used choice
     stats: dict = field(default_factory=dict)  # GPU: its scheduler counters from its last Heartbeat
     variants: dict = field(default_factory=dict)  # GPU: its loaded / available variant ids, from its last Heartbeat
-
     background_jobs: set = field(default_factory=set)  # GPU: of `jobs`, the batch lines
 
     @property
