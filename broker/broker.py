@@ -60,6 +60,7 @@ class Worker:
     stats: dict = field(default_factory=dict)  # GPU: its scheduler counters from its last Heartbeat
     variants: dict = field(default_factory=dict)  # GPU: its loaded / available variant ids, from its last Heartbeat
     background_jobs: set = field(default_factory=set)  # GPU: of `jobs`, the batch lines
+    slots: int = 1  # GPU: the capacity it registered with (heartbeats move `capacity` by messages in flight)
 
     @property
     def free(self) -> int:
@@ -67,7 +68,7 @@ class Worker:
 
     def takes_background(self) -> bool:
         """Batch lines never fill a GPU worker: some slots stay for interactive requests."""
-        return len(self.background_jobs) < protocol.background_slots(self.capacity)
+        return len(self.background_jobs) < protocol.background_slots(self.slots)
 
 
 @dataclass
@@ -311,7 +312,8 @@ class Broker:
         now = time.monotonic()
         self.workers[identity] = Worker(
             identity=identity, kind=msg.kind, worker_id=msg.worker_id, capacity=max(1, msg.capacity),
-            model=dict(msg.model), expires_at=now + self.config.heartbeat_expiry, idle_since=now)
+            slots=max(1, msg.capacity), model=dict(msg.model), expires_at=now + self.config.heartbeat_expiry,
+            idle_since=now)
         log.info("%s worker %s registered (capacity %d)", msg.kind, msg.worker_id, max(1, msg.capacity))
         self.send_to_worker(identity, protocol.encode(Heartbeat()))
 

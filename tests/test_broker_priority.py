@@ -95,13 +95,14 @@ def test_batch_lines_never_hold_every_gpu_slot(broker):
     config, submit = broker
     gpu = FakeGpuWorker(config, capacity=4)
     streams = [submit(f"batch-{i}", protocol.BACKGROUND) for i in range(6)]
-    assert gpu.collect(1.5) == ["batch-0", "batch-1", "batch-2"]  # background_slots(4): one slot stays free
+    gpu.collect(10, until=3)
+    assert gpu.collect(1.0) == ["batch-0", "batch-1", "batch-2"]  # and no more: background_slots(4) = 3
     assert protocol.background_slots(4) == 3 and protocol.background_slots(1) == 1
     streams.append(submit("interactive", protocol.INTERACTIVE))
     assert gpu.next_generate() == "interactive"  # dispatched at once, into the kept slot
     for rid in list(gpu.held):
         gpu.answer(rid)
-    assert sorted(gpu.collect(1.5)) == ["batch-3", "batch-4", "batch-5"]  # the rest, once slots free
+    assert sorted(gpu.collect(10, until=3)) == ["batch-3", "batch-4", "batch-5"]  # the rest, once slots free
     for rid in list(gpu.held):
         gpu.answer(rid)
     for stream in streams:
