@@ -7,8 +7,9 @@ it says 64.
 
     eval "$(python -m shared.host_size)"   # scripts/serve.sh, the Dockerfile
 
-prints `export FRONTEND_WORKERS=N PREPROCESS_WORKERS=M` (each as set, or sized from the CPUs
-when unset or 0), which supervisord needs as numbers before it starts (numprocs).
+prints `export FRONTEND_WORKERS=N PREPROCESS_WORKERS=M TORCH_THREADS=T` (each as set, or sized
+from the CPUs when unset or 0): supervisord needs the counts as numbers before it starts
+(numprocs), and every process then sees the same figures.
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def main() -> None:
     from shared.config import load_config  # resolves unset counts with the functions above
 
     config = load_config()
-    print(f"export FRONTEND_WORKERS={config.frontend_workers} PREPROCESS_WORKERS={config.preprocess_workers}")
+    print(f"export FRONTEND_WORKERS={config.frontend_workers} PREPROCESS_WORKERS={config.preprocess_workers} "
+          f"TORCH_THREADS={config.torch_threads}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ makes (the only way to give a quota without a container)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 from shared import host_size
-from tests.stack import ProcessGroup, stack_env, wait_for
+from tests.stack import REPO, ProcessGroup, stack_env, wait_for
 
 def test_usable_cpus_follow_the_cgroup_quota(tmp_path):
     affinity = len(os.sched_getaffinity(0))
@@ -76,3 +78,16 @@ def test_the_gpu_worker_sizes_its_torch_threads(tmp_path):
     expected = host_size.default_torch_threads(cpus, host_size.default_frontend_workers(cpus, True), 2, on_cpu=True)
     assert f"torch uses {expected} CPU threads (TORCH_THREADS=0: sized from the CPUs)" in sized.log_path.read_text()
     assert "torch uses 3 CPU threads (TORCH_THREADS=3)" in chosen.log_path.read_text()
+
+
+def test_the_exports_serve_sh_evaluates(tmp_path):
+    env = {**os.environ, "MOONDREAM_DEVICE": "cpu", "PREPROCESS_WORKERS": "0", "FRONTEND_WORKERS": "0", "TORCH_THREADS": "0"}
+    out = subprocess.run([sys.executable, "-m", "shared.host_size"], env=env, capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout.split()
+    cpus = host_size.usable_cpus()
+    threads = host_size.default_torch_threads(cpus, 1, 2, on_cpu=True)
+    assert out == ["export", "FRONTEND_WORKERS=1", "PREPROCESS_WORKERS=2", f"TORCH_THREADS={threads}"]
+    env["TORCH_THREADS"] = "5"
+    out = subprocess.run([sys.executable, "-m", "shared.host_size"], env=env, capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout.split()
+    assert out[-1] == "TORCH_THREADS=5"
