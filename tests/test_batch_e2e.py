@@ -9,6 +9,7 @@ on a loaded 2-core machine; what they check does not depend on the size.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import os
@@ -170,6 +171,25 @@ def assert_complete_and_right(rows: list[dict], lines: list[tuple[dict, tuple]],
         assert row["result"] == expected(*key), row["line_index"]
 
 
+@contextlib.contextmanager
+def paused_mid_job(stack, job_id: str, total: int):
+    """Freeze the GPU worker (SIGSTOP) once a few lines are done, so the job is
+    certainly mid-way while the test checks it and kills a process; a fast
+    machine finishes a small job between two polls otherwise.  SIGCONT on exit
+    (a no-op on a process killed meanwhile)."""
+    gpu_pid = stack.pid("gpu_worker")
+    wait_for(lambda: call_json(stack, "GET", f"/v1/batch/{job_id}")["progress"]["completed"] >= 3, 120,
+             "the job to be under way", stack)
+    os.kill(gpu_pid, signal.SIGSTOP)
+    try:
+        job = call_json(stack, "GET", f"/v1/batch/{job_id}")
+        assert job["status"] == "processing" and job["progress"]["completed"] < total, job  # frozen mid-job
+        yield job
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(gpu_pid, signal.SIGCONT)
+
+
 # ---------------------------------------------------------------- tests
 def test_mixed_job_gives_each_line_the_engines_answer_or_its_error_code(stack, expected):
     photo = image_bytes("square_378.png")
@@ -209,25 +229,23 @@ def test_mixed_job_gives_each_line_the_engines_answer_or_its_error_code(stack, e
 
 @pytest.mark.parametrize("program", ["batch_worker", "broker", "gpu_worker"])
 def test_sigkill_during_a_job_loses_and_doubles_nothing(stack, expected, program):
-    lines = good_lines(20)
+    lines = good_lines(40)
     job_id = submit(stack, jsonl([line for line, _ in lines]))
-    wait_for(lambda: call_json(stack, "GET", f"/v1/batch/{job_id}")["progress"]["completed"] >= 3, 120,
-             "the job to be under way", stack)
-    assert call_json(stack, "GET", f"/v1/batch/{job_id}")["status"] == "processing"  # killed mid-job
-    os.kill(stack.pid(program), signal.SIGKILL)
+    victim = stack.pid(program)
+    with paused_mid_job(stack, job_id, len(lines)):
+        os.kill(victim, signal.SIGKILL)
     job = wait_done(stack, job_id)
-    assert job["status"] == "completed" and job["progress"] == {"total": 20, "completed": 20, "failed": 0}
+    assert job["status"] == "completed" and job["progress"] == {"total": 40, "completed": 40, "failed": 0}
     assert_complete_and_right(download(stack, job), lines, expected)
     stack.wait_ready(60)
 
 
 def test_supervisord_restart_during_a_job_loses_and_doubles_nothing(stack, expected):
-    lines = good_lines(20)
+    lines = good_lines(40)
     job_id = submit(stack, jsonl([line for line, _ in lines]))
-    wait_for(lambda: call_json(stack, "GET", f"/v1/batch/{job_id}")["progress"]["completed"] >= 3, 120,
-             "the job to be under way", stack)
-    assert call_json(stack, "GET", f"/v1/batch/{job_id}")["status"] == "processing"  # stopped mid-job
-    stack.stop()  # supervisorctl shutdown: every program stops, the job with it
+    with paused_mid_job(stack, job_id, len(lines)):
+        stack.process.send_signal(signal.SIGTERM)  # supervisord stops every program, the job with it
+    stack.stop()  # waits for supervisord to exit
     stack.process = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(REPO / "supervisord.conf")],
                                      env=stack.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
@@ -289,8 +307,8 @@ def test_every_batch_route_needs_the_key(stack):
 def test_cancel_stops_the_remaining_lines(stack):
     lines = good_lines(40)
     job_id = submit(stack, jsonl([line for line, _ in lines]))
-    wait_for(lambda: call_json(stack, "GET", f"/v1/batch/{job_id}")["status"] == "processing", 60, "chunking", stack)
-    assert call_json(stack, "POST", f"/v1/batch/{job_id}/cancel")["status"] == "cancelled"
+    with paused_mid_job(stack, job_id, len(lines)):
+        assert call_json(stack, "POST", f"/v1/batch/{job_id}/cancel")["status"] == "cancelled"
     time.sleep(2)  # lines in flight at the cancel are stopped; none is written after
     job = call_json(stack, "GET", f"/v1/batch/{job_id}")
     done = job["progress"]["completed"] + job["progress"]["failed"]
@@ -302,7 +320,7 @@ def test_cancel_stops_the_remaining_lines(stack):
 
 
 def test_a_job_yields_to_interactive_requests(stack):
-    lines = good_lines(120)  # more than it can finish before it sees the interactive load
+    lines = good_lines(240)  # more than it can finish before it sees the interactive load (cancelled at the end)
     job_id = submit(stack, jsonl([line for line, _ in lines]))
     wait_for(lambda: call_json(stack, "GET", f"/v1/batch/{job_id}")["progress"]["completed"] >= 1, 120,
              "the job to be under way", stack)
