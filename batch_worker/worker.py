@@ -77,6 +77,9 @@ class BatchWorker:
         self.busy_until = 0.0  # monotonic: until then interactive users get the room (busy_limit)
         self.next_look = 0.0
         self.pool = concurrent.futures.ThreadPoolExecutor(self.in_flight_limit, thread_name_prefix="batch-line")
+        # a large file takes seconds to scan: off the loop, so lines in flight keep being recorded meanwhile
+        self.chunker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch-chunk")
+        self.chunking: dict[str, concurrent.futures.Future] = {}  # job id -> its scan
         self.in_flight: dict[concurrent.futures.Future, LineTask] = {}
         self.retries: list[LineTask] = []
         self.cursors: dict[str, int] = {}  # job id -> last line index handed out this run
@@ -95,6 +98,7 @@ class BatchWorker:
                 self.step()
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self.chunker.shutdown(wait=False, cancel_futures=True)
 
     def step(self) -> None:
         now = time.monotonic()
@@ -120,14 +124,20 @@ class BatchWorker:
             purged = self.store.purge()
             if purged:
                 log.info("purged %d expired jobs", purged)
+        for job_id, scan in list(self.chunking.items()):
+            if scan.done():
+                del self.chunking[job_id]
+                scan.result()  # chunk() handles what it expects; anything else is a bug to see
         for job in self.store.jobs_in(CHUNKING):
-            self.chunk(job["id"])
+            if job["id"] not in self.chunking:
+                self.chunking[job["id"]] = self.chunker.submit(self.chunk, job["id"])
         self.running_jobs = [job["id"] for job in self.store.jobs_in(PROCESSING)]
         running = self.running_set = frozenset(self.running_jobs)  # a cancelled job's lines in flight stop
         self.queued = [t for t in self.queued if t.job_id in running]
         self.retries = [t for t in self.retries if t.job_id in running]
 
     def chunk(self, job_id: str) -> None:
+        """Runs on the chunker thread; the store opens a connection per call, so that is safe."""
         started = time.monotonic()
         try:
             spans = chunking.scan(self.store.input_path(job_id), self.config.batch_max_file_bytes,
@@ -140,7 +150,6 @@ class BatchWorker:
             self.store.fail_job(job_id, chunking.VALIDATION_ERROR, f"the input file cannot be read: {ex.strerror}")
             return
         self.store.set_lines(job_id, spans)
-        self.cursors.pop(job_id, None)
         log.info("job %s: %d lines (chunked in %.2f s)", job_id, len(spans), time.monotonic() - started)
 
     def look_for_interactive(self, now: float) -> None:

@@ -110,3 +110,39 @@ def test_purge_removes_expired_jobs_and_their_files(store):
     assert not store.input_path(job["id"]).exists()
     with pytest.raises(batch_store.NotFound):
         store.get_job(job["id"])
+
+
+def test_a_long_scan_does_not_hold_up_the_batch_workers_loop(store, monkeypatch):
+    """Scanning a large file takes seconds; it runs on its own thread, so the loop goes on
+    recording the lines in flight.  FakeSlowScan stands in for a slow disk (fault injection)."""
+    import dataclasses
+    import threading
+
+    from batch_worker import worker as batch_worker
+    from shared.config import Config
+
+    release = threading.Event()
+    real_scan = chunking.scan
+
+    def fake_slow_scan(*args):
+        assert release.wait(30)
+        return real_scan(*args)
+
+    monkeypatch.setattr(chunking, "scan", fake_slow_scan)
+    config = dataclasses.replace(Config(), batch_data_dir=str(store.root))
+    loop = batch_worker.BatchWorker(config, client=None, store=store)
+    try:
+        job = upload(store, b'{"skill": "caption"}\n' * 3)
+        loop.housekeeping(0.0)  # returns with the scan still waiting
+        assert store.get_job(job["id"])["status"] == batch_store.CHUNKING and job["id"] in loop.chunking
+        loop.housekeeping(0.0)  # a job being scanned is not scanned twice
+        assert len(loop.chunking) == 1
+        release.set()
+        loop.chunking[job["id"]].result(timeout=30)
+        loop.housekeeping(0.0)
+        assert store.get_job(job["id"])["status"] == batch_store.PROCESSING and not loop.chunking
+        assert loop.running_jobs == [job["id"]]
+    finally:
+        release.set()
+        loop.chunker.shutdown(wait=True)
+        loop.pool.shutdown(wait=True)

@@ -67,12 +67,13 @@ def test_gpu_worker_killed_mid_request_gives_503(gpu_services):
     s = gpu_services
     msg = Submit(request_id="doomed", skill="query", params={"question": "go on"}, settings={"temperature": 0, "max_tokens": 1500},
                  stream=True)
-    stream = s.client.submit(msg, None)
-    time.sleep(0.5)  # generating now (1500 tokens take seconds)
+    stream = iter(s.client.submit(msg, None))
+    first = next(stream)  # generating now; 1500 tokens take seconds more
+    assert isinstance(first, Chunk), first
     gpu = next(p for p in s.group.procs if p.args[-1] == "gpu_worker")
     gpu.send_signal(signal.SIGKILL)
     started = time.monotonic()
-    events = list(stream)
+    events = [first, *stream]
     assert (events[-1].status, events[-1].code) == (503, "worker_died")
     assert time.monotonic() - started < 5
 

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -162,8 +163,9 @@ def test_32_concurrent_clients_get_their_serial_answers(stack, direct):
         assert got == want, (i, requests[i])
 
 
-def sse_events(url: str, body: dict) -> list:
-    """POST with stream=true and collect the SSE events (dicts) until the stream ends."""
+def sse_events(url: str, body: dict, first_chunk: threading.Event | None = None) -> list:
+    """POST with stream=true and collect the SSE events (dicts) until the stream ends;
+    `first_chunk` is set when the first text arrives."""
     req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
                                  headers={"Content-Type": "application/json"})
     events = []
@@ -171,11 +173,13 @@ def sse_events(url: str, body: dict) -> list:
         for line in resp:
             if line.startswith(b"data: "):
                 events.append(json.loads(line[6:]))
+                if first_chunk is not None and events[-1].get("chunk"):
+                    first_chunk.set()
     return events
 
 
 def test_gpu_worker_killed_mid_stream_then_restarted(stack):
-    long_settings = {"temperature": 0, "max_tokens": 1500}  # about 15 s of decoding on this machine
+    long_settings = {"temperature": 0, "max_tokens": 1500}  # seconds of decoding, even 4 at a time on a fast machine
     model = client_for(stack)
 
     def blocking_request(i: int):
@@ -186,11 +190,14 @@ def test_gpu_worker_killed_mid_stream_then_restarted(stack):
             return err.code, json.loads(err.read())
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        stream = pool.submit(sse_events, f"{stack.url}/v1/query",
-                             {"question": "Tell me everything.", "settings": long_settings})
-        others = [pool.submit(blocking_request, i) for i in range(3)]
-        time.sleep(2.0)  # all four are generating now
         old_pid = stack.pid("gpu_worker")
+        first_chunk = threading.Event()
+        stream = pool.submit(sse_events, f"{stack.url}/v1/query",
+                             {"question": "Tell me everything.", "settings": long_settings}, first_chunk)
+        others = [pool.submit(blocking_request, i) for i in range(3)]
+        # kill as soon as all four are on the GPU worker (text only: none is queued) and the stream has begun
+        wait_for(lambda: first_chunk.is_set() and stack.health()[1]["queue"]["in_flight"] == 4, 30,
+                 "four requests generating", stack)
         os.kill(old_pid, signal.SIGKILL)
         killed_at = time.monotonic()
 
