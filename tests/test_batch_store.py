@@ -1,14 +1,18 @@
 """The batch job store and chunking on a real SQLite file and real files (no processes)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import threading
 
 import pytest
 
 from batch_worker import chunking
+from batch_worker import worker as batch_worker
 from shared import batch_store
 from shared.batch_store import BatchStore
+from shared.config import Config
 
 
 @pytest.fixture
@@ -115,12 +119,6 @@ def test_purge_removes_expired_jobs_and_their_files(store):
 def test_a_long_scan_does_not_hold_up_the_batch_workers_loop(store, monkeypatch):
     """Scanning a large file takes seconds; it runs on its own thread, so the loop goes on
     recording the lines in flight.  FakeSlowScan stands in for a slow disk (fault injection)."""
-    import dataclasses
-    import threading
-
-    from batch_worker import worker as batch_worker
-    from shared.config import Config
-
     release = threading.Event()
     real_scan = chunking.scan
 
