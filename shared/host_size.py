@@ -36,16 +36,24 @@ def _read(path: Path) -> str | None:
 
 
 def cgroup_cpu_limit(cgroup_root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> float | None:
-    """The CPU quota of this process's cgroup in CPUs (1.5 for `--cpus 1.5`), or None when unlimited."""
+    """The CPU quota of this process's cgroup in CPUs (1.5 for `--cpus 1.5`), or None when unlimited.
+
+    With cgroup v2 every level from our own group up to the mount may set a quota (a pod's limit sits
+    on the pod's group, a container's on its own group below it): the tightest one binds."""
     v2_dirs = [cgroup_root]
     for line in (_read(proc_self_cgroup) or "").splitlines():
         if line.startswith("0::") and line[3:].strip("/"):  # cgroup v2: our group below the mount
-            v2_dirs.insert(0, cgroup_root / line[3:].strip("/"))
+            parts = line[3:].strip("/").split("/")
+            v2_dirs = [cgroup_root.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+    limits = []
     for directory in v2_dirs:
         raw = _read(directory / "cpu.max")  # "max 100000" or "<quota> <period>"
         if raw:
             quota, _, period = raw.partition(" ")
-            return None if quota == "max" else int(quota) / int(period or 100000)
+            if quota != "max":
+                limits.append(int(quota) / int(period or 100000))
+    if limits or any((d / "cpu.max").exists() for d in v2_dirs):
+        return min(limits) if limits else None
     for v1 in ("cpu", "cpu,cpuacct"):  # cgroup v1: -1 is no quota
         quota, period = _read(cgroup_root / v1 / "cpu.cfs_quota_us"), _read(cgroup_root / v1 / "cpu.cfs_period_us")
         if quota and period and int(quota) > 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -118,16 +119,37 @@ def start_authenticator(context: zmq.Context, config) -> ThreadAuthenticator:
     return auth
 
 
+def _certificate_text(kind: str, public: bytes, secret: bytes | None = None) -> str:
+    """A ZeroMQ certificate (the ZPL layout zmq.auth.load_certificate reads)."""
+    lines = [f"#   ZeroMQ CURVE {kind} certificate (moondream-serving: python -m shared.keys)", "",
+             "metadata", "curve", f'    public-key = "{public.decode()}"']
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    return "\n".join(lines) + "\n"
+
+
+def _write_new(path: Path, text: str, mode: int) -> None:
+    """Create `path` with `mode` from its first byte (O_EXCL: never over an existing file), so a
+    secret is never readable by others, not even between the write and a chmod."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)  # the umask may have taken bits off `mode` (never added any)
+
+
 def generate(directory: Path) -> list[Path]:
     """A broker, a worker and a front-end key pair in `directory` (existing files are kept)."""
     directory.mkdir(parents=True, exist_ok=True)
     made = []
     for name in (BROKER, WORKER, FRONTEND):
-        if (directory / f"{name}.key_secret").exists():
+        public_path, secret_path = directory / f"{name}.key", directory / f"{name}.key_secret"
+        if secret_path.exists():
             continue
-        public, secret = zmq.auth.create_certificates(directory, name)
-        Path(secret).chmod(0o600)
-        made += [Path(public), Path(secret)]
+        public, secret = zmq.curve_keypair()
+        _write_new(secret_path, _certificate_text("secret", public, secret), 0o600)
+        public_path.unlink(missing_ok=True)
+        _write_new(public_path, _certificate_text("public", public), 0o644)
+        made += [public_path, secret_path]
     return made
 
 

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+import zmq.auth
 
 from frontend.broker_client import BrokerClient
 from shared import protocol
@@ -127,3 +129,30 @@ def test_a_front_end_with_another_key_gets_the_reason_not_answers(tmp_path):
     finally:
         stranger.close()
         group.stop_all()
+
+
+def test_a_secret_key_is_never_readable_by_others_not_even_before_its_chmod(tmp_path, monkeypatch):
+    """The secret is created 0600 (os.open's mode), not written with the umask's 0644 and chmodded
+    after: a crash at the chmod (FakeCrashAtChmod, fault injection) leaves no readable secret."""
+    from shared import keys
+
+    def fake_crash_at_chmod(*_args, **_kwargs):
+        raise OSError("FakeCrashAtChmod")
+
+    old_umask = os.umask(0o022)
+    try:
+        monkeypatch.setattr(os, "chmod", fake_crash_at_chmod)
+        monkeypatch.setattr(Path, "chmod", fake_crash_at_chmod)
+        with pytest.raises(OSError, match="FakeCrashAtChmod"):
+            keys.generate(tmp_path)
+    finally:
+        os.umask(old_umask)
+    secrets = list(tmp_path.glob("*.key_secret"))
+    assert secrets, "generate wrote nothing before the chmod"
+    for secret in secrets:
+        assert secret.stat().st_mode & 0o077 == 0, oct(secret.stat().st_mode)
+    monkeypatch.undo()
+    made = keys.generate(tmp_path / "ok")
+    public, secret = zmq.auth.load_certificate(tmp_path / "ok" / "broker.key_secret")
+    assert zmq.auth.load_certificate(tmp_path / "ok" / "broker.key") == (public, None)
+    assert len(public) == 40 and len(secret) == 40 and len(made) == 6

@@ -21,7 +21,9 @@ def test_usable_cpus_follow_the_cgroup_quota(tmp_path):
     (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: rounds up to one
     assert host_size.cgroup_cpu_limit(tmp_path, no_cgroup) == 0.5
     assert host_size.usable_cpus(tmp_path, no_cgroup) == 1
-    # cgroup v2 with the process's own group below the mount (what /proc/self/cgroup names)
+    # cgroup v2 with the process's own group below the mount (what /proc/self/cgroup names);
+    # the mount's own quota lifted, since the tightest level binds (next test)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
     (tmp_path / "svc").mkdir()
     (tmp_path / "svc" / "cpu.max").write_text("250000 100000\n")
     own = tmp_path / "own"
@@ -91,3 +93,21 @@ def test_the_exports_serve_sh_evaluates(tmp_path):
     out = subprocess.run([sys.executable, "-m", "shared.host_size"], env=env, capture_output=True, text=True,
                          check=True, cwd=REPO).stdout.split()
     assert out[-1] == "TORCH_THREADS=5"
+
+
+def test_a_quota_above_our_own_cgroup_binds_too(tmp_path):
+    """A pod's limit sits on the pod's group, the container's group below it says "max": the
+    tightest quota on the path from our group up to the mount binds (not just the leaf's)."""
+    leaf = tmp_path / "kubepods" / "pod1" / "ctr"
+    leaf.mkdir(parents=True)
+    (leaf / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "kubepods" / "pod1" / "cpu.max").write_text("150000 100000\n")
+    (tmp_path / "kubepods" / "cpu.max").write_text("400000 100000\n")
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    own = tmp_path / "own"
+    own.write_text("0::/kubepods/pod1/ctr\n")
+    assert host_size.cgroup_cpu_limit(tmp_path, own) == 1.5
+    (tmp_path / "kubepods" / "pod1" / "cpu.max").write_text("max 100000\n")
+    assert host_size.cgroup_cpu_limit(tmp_path, own) == 4.0
+    (tmp_path / "kubepods" / "cpu.max").write_text("max 100000\n")
+    assert host_size.cgroup_cpu_limit(tmp_path, own) is None
