@@ -59,20 +59,35 @@ def test_int8_linear_close_to_float(int8_engine, name):
     assert float((got - want).abs().max() / want.abs().max()) < 0.05
 
 
-def test_every_skill_answers_with_int8_and_variants(int8_engine):
-    sched = int8_engine.create_scheduler(max_batch=8, variants=variant_store(int8_engine))
-    image = fixture_image("variants", "photo_773x767.jpg")
+def _skill_requests(image):
     greedy = {"temperature": 0, "max_tokens": 8}
-    reqs = [EngineRequest(uuid.uuid4().hex, "caption", {"length": "short"}, dict(greedy), image),
+    return [EngineRequest(uuid.uuid4().hex, "caption", {"length": "short"}, dict(greedy), image),
             EngineRequest(uuid.uuid4().hex, "query", {"question": "What?", "reasoning": True}, dict(greedy), image),
             EngineRequest(uuid.uuid4().hex, "query", {"question": "Hi"}, {**greedy, "variant": "ft-beta@7"}, None),
             EngineRequest(uuid.uuid4().hex, "detect", {"object": "cat"}, {"max_objects": 2, "variant": "ft-alpha@100"}, image),
             EngineRequest(uuid.uuid4().hex, "point", {"object": "sofa"}, {"max_objects": 2}, image)]
-    outcomes = run_requests(sched, reqs)
-    for r in reqs:
-        out = outcomes[r.request_id]
-        assert out.error is None and out.output, (r.skill, out.error)
-    assert outcomes[reqs[0].request_id].output["caption"] and outcomes[reqs[3].request_id].output["objects"]
+
+
+def test_every_skill_answers_with_int8_and_variants_batched_as_alone(int8_engine):
+    """Every skill answers in int8, variants too, and a batch of them answers exactly as each
+    request alone (int8 rows must not leak into each other through the shared quantized linears);
+    the variants change the answer they are applied to."""
+    image = fixture_image("variants", "photo_773x767.jpg")
+    batched_reqs = _skill_requests(image)
+    batched = run_requests(int8_engine.create_scheduler(max_batch=8, variants=variant_store(int8_engine)), batched_reqs)
+    for req in _skill_requests(image):
+        alone = run_requests(int8_engine.create_scheduler(max_batch=8, variants=variant_store(int8_engine)), [req])
+        [twin] = [r for r in batched_reqs if (r.skill, r.params, r.settings) == (req.skill, req.params, req.settings)]
+        got, want = batched[twin.request_id], alone[req.request_id]
+        assert got.error is None and want.error is None, (req.skill, got.error, want.error)
+        assert got.output == want.output and got.chunks == want.chunks, req.skill
+    assert batched[batched_reqs[0].request_id].output["caption"]
+    assert len(batched[batched_reqs[3].request_id].output["objects"]) >= 1
+    # the same detect without the variant answers differently: the adapter ran in int8 mode
+    base = batched_reqs[3]
+    plain = EngineRequest(uuid.uuid4().hex, "detect", dict(base.params), {"max_objects": 2}, image)
+    without = run_requests(int8_engine.create_scheduler(max_batch=8, variants=variant_store(int8_engine)), [plain])
+    assert without[plain.request_id].output != batched[base.request_id].output
 
 
 def test_int8_on_a_gpu_is_a_clear_error():
@@ -83,16 +98,23 @@ def test_int8_on_a_gpu_is_a_clear_error():
 
 
 def test_stack_serves_int8():
+    """The stack serves int8, base model and variants (which answer differently)."""
+    image_path = os.path.join(CONFORMANCE, "variants", "images", "small_96x64.png")
     with running_stack(MOONDREAM_MODEL=os.path.join(CONFORMANCE, "variants"), MOONDREAM_DTYPE="int8",
                        VARIANT_DIR=VARIANTS_DIR, preprocess_workers=1) as stack:
         code, health = stack.health()
         assert code == 200 and health["model"]["dtype"] == "int8"
+        served = []
         for body in ({"length": "short", "settings": {"max_tokens": 6}},
                      {"length": "short", "settings": {"max_tokens": 6}, "variant": "ft-alpha@100"}):
-            with open(os.path.join(CONFORMANCE, "variants", "images", "small_96x64.png"), "rb") as f:
+            with open(image_path, "rb") as f:
                 body["image_url"] = "data:image/png;base64," + base64.b64encode(f.read()).decode()
             req = urllib.request.Request(stack.url + "/v1/caption", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=120) as resp:
                 answer = json.loads(resp.read())
-            assert resp.status == 200 and answer["caption"] and answer["metrics"]["output_tokens"] >= 1
+            assert resp.status == 200
+            served.append(answer["caption"])
+    # int8 answers are not compared across processes: fbgemm's rounding follows the thread split
+    # (the in-process test above checks batched == alone); the variant must change the answer
+    assert all(served) and served[0] != served[1]
