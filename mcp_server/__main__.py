@@ -87,7 +87,7 @@ async def run_http(server, service, host: str, config: Config) -> None:
     from mcp_server import http
 
     try:
-        await http.serve(server, host, config.mcp_port, config.api_key)
+        await http.serve(server, host, config.mcp_port, config.api_key, config.max_body_bytes)
     finally:
         await service.aclose()
 

@@ -81,12 +81,19 @@ def bind(host: str, port: int) -> socket.socket:
 BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
-async def serve(server, host: str, port: int, api_key: str) -> None:
+# Room for the JSON-RPC envelope and the other arguments around an image of MAX_BODY_BYTES.
+ENVELOPE_BYTES = 64 * 1024
+
+
+async def serve(server, host: str, port: int, api_key: str, max_body_bytes: int) -> None:
     """Serve `server` (an MCPServer) until SIGTERM/SIGINT on an already checked host and port."""
     import uvicorn
 
     sock = bind(host, port)
-    app = RequireKey(server.streamable_http_app(stateless_http=True, json_response=True, host=host), api_key)
+    # The SDK's own body limit (4 MiB) is below the service's: an image the service takes must pass.
+    mcp_app = server.streamable_http_app(stateless_http=True, json_response=True, host=host,
+                                         max_request_body_size=max_body_bytes + ENVELOPE_BYTES)
+    app = RequireKey(mcp_app, api_key)
     # log_config=None: uvicorn logs through our root logger; no access log (one line per tool call instead)
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     log.info("MCP server on http://%s:%s/mcp", host if ":" not in host else f"[{host}]", port)

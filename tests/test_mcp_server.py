@@ -25,7 +25,7 @@ from pathlib import Path
 import anyio
 import httpx2
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from PIL import Image
 
@@ -174,6 +174,33 @@ def test_detect_draws_the_boxes_when_asked(stack):
 PHOTO_SIZE = (773, 767)  # under the drawing's 1024-pixel limit: drawn at full size
 
 
+def test_an_image_larger_than_the_sdks_default_limit_passes(stack, tmp_path):
+    # Noise does not compress: a PNG of ~6 MB, a data URL of ~8 MB, above the SDK's 4 MiB default.
+    big = tmp_path / "noise.png"
+    Image.frombytes("RGB", (1400, 1400), os.urandom(1400 * 1400 * 3)).save(big)
+    image_url = data_url(big)
+    assert 4 * 1024 * 1024 < len(image_url) < int(stack.config.max_body_bytes)
+
+    async def run():
+        async with http_session(stack.mcp_url) as client:
+            return await client.call_tool("point", {"image": image_url, "object": "dot", "max_objects": 1})
+    result = anyio.run(run)
+    assert not result.is_error, result.content
+    status, direct = post_v1(stack, "point", {"image_url": image_url, "object": "dot", "settings": {"max_objects": 1}})
+    assert status == 200 and comparable(result.structured_content) == comparable(direct)
+
+
+def test_an_unknown_variant_is_a_tool_error_with_the_services_message(stack):
+    status, direct = post_v1(stack, "caption", {"image_url": data_url(SMALL), "variant": "no-such@1"})
+    assert status == 404, direct
+
+    async def run():
+        async with http_session(stack.mcp_url) as client:
+            return await client.call_tool("caption", {"image": data_url(SMALL), "variant": "no-such@1"})
+    result = anyio.run(run)
+    assert result.is_error and result.structured_content["error"] == direct["error"]
+
+
 def test_wrong_or_missing_key_is_refused(stack):
     mcp_port = int(stack.env["MCP_PORT"])
     initialize = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}).encode()
@@ -188,8 +215,9 @@ def test_wrong_or_missing_key_is_refused(stack):
     async def run():
         async with http_session(stack.mcp_url, key="wrong") as client:
             await client.list_tools()
-    with pytest.raises(Exception):  # the SDK's client gives up on the 401
+    with pytest.raises(ExceptionGroup) as refused:  # the SDK's client gives up on the 401
         anyio.run(run)
+    assert refused.group_contains(MCPError)
 
 
 def test_a_bad_image_is_a_tool_error_with_the_services_message(stack):
@@ -230,6 +258,17 @@ def test_a_file_path_is_refused_over_http(stack):
     result = anyio.run(run)
     assert result.is_error and result.structured_content["error"]["code"] == "invalid_image_argument"
     assert "data URL" in result.content[0].text
+
+
+def test_the_overhead_benchmark_runs(stack, tmp_path, capsys):
+    from bench import mcp as mcp_bench
+
+    out = tmp_path / "mcp.json"
+    results = mcp_bench.main(["--url", stack.url, "--mcp-url", stack.mcp_url, "--api-key", KEY, "--rounds", "2",
+                              "--skills", "point", "--json", str(out)])
+    assert set(results["point"]) == {"direct", "mcp_http", "mcp_stdio"}
+    assert results["point"]["mcp_http"]["ratio"] > 0 and json.loads(out.read_text())["rounds"] == 2
+    assert "mcp_stdio" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- stdio
