@@ -22,8 +22,9 @@ class ServiceError(Exception):
     """A /v1 call that gave no answer: the service's error, or why it could not be reached."""
 
     def __init__(self, status: int, code: str, message: str, request_id: Optional[str] = None,
-                 retry_after: Optional[str] = None):
+                 retry_after: Optional[str] = None, from_service: bool = True):
         super().__init__(message)
+        self.from_service = from_service  # False: our own verdict, with the status the service would give
         self.status = status
         self.code = code
         self.message = message
@@ -60,11 +61,12 @@ class Service:
         try:
             response = await self._http.post(f"/v1/{skill}", json=body)
         except httpx2.TimeoutException:
-            raise ServiceError(504, "service_timeout",
-                               f"the service at {self.endpoint} did not answer in time") from None
+            raise ServiceError(504, "service_timeout", f"the service at {self.endpoint} did not answer in time",
+                               from_service=False) from None
         except httpx2.HTTPError as exc:
             raise ServiceError(503, "service_unreachable",
-                               f"cannot reach the service at {self.endpoint} ({type(exc).__name__})") from None
+                               f"cannot reach the service at {self.endpoint} ({type(exc).__name__})",
+                               from_service=False) from None
         try:
             answer = response.json()
         except ValueError:

@@ -110,7 +110,7 @@ class Tools:
             request = {name: value for name, value in body.items() if value is not None}
             answer = await self.service.call(skill, {**request, "image_url": image_url})
         except ImageArgumentError as exc:
-            outcome = ServiceError(400, "invalid_image_argument", str(exc))
+            outcome = ServiceError(400, "invalid_image_argument", str(exc), from_service=False)
         except ServiceError as exc:
             outcome = exc
         else:
@@ -137,7 +137,7 @@ class Tools:
 
 
 def error_result(error: ServiceError) -> CallToolResult:
-    text = f"{error.message} (HTTP {error.status}, {error.code})"
+    text = f"{error.message} ({f'HTTP {error.status}, ' if error.from_service else ''}{error.code})"
     if error.retryable:
         wait = f"in {error.retry_after} s" if error.retry_after else "in a few seconds"
         text += f"; retryable: the service is busy or restarting, call again {wait}"
