@@ -220,6 +220,36 @@ def test_wrong_or_missing_key_is_refused(stack):
     assert refused.group_contains(MCPError)
 
 
+HOSTILE_BODIES = [
+    b"not json", b"[1,2", b"[]", b"{}", b'{"jsonrpc":"2.0","id":1,"method":"nope"}',
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"caption","arguments":{"image":5}}}',
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"zzz","arguments":{}}}',
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"detect","arguments":{"image":"x"}}}',
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"caption","arguments":{"image":"data:,"}}}',
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"query","arguments":'
+    b'{"image":"data:image/png;base64,AAAA","question":"' + b"?" * 5000 + b'"}}}',
+]
+
+
+def test_hostile_requests_get_an_answer_and_leave_the_server_up(stack):
+    mcp_port = int(stack.env["MCP_PORT"])
+    pid = stack.pid("mcp_server")
+    for body in HOSTILE_BODIES:
+        request = urllib.request.Request(f"http://127.0.0.1:{mcp_port}/mcp", data=body, headers={
+            "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+            "Authorization": f"Bearer {KEY}"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                status, answer = resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            status, answer = err.code, json.loads(err.read())
+        assert status in (200, 400), (body[:80], status)
+        # A JSON-RPC error, or a tool result marked as an error: never a crash, never a hang.
+        assert "error" in answer or answer["result"]["isError"] is True, (body[:80], answer)
+    assert stack.pid("mcp_server") == pid  # the same process, never restarted
+    test_lists_the_four_tools_with_schemas(stack)
+
+
 def test_a_bad_image_is_a_tool_error_with_the_services_message(stack):
     broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n not really a png").decode()
     status, direct = post_v1(stack, "caption", {"image_url": broken})
