@@ -67,6 +67,38 @@ def data_url_bytes(image_url: str) -> Optional[bytes]:
         return None
 
 
+EXIF_ORIENTATION = 0x0112
+TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def oriented_size(image_bytes: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) as the service sees the image (EXIF orientation applied), from its
+    header alone; None when Pillow cannot tell."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            width, height = image.size
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in TURNED
+    except Exception:  # Pillow's errors are many; the service judged the image already
+        return None
+    return (height, width) if turned else (width, height)
+
+
+def pixel_coordinates(image_bytes: bytes, answer: dict) -> Optional[dict]:
+    """The answer's boxes or points in pixels: {"width", "height", "objects" | "points"}."""
+    size = oriented_size(image_bytes)
+    if size is None:
+        return None
+    width, height = size
+    if "objects" in answer:
+        return {"width": width, "height": height, "objects": [
+            {"x_min": round(b["x_min"] * width), "y_min": round(b["y_min"] * height),
+             "x_max": round(b["x_max"] * width), "y_max": round(b["y_max"] * height)} for b in answer["objects"]]}
+    return {"width": width, "height": height, "points": [
+        {"x": round(p["x"] * width), "y": round(p["y"] * height)} for p in answer.get("points", [])]}
+
+
 DRAWN_MAX_SIDE = 1024  # enough to see the boxes; keeps the tool result small
 DRAW_COLOR = (255, 40, 40)
 

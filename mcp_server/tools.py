@@ -3,7 +3,8 @@
 A tool's result holds the /v1 answer body as its structured content (exactly what the
 route answered: `caption`; `answer` and `reasoning`; `objects` as fractions; `points`;
 plus `request_id`, `metrics`, `finish_reason`) and a short readable summary as text.
-detect and point can add the image with the boxes or points drawn (`draw`, off by
+detect and point add `pixels` (the same boxes or points in pixels, with the image's size)
+when the image came as data, and the image with them drawn when asked (`draw`, off by
 default).  A failed call is a tool error (isError) whose text is the service's message
 and whose structured content is the service's error, its HTTP status and `retryable`
 (true for 429 and 503: the same call may succeed a little later).
@@ -19,7 +20,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
-from mcp_server.images import ImageArgumentError, ImageSource, data_url_bytes, draw_answer
+from mcp_server.images import ImageArgumentError, ImageSource, data_url_bytes, draw_answer, pixel_coordinates
 from mcp_server.service import Service, ServiceError
 
 log = logging.getLogger("mcp_server")
@@ -70,10 +71,14 @@ class Point(BaseModel):
 
 class DetectAnswer(_Answer):
     objects: list[Box] = Field(description="boxes as fractions of the image's width and height")
+    pixels: Optional[dict[str, Any]] = Field(None, description=(
+        "width, height and the same objects in pixels (rounded), when the image was sent as data"))
 
 
 class PointAnswer(_Answer):
     points: list[Point] = Field(description="points as fractions of the image's width and height")
+    pixels: Optional[dict[str, Any]] = Field(None, description=(
+        "width, height and the same points in pixels (rounded), when the image was sent as data"))
 
 
 # ---------------------------------------------------------------- arguments shared by the tools
@@ -114,9 +119,10 @@ class Tools:
         except ServiceError as exc:
             outcome = exc
         else:
-            content = [TextContent(type="text", text=summary(answer))]
-            if draw:
-                content.append(await self.drawn(image_url, answer))
+            drawing = None
+            if skill in ("detect", "point"):
+                drawing = await self.add_pixels(image_url, answer, draw)
+            content = [TextContent(type="text", text=summary(answer))] + ([drawing] if drawing else [])
             log.info("tool %s ok", skill, extra={"tool": skill, "request_id": answer.get("request_id"),
                                                   "duration_ms": round((time.monotonic() - started) * 1000, 1)})
             return CallToolResult(content=content, structured_content=answer)
@@ -124,12 +130,19 @@ class Tools:
                  extra={"tool": skill, "request_id": outcome.request_id})
         return error_result(outcome)
 
-    async def drawn(self, image_url: str, answer: dict) -> TextContent | ImageContent:
-        image_bytes = data_url_bytes(image_url)
+    async def add_pixels(self, image_url: str, answer: dict, draw: bool) -> TextContent | ImageContent | None:
+        """Where we have the image (a data URL or file): `pixels` added to the answer, and the
+        drawing when asked for.  Decoding a large photo takes a while: off the event loop."""
+        image_bytes = await anyio.to_thread.run_sync(data_url_bytes, image_url)
         if image_bytes is None:
-            return TextContent(type="text", text="(no drawing: the server does not fetch URLs itself; "
-                                                 "send the image as a data URL to get one)")
-        try:  # decoding and drawing take a while for a large photo: off the event loop
+            return TextContent(type="text", text="(no drawing: the server does not fetch URLs itself; send "
+                                                 "the image as a data URL to get one)") if draw else None
+        pixels = await anyio.to_thread.run_sync(pixel_coordinates, image_bytes, answer)
+        if pixels is not None:
+            answer["pixels"] = pixels
+        if not draw:
+            return None
+        try:
             jpeg = await anyio.to_thread.run_sync(draw_answer, image_bytes, answer, self.max_image_pixels)
         except Exception as exc:  # Pillow's errors are many; a drawing is a courtesy, never a failure
             return TextContent(type="text", text=f"(no drawing: {type(exc).__name__})")
@@ -163,17 +176,29 @@ def objects_text(what: str, items: list, describe) -> str:
     return " ".join(lines)
 
 
+FRACTIONS = " (fractions of the image's width and height)"
+
+
 def detect_text(thing: str):
-    return lambda answer: objects_text(
-        f"'{thing}'", answer["objects"],
-        lambda b: f"box x {b['x_min']:.3f}-{b['x_max']:.3f}, y {b['y_min']:.3f}-{b['y_max']:.3f}") + \
-        " (fractions of the image's width and height)"
+    def text(answer: dict) -> str:
+        pixels = answer.get("pixels")
+        if pixels:  # the same boxes in pixels: what a screen or an image editor needs
+            return objects_text(f"'{thing}'", pixels["objects"], lambda b: (
+                f"box x {b['x_min']}-{b['x_max']}, y {b['y_min']}-{b['y_max']}")) + \
+                f" (pixels of the {pixels['width']}x{pixels['height']} image; fractions in the structured content)"
+        return objects_text(f"'{thing}'", answer["objects"], lambda b: (
+            f"box x {b['x_min']:.3f}-{b['x_max']:.3f}, y {b['y_min']:.3f}-{b['y_max']:.3f}")) + FRACTIONS
+    return text
 
 
 def point_text(thing: str):
-    return lambda answer: objects_text(
-        f"'{thing}'", answer["points"], lambda p: f"at x {p['x']:.3f}, y {p['y']:.3f}") + \
-        " (fractions of the image's width and height)"
+    def text(answer: dict) -> str:
+        pixels = answer.get("pixels")
+        if pixels:
+            return objects_text(f"'{thing}'", pixels["points"], lambda p: f"at x {p['x']}, y {p['y']}") + \
+                f" (pixels of the {pixels['width']}x{pixels['height']} image; fractions in the structured content)"
+        return objects_text(f"'{thing}'", answer["points"], lambda p: f"at x {p['x']:.3f}, y {p['y']:.3f}") + FRACTIONS
+    return text
 
 
 # ---------------------------------------------------------------- the server

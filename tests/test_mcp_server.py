@@ -30,7 +30,7 @@ from mcp.client.streamable_http import streamable_http_client
 from PIL import Image
 
 from mcp_server import http as mcp_http
-from mcp_server.images import ImageArgumentError, ImageSource
+from mcp_server.images import ImageArgumentError, ImageSource, pixel_coordinates
 from mcp_server.service import Service
 from mcp_server.tools import Tools, build_server
 from shared.config import EXIT_CONFIG
@@ -42,6 +42,7 @@ KEY = "mcp-test-key"
 IMAGES = REPO / "tests/conformance/main/images"
 PHOTO = IMAGES / "photo_773x767.jpg"
 SMALL = IMAGES / "small_96x64.png"
+PHOTO_SIZE = (773, 767)  # under the drawing's 1024-pixel limit: drawn at full size
 TEXT = {"max_tokens": 8, "temperature": 0}  # greedy and short: the same tokens every time, quickly
 REGIONS = {"max_objects": 3}  # detect and point are greedy anyway
 
@@ -79,7 +80,7 @@ def post_v1(stack, skill: str, body: dict, key: str = KEY) -> tuple[int, dict]:
 
 def comparable(answer: dict) -> dict:
     """An answer without what differs between two runs of the same request (its id, timings)."""
-    out = {k: v for k, v in answer.items() if k not in ("request_id", "metrics")}
+    out = {k: v for k, v in answer.items() if k not in ("request_id", "metrics", "pixels")}
     if "metrics" in answer:
         out["tokens"] = (answer["metrics"]["input_tokens"], answer["metrics"]["output_tokens"])
     return out
@@ -132,6 +133,12 @@ def assert_same_as_v1(stack, results: list) -> None:
         else:
             found = direct["objects" if tool == "detect" else "points"]
             assert text.startswith(f"{len(found)} 'face' found" if found else "no 'face' found"), text
+            # the same boxes or points in pixels of the 773x767 photo, added because the image came as data
+            width, height = PHOTO_SIZE
+            in_pixels = [{k: round(v * (width if k.startswith("x") else height)) for k, v in item.items()}
+                         for item in found]
+            pixels = result.structured_content["pixels"]
+            assert pixels == {"width": width, "height": height, "objects" if tool == "detect" else "points": in_pixels}
 
 
 # ---------------------------------------------------------------- Streamable HTTP
@@ -171,7 +178,6 @@ def test_detect_draws_the_boxes_when_asked(stack):
         assert drawn.format == "JPEG" and drawn.size == PHOTO_SIZE
 
 
-PHOTO_SIZE = (773, 767)  # under the drawing's 1024-pixel limit: drawn at full size
 
 
 def test_an_image_larger_than_the_sdks_default_limit_passes(stack, tmp_path):
@@ -395,6 +401,18 @@ def test_image_source_keeps_urls_and_reads_allowed_files(tmp_path):
         ImageSource(str(tmp_path), max_bytes=10).image_url("a.png")
     with pytest.raises(ImageArgumentError, match="data URL"):
         ImageSource(None, 1 << 20).image_url(str(tmp_path / "a.png"))
+
+
+def test_pixel_coordinates_follow_the_exif_orientation():
+    with Image.open(PHOTO) as photo:
+        exif = photo.getexif()
+        exif[0x0112] = 6  # "rotate 90": the service sees it 767 wide, 773 high
+        turned = io.BytesIO()
+        photo.save(turned, format="JPEG", exif=exif)
+    answer = {"points": [{"x": 0.5, "y": 1.0}]}
+    assert pixel_coordinates(turned.getvalue(), answer) == {"width": 767, "height": 773,
+                                                             "points": [{"x": 384, "y": 773}]}
+    assert pixel_coordinates(b"not an image", answer) is None
 
 
 def test_without_a_key_it_listens_on_loopback_only():
