@@ -56,6 +56,7 @@ def data_url(path: Path) -> str:
 CALLS = [
     ("caption", {"length": "short", **TEXT}),
     ("query", {"question": "What is in the image?", **TEXT}),
+    ("query", {"question": "How many faces?", "reasoning": True, **TEXT}),
     ("detect", {"object": "face", **REGIONS}),
     ("point", {"object": "face", **REGIONS}),
 ]
