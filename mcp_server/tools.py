@@ -9,6 +9,8 @@ default).  A failed call is a tool error (isError) whose text is the service's m
 and whose structured content is the service's error, its HTTP status and `retryable`
 (true for 429 and 503: the same call may succeed a little later).
 """
+# No `from __future__ import annotations` here: the SDK reads the tools' annotations at
+# registration, and those built inside build_server() must be real objects by then.
 
 import base64
 import logging
