@@ -95,6 +95,11 @@ class Config:
     batch_yield_ms: int = field(default=-1, metadata={"env": "BATCH_YIELD_MS", "help": "while interactive requests decode, batch lines decode at most once per this many milliseconds; -1: 250 when the model runs on the CPU (each row costs step time there), 0 (never wait) on a GPU"})
     batch_in_flight_busy: int = field(default=2, metadata={"env": "BATCH_IN_FLIGHT_BUSY", "help": "batch lines submitted at once while interactive requests are running (the job yields to them); = BATCH_IN_FLIGHT to never yield"})
 
+    # --- the MCP server for AI agents (mcp_server/; README, "Moondream as a tool for AI agents")
+    mcp_port: int = field(default=0, metadata={"env": "MCP_PORT", "help": "port of the MCP server (Streamable HTTP at http://HOST:MCP_PORT/mcp; the same API key; loopback only without one); 0 or unset: off"})
+    mcp_endpoint: str = field(default="", metadata={"env": "MCP_ENDPOINT", "help": "the service the MCP server calls (its /v1 routes); empty: this host's front end, http://127.0.0.1:PORT when HOST is 0.0.0.0"})
+    mcp_image_dir: str = field(default="", metadata={"env": "MCP_IMAGE_DIR", "help": "directory whose image files the stdio MCP server (`python -m mcp_server --stdio`) may read when a tool's image is a file path; empty: file paths refused"})
+
     # --- logging
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "DEBUG, INFO, WARNING"})
     log_format: str = field(default="text", metadata={"env": "LOG_FORMAT", "help": "text or json (one object per line)"})
