@@ -429,7 +429,9 @@ class HealthResource:
             ready = status.gpu_ready
             state = "ok" if ready else "loading"
             if not ready:
-                reason = "no GPU worker has registered yet (its model may still be loading)"
+                cannot_start = status.cannot_start.get(protocol.GPU)
+                reason = (f"the GPU worker cannot start: {cannot_start}" if cannot_start
+                          else "no GPU worker has registered yet (its model may still be loading)")
             workers = {"preprocess": status.preprocess_workers, "gpu": status.gpu_workers}
             queue = {"queued": status.queued, "in_flight": status.in_flight}
             model.update(status.model)
@@ -440,6 +442,8 @@ class HealthResource:
             "ready": ready,
             "model": model,
             "auth_required": bool(self._config.api_key),
+            # which deployment answers (a digest of DEPLOYMENT_ID): ready_notice checks it is its own
+            "deployment": self._config.deployment_tag,
             "workers": workers,
         }
         if reason is not None:

@@ -6,8 +6,11 @@ The answers are not decoded anywhere, so their shapes are written down here as
 Structs too, next to the code that builds them (frontend/app.py); the tests
 (tests/test_openapi.py) check the live service against this document.
 
-The document is OpenAPI 3.2: its `itemSchema` is the standard way to describe
-each event of a `text/event-stream` answer (3.1 has no way to say it).  Limits
+The document is OpenAPI 3.1.0, which common generators read (3.2 is still new
+to them).  3.1 cannot describe the items of a stream (`text/event-stream`
+events, `application/jsonl` lines): such a body's schema is a string, and
+the schema of each item rides along as `x-itemSchema` (3.2's `itemSchema`
+under an extension name, see `streamed`).  Limits
 that depend on the configuration (longest question, largest max_tokens) are
 filled in from the running Config, so the document describes this server.
 """
@@ -163,6 +166,7 @@ class Health(msgspec.Struct):
     ready: bool
     model: HealthModel
     auth_required: bool
+    deployment: str  # a digest of DEPLOYMENT_ID: which deployment answers
     workers: HealthWorkers
     queue: Union[HealthQueue, UnsetType] = UNSET  # absent when the broker does not answer
     reason: Union[str, UnsetType] = UNSET  # why not ready (503 only)
@@ -248,10 +252,15 @@ def _error_responses(statuses) -> dict:
     return {str(status): _response(ERRORS[status], _json("ErrorBody")) for status in statuses}
 
 
+def streamed(item_schema: dict, what: str) -> dict:
+    """A streamed body's media-type object in OpenAPI 3.1: a string, each item's schema in x-itemSchema."""
+    return {"schema": {"type": "string", "description": f"{what}; each item: x-itemSchema"},
+            "x-itemSchema": item_schema}
+
+
 def _sse_content() -> dict:
     """text/event-stream: each event's `data` is one JSON object."""
-    return {"text/event-stream": {
-        "itemSchema": {
+    return {"text/event-stream": streamed({
             "type": "object",
             "required": ["data"],
             "properties": {"data": {
@@ -259,8 +268,7 @@ def _sse_content() -> dict:
                 "contentMediaType": "application/json",
                 "contentSchema": {"oneOf": [_ref("StreamChunk"), _ref("StreamEnd"), _ref("StreamError")]},
             }},
-        },
-    }}
+        }, "server-sent events")}
 
 
 SKILL_SUMMARIES = {
@@ -332,7 +340,7 @@ def build_spec(config: Config) -> dict:
     paths.update(batch_openapi.paths(config))
 
     spec: dict[str, Any] = {
-        "openapi": "3.2.0",
+        "openapi": "3.1.0",
         "info": {
             "title": "Moondream 2 serving API",
             "version": "1",

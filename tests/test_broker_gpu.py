@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from shared.config import EXIT_CONFIG
 from shared.protocol import Chunk, Result, Submit
 from tests.test_broker import PHOTO, Services, png, services  # noqa: F401  (services is a fixture)
 
@@ -95,10 +96,13 @@ def test_workers_and_clients_rejoin_a_restarted_broker(services):
 def test_gpu_worker_with_a_missing_model_exits_with_one_line(services):
     s = services()
     gpu = s.start("gpu_worker", MOONDREAM_MODEL="/nonexistent/model-dir")
-    assert gpu.wait(timeout=30) != 0
+    assert gpu.wait(timeout=30) == EXIT_CONFIG  # a setting that cannot work: supervisord leaves it down
     errors = [line for line in gpu.log_path.read_text().splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "model load failed" in errors[0]
-    assert s.client.status().gpu_workers == 0
+    status = s.client.status()
+    assert status.gpu_workers == 0
+    # The broker heard why (CannotStart), for /health to say so.
+    assert "MOONDREAM_MODEL=/nonexistent/model-dir is not a directory" in status.cannot_start["gpu"], status
 
 
 def test_every_request_gets_exactly_one_final_reply_under_a_mixed_load(services):
