@@ -321,7 +321,7 @@ class Broker:
         self.workers[identity] = Worker(
             identity=identity, kind=msg.kind, worker_id=msg.worker_id, capacity=max(1, msg.capacity),
             slots=max(1, msg.capacity), model=dict(msg.model), expires_at=now + self.config.heartbeat_expiry,
-            idle_since=now)
+            idle_since=now, variants=dict(msg.variants))
         log.info("%s worker %s registered (capacity %d)", msg.kind, msg.worker_id, max(1, msg.capacity))
         self.send_to_worker(identity, protocol.encode(Heartbeat()))
 

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 export RUN_DIR=${RUN_DIR:-$PWD/run}
 # Before anything is touched (setup, the metrics directory): one line and exit 1 if we cannot start.
 if [ -x .venv/bin/python ]; then .venv/bin/python -m shared.preflight; fi
-bash scripts/setup.sh
+# SKIP_SETUP=1: .venv is known to be ready (offline, or the tests): do not check it with pip.
+[ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
 .venv/bin/python -m shared.preflight
 # FRONTEND_WORKERS and PREPROCESS_WORKERS as set, or sized from the usable CPUs (supervisord needs numbers)
 eval "$(.venv/bin/python -m shared.host_size)"

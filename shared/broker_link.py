@@ -72,7 +72,7 @@ class BrokerLink:
 
     def _ready(self) -> Ready:
         return Ready(kind=self.kind, worker_id=self.worker_id, capacity=max(1, self.capacity()),
-                     model=self.model, deployment=self.config.deployment_id)
+                     model=self.model, deployment=self.config.deployment_id, variants=self.variants())
 
     def _check_refused(self) -> None:
         """StartupError once the broker has turned our CURVE key down (retrying cannot help)."""

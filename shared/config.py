@@ -156,7 +156,10 @@ def stay_down(status: int) -> int:
         return status
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stop's SIGTERM: we are leaving with 78 anyway
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stop's SIGTERM: we are leaving with 78 anyway
+    except ValueError:  # not the main thread (the GPU worker's I/O thread): it calls os._exit right after
+        pass
     try:
         from supervisor import childutils
 

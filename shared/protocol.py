@@ -100,6 +100,7 @@ class Ready(Message):
     capacity: int = 1  # how many jobs it can hold at once
     model: dict = {}
     deployment: str = ""  # config.deployment_id: the broker refuses a worker of another deployment
+    variants: dict = {}  # GPU worker: as in Heartbeat, so that /health lists them from the start
 
 
 class Heartbeat(Message):

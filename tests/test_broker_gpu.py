@@ -144,3 +144,14 @@ def test_every_request_gets_exactly_one_final_reply_under_a_mixed_load(services)
     while (status := s.client.status()).in_flight and time.monotonic() < end:
         time.sleep(0.05)
     assert (status.in_flight, status.queued) == (0, 0)  # the broker forgot every request
+
+
+def test_a_gpu_worker_lists_its_variants_when_it_registers(services):
+    """/health shows the variants from the first moment the GPU worker counts (its Ready carries them),
+    not only after its first heartbeat: heartbeats here are 30 s apart."""
+    from tests.engine_helpers import CONFORMANCE, VARIANTS_DIR
+
+    s = services(HEARTBEAT_INTERVAL=30)
+    s.start("gpu_worker", MOONDREAM_MODEL=f"{CONFORMANCE}/variants", VARIANT_DIR=VARIANTS_DIR)
+    status = s.wait_for(gpu=1, timeout=60)
+    assert status.variants["available"] == ["ft-alpha@100", "ft-beta@7"], status.variants
