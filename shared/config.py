@@ -76,6 +76,7 @@ class Config:
 
     # --- API and limits
     api_key: str = field(default="", metadata={"env": "VLM_API_KEY", "help": "when set, /v1 routes require it in X-Moondream-Auth or Authorization: Bearer", "secret": True})
+    strict_fields: bool = field(default=False, metadata={"env": "STRICT_FIELDS", "help": "a top-level request field the server does not know is a 422 naming it; off: it is ignored (a newer client may send fields we do not know yet), named in the X-Ignored-Fields response header and a log line"})
     max_body_bytes: int = field(default=20 * 1024 * 1024, metadata={"env": "MAX_BODY_BYTES", "help": "largest request body accepted (413 above)"})
     max_image_pixels: int = field(default=50_000_000, metadata={"env": "MAX_IMAGE_PIXELS", "help": "largest decoded image, width x height"})
     max_image_side: int = field(default=16384, metadata={"env": "MAX_IMAGE_SIDE", "help": "largest image width or height"})
