@@ -45,8 +45,9 @@ def _multipart_handler(limit: int) -> MultipartFormHandler:
     return MultipartFormHandler(options)
 
 
-def read_fields(body: bytes, content_type: str, limit: int) -> tuple[list[tuple[str, str]], Optional[bytes]]:
-    """-> ([(name, text value)], the `image` file part's bytes or None)."""
+def read_fields(body: bytes, content_type: str, limit: int,
+                file_part: str = IMAGE_PART) -> tuple[list[tuple[str, str]], Optional[bytes]]:
+    """-> ([(name, text value)], the bytes of the file part named `file_part`, or None)."""
     if media_type(content_type) == "application/x-www-form-urlencoded":
         if body.lstrip()[:1] in (b"{", b"["):  # curl -d '{...}' without -H sends this type
             raise FormError("the body is JSON but its Content-Type says a form (curl -d sends "
@@ -58,9 +59,9 @@ def read_fields(body: bytes, content_type: str, limit: int) -> tuple[list[tuple[
     fields, image = [], None
     try:
         for part in _multipart_handler(limit).deserialize(io.BytesIO(body), content_type, len(body)):
-            if part.name == IMAGE_PART and part.filename is not None:
+            if part.name == file_part and part.filename is not None:
                 if image is not None:
-                    raise FormError("send one image part")
+                    raise FormError(f"send one `{file_part}` part")
                 image = part.get_data()
             else:
                 fields.append((part.name, part.get_text()))

@@ -384,3 +384,60 @@ def test_cli_runs_a_job_end_to_end(stack, expected, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "batch_cli", "--api-key", "wrong", "--endpoint", stack.url, "list"],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "401" in bad.stderr
+
+
+# ---------------------------------------------------------------- by hand: curl, as the README shows
+def readme_walkthrough() -> str:
+    """The shell block under the README's batch-walkthrough marker, as written."""
+    readme = (REPO / "README.md").read_text()
+    after = readme.split("<!-- batch-walkthrough", 1)[1]
+    return after.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_batch_walkthrough_runs_as_written(stack, expected, tmp_path):
+    lines = good_lines(3)
+    (tmp_path / "captions.jsonl").write_bytes(jsonl([line for line, _ in lines]))
+    script = readme_walkthrough().replace("http://localhost:5000", stack.url)  # the stack's port: the one change
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "VLM_API_KEY": KEY})
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)  # step 4's last curl: the finished job
+    assert job["status"] == "completed" and job["progress"] == {"total": 3, "completed": 3, "failed": 0}, job
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert_complete_and_right(rows, lines, expected)
+
+
+def test_curl_form_upload_is_a_one_shot_job(stack, expected, tmp_path):
+    lines = good_lines(2)
+    source = tmp_path / "x.jsonl"
+    source.write_bytes(jsonl([line for line, _ in lines]))
+    done = subprocess.run(["curl", "-sS", "-H", f"X-Moondream-Auth: {KEY}", "-F", f"file=@{source}",
+                           stack.url + "/v1/batch"], capture_output=True, text=True, timeout=60)
+    created = json.loads(done.stdout)
+    assert created["status"] == "chunking", created
+    assert_complete_and_right(download(stack, wait_done(stack, created["id"])), lines, expected)
+
+
+def test_posting_without_action_or_a_form_says_how_to_upload(stack):
+    status, body = call(stack, "POST", "/v1/batch", b"{}")
+    error = json.loads(body)["error"]
+    assert status == 400 and "mpu-create" in error["message"] and "curl -F file=@batch.jsonl" in error["message"]
+    boundary = "x" * 16  # a form without the `file` part
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\n1\r\n--{boundary}--\r\n").encode()
+    status, body = call(stack, "POST", "/v1/batch", form, content_type=f"multipart/form-data; boundary={boundary}")
+    assert status == 400 and "the part named `file`" in json.loads(body)["error"]["message"]
+
+
+def test_a_job_that_failed_as_a_whole_says_why_in_the_cli(stack, tmp_path):
+    job_id = submit(stack, b'{"skill": "caption", \n', parts=1)
+    job = wait_done(stack, job_id, timeout=60)
+    assert job["status"] == "failed"
+    env = {**os.environ, "MOONDREAM_ENDPOINT": stack.url, "MOONDREAM_API_KEY": KEY}
+    status = subprocess.run([sys.executable, "-m", "batch_cli", "status", job_id], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert json.loads(status.stdout)["error"] == job["error"]
+    assert status.stderr.strip() == f"failed: 0 ok, 0 failed of 0 (validation_error: {job['error']['message']})"
+    listed = subprocess.run([sys.executable, "-m", "batch_cli", "list"], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60).stdout
+    row = next(line for line in listed.splitlines() if line.startswith(job_id))
+    assert row.endswith(f"validation_error: {job['error']['message']}"), row
