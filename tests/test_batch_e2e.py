@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 
 import pytest
 
@@ -441,3 +443,37 @@ def test_a_job_that_failed_as_a_whole_says_why_in_the_cli(stack, tmp_path):
                             capture_output=True, text=True, timeout=60).stdout
     row = next(line for line in listed.splitlines() if line.startswith(job_id))
     assert row.endswith(f"validation_error: {job['error']['message']}"), row
+
+
+# ---------------------------------------------------------------- the light client install
+# Run with these imports made impossible: what the client must do without (the server's stack).
+WITHOUT_SERVER_DEPS = "import sys; sys.modules.update(dict.fromkeys(['torch', 'transformers', 'numpy', 'zmq', 'falcon']))"
+
+
+def test_the_batch_cli_package_of_its_own_needs_no_server_dependencies(stack, tmp_path):
+    """`pip install ./clients/batch`: a wheel of batch_cli alone, needing tqdm only, that runs a job."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(REPO / "clients/batch")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    shutil.rmtree(REPO / "clients/batch/build", ignore_errors=True)  # setuptools' leftovers (ignored by git anyway)
+    for leftover in (REPO / "clients/batch").glob("*.egg-info"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    (wheel,) = (tmp_path / "wheel").glob("moondream_batch-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith("/METADATA"))).decode()
+        entry_points = archive.read(next(n for n in names if n.endswith("/entry_points.txt"))).decode()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"batch_cli"}
+    assert [line for line in metadata.splitlines() if line.startswith("Requires-Dist")] == ["Requires-Dist: tqdm>=4.66"]
+    assert "moondream-batch = batch_cli.cli:main" in entry_points
+
+    # Run from the wheel alone (zip import), the server's packages out of reach, against the stack.
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(jsonl([line for line, _ in good_lines(2)]))
+    code = (f"{WITHOUT_SERVER_DEPS}; sys.path.insert(0, {str(wheel)!r}); from batch_cli.cli import main; "
+            f"sys.exit(main(['submit', {str(source)!r}, '--wait', '--interval', '0.3']))")
+    run = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "MOONDREAM_ENDPOINT": stack.url, "MOONDREAM_API_KEY": KEY})
+    assert run.returncode == 0, run.stderr
+    assert "completed: 2 ok, 0 failed of 2" in run.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import sys
 import urllib.request
 
 import moondream as md
@@ -105,3 +106,15 @@ def test_official_client_and_openai_sdk_pass_strict_fields(stack):
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE_URL}},
                                      {"type": "text", "text": "Hi?"}]}])
     assert answer.choices[0].message.content is not None
+
+
+def test_the_official_client_works_without_its_heavy_dependencies(stack):
+    """README: `pip install moondream --no-deps pillow` is enough for a server: the client imports Kestrel
+    (and with it torch) only for local inference.  Here those imports are made impossible."""
+    code = ("import sys; sys.modules.update(dict.fromkeys(['kestrel', 'torch', 'transformers', 'numpy'])); "
+            "import moondream as md; from PIL import Image; "
+            f"model = md.vl(endpoint={stack.url + '/v1'!r}); "
+            f"print(model.caption(Image.open({str(SMALL_IMAGE)!r}), length='short', "
+            "settings={'max_tokens': 2})['caption'] is not None)")
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
