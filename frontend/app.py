@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import logging
 import re
 import time
@@ -175,7 +176,8 @@ def name_unknown_fields(req: falcon.Request, resp: falcon.Response, given, schem
                         strict: bool) -> None:
     """Fields the route does not know: 422 with STRICT_FIELDS, else ignored but named
     (X-Ignored-Fields and a log line), so that a misspelt `lenght` does not pass unseen."""
-    unknown = [name for name in given if name not in schema.__struct_fields__]
+    # json.dumps: a name may hold anything (controls, lone surrogates); headers and logs get it escaped
+    unknown = [json.dumps(name)[1:-1] for name in given if name not in schema.__struct_fields__]
     if not unknown:
         return
     names = ", ".join(unknown)

@@ -59,7 +59,7 @@ def read_fields(body: bytes, content_type: str, limit: int,
     fields, image = [], None
     try:
         for part in _multipart_handler(limit).deserialize(io.BytesIO(body), content_type, len(body)):
-            if part.name == file_part and part.filename is not None:
+            if part.name == file_part:  # the file part, with or without a filename
                 if image is not None:
                     raise FormError(f"send one `{file_part}` part")
                 image = part.get_data()

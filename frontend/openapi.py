@@ -7,10 +7,9 @@ Structs too, next to the code that builds them (frontend/app.py); the tests
 (tests/test_openapi.py) check the live service against this document.
 
 The document is OpenAPI 3.1.0, which common generators read (3.2 is still new
-to them).  3.1 cannot describe the items of a stream (`text/event-stream`
-events, `application/jsonl` lines): such a body's schema is a string, and
-the schema of each item rides along as `x-itemSchema` (3.2's `itemSchema`
-under an extension name, see `streamed`).  Limits
+to them).  3.1 has no `itemSchema` for the items of a stream
+(`text/event-stream` events, `application/jsonl` lines): there the `schema`
+describes one item, as is usual for event streams (see `streamed`).  Limits
 that depend on the configuration (longest question, largest max_tokens) are
 filled in from the running Config, so the document describes this server.
 """
@@ -253,9 +252,9 @@ def _error_responses(statuses) -> dict:
 
 
 def streamed(item_schema: dict, what: str) -> dict:
-    """A streamed body's media-type object in OpenAPI 3.1: a string, each item's schema in x-itemSchema."""
-    return {"schema": {"type": "string", "description": f"{what}; each item: x-itemSchema"},
-            "x-itemSchema": item_schema}
+    """A streamed body's media-type object in OpenAPI 3.1: `schema` describes one item (the usual
+    reading for text/event-stream, and what schemathesis checks each event against)."""
+    return {"schema": {**item_schema, "description": f"one of the {what} (each item of the stream)"}}
 
 
 def _sse_content() -> dict:
@@ -288,6 +287,11 @@ def _skill_operation(path: str, skill: str, schema: type, config: Config) -> dic
         content.update(_sse_content())
         description += (' With "stream": true the answer is server-sent events: StreamChunk events, then one'
                         " StreamEnd (or StreamError when it fails after it started).")
+    # Forms are described in words only: the JSON schema is the contract, a form carries the same fields.
+    description += (" The same fields may come as a form: multipart/form-data with the image as a file part"
+                    " named `image` (or an `image_url` field), or application/x-www-form-urlencoded;"
+                    " `settings` and `spatial_refs` hold JSON text. Unknown top-level fields are ignored and"
+                    " named in the X-Ignored-Fields header (a 422 when the server runs with STRICT_FIELDS=1).")
     statuses = [400, *([401] if auth else []), *([403] if config.allow_remote_images else []),
                 404, 413, 415, 422, 429, 500, 503, 504]
     operation = {
