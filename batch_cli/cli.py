@@ -109,6 +109,19 @@ class BatchClient:
         return count
 
 
+def reason(job: dict) -> str:
+    """Why a job failed as a whole ("code: message"), or ""."""
+    error = job.get("error")
+    return f"{error['code']}: {error['message']}" if error else ""
+
+
+def summary(job: dict) -> str:
+    """One line: status, counts, and the reason of a job that failed as a whole."""
+    p = job["progress"]
+    line = f"{job['status']}: {p['completed']} ok, {p['failed']} failed of {p['total']}"
+    return line + (f" ({reason(job)})" if job.get("error") else "")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moondream-batch", description="Bulk jobs through Moondream's Batch API.")
     p.add_argument("--endpoint", default=os.environ.get("MOONDREAM_ENDPOINT", DEFAULT_ENDPOINT),
@@ -143,20 +156,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(job["id"], flush=True)
             if args.wait:
                 job = client.wait(job["id"], args.interval)
-                p = job["progress"]
-                print(f"{job['status']}: {p['completed']} ok, {p['failed']} failed of {p['total']}"
-                      + (f" ({job['error']['code']}: {job['error']['message']})" if job.get("error") else ""),
-                      file=sys.stderr)
+                print(summary(job), file=sys.stderr)
                 if args.output and job["outputs"]:
                     client.download(job["id"], args.output)
                 return 0 if job["status"] == "completed" else 1
         elif args.command == "status":
-            print(json.dumps(client.status(args.id), indent=2))
+            job = client.status(args.id)
+            print(json.dumps(job, indent=2))  # stdout: the job as the API gives it, for scripts
+            print(summary(job), file=sys.stderr)  # the terminal: one line, with a failed job's reason
         elif args.command == "list":
             for job in client.json("GET", f"/v1/batch?limit={args.limit}")["data"]:
                 p = job["progress"]
                 print(f"{job['id']}  {job['status']:<10}  {p['completed'] + p['failed']}/{p['total']}"
-                      f"  failed {p['failed']}  {job['created_at']}")
+                      f"  failed {p['failed']}  {job['created_at']}" + (f"  {reason(job)}" if job.get("error") else ""))
         elif args.command == "cancel":
             print(client.json("POST", f"/v1/batch/{args.id}/cancel")["status"])
         elif args.command == "download":

@@ -12,7 +12,7 @@ import sys
 
 from batch_worker.worker import BatchWorker
 from frontend.broker_client import BrokerClient
-from shared.config import EXIT_CONFIG, StartupError, load_config
+from shared.config import EXIT_CONFIG, StartupError, load_config, stay_down
 from shared.logs import setup_logging
 
 
@@ -43,4 +43,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stay_down(main()))

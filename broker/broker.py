@@ -31,7 +31,7 @@ from shared import keys, protocol
 from shared.config import StartupError
 from shared.logs import log_request
 from shared.protocol import (
-    Cancel, Chunk, Error, Generate, Heartbeat, Leaving, PreprocessJob, Preprocessed, Ready, Refused,
+    CannotStart, Cancel, Chunk, Error, Generate, Heartbeat, Leaving, PreprocessJob, Preprocessed, Ready, Refused,
     RegisterAgain, Result, Status, StatusQuery, Submit,
 )
 from shared.tiling_geometry import resized_frame_size
@@ -104,6 +104,7 @@ class Broker:
         self.backend = self._bind(config.broker_backend_bind, "BROKER_BACKEND_BIND", keys.WORKER)
         self.workers: dict[bytes, Worker] = {}
         self.workers_lost: dict[str, int] = {protocol.GPU: 0, protocol.PREPROCESS: 0}
+        self.cannot_start: dict[str, str] = {}  # kind -> why its worker cannot start (until one registers)
         self.requests: dict[str, Request] = {}
         self.preprocess_queue: deque[str] = deque()
         self.gpu_queue: deque[str] = deque()
@@ -244,6 +245,7 @@ class Broker:
             deployment=self.config.deployment_id,
             # lets the batch worker see interactive traffic and yield to it
             background=sum(r.submit.priority < protocol.INTERACTIVE for r in self.requests.values()),
+            cannot_start=dict(self.cannot_start),
         )
 
     # ------------------------------------------------------------------ workers
@@ -256,6 +258,11 @@ class Broker:
             return
         if isinstance(msg, Ready):
             self.on_ready(identity, msg)
+            return
+        if isinstance(msg, CannotStart):
+            if msg.deployment == self.config.deployment_id:
+                log.warning("a %s worker cannot start: %s", msg.kind, msg.reason)
+                self.cannot_start[msg.kind] = msg.reason
             return
         if isinstance(msg, Leaving):
             if identity in self.workers:
@@ -309,11 +316,12 @@ class Broker:
             self.remove_worker(old.identity, "removed: re-registered on a new connection")
         if identity in self.workers:
             self.remove_worker(identity, "removed: sent Ready again")
+        self.cannot_start.pop(msg.kind, None)
         now = time.monotonic()
         self.workers[identity] = Worker(
             identity=identity, kind=msg.kind, worker_id=msg.worker_id, capacity=max(1, msg.capacity),
             slots=max(1, msg.capacity), model=dict(msg.model), expires_at=now + self.config.heartbeat_expiry,
-            idle_since=now)
+            idle_since=now, variants=dict(msg.variants))
         log.info("%s worker %s registered (capacity %d)", msg.kind, msg.worker_id, max(1, msg.capacity))
         self.send_to_worker(identity, protocol.encode(Heartbeat()))
 

@@ -13,7 +13,7 @@ import sys
 from frontend import edge
 from frontend.app import create_app
 from frontend.broker_client import BrokerClient
-from shared.config import EXIT_CONFIG, StartupError, load_config
+from shared.config import EXIT_CONFIG, StartupError, load_config, stay_down
 from shared.logs import setup_logging
 
 
@@ -44,4 +44,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stay_down(main()))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import logging
 import re
 import time
@@ -35,9 +36,9 @@ import falcon
 import msgspec
 import pybase64
 
-from frontend import metrics, models, openapi, schemas
+from frontend import forms, metrics, models, openapi, schemas
 from frontend import remote_image
-from frontend.edge import RefuseWhenBusy
+from frontend.edge import RefuseWhenBusy, too_large_message
 from shared import protocol
 from shared.config import Config
 
@@ -137,11 +138,21 @@ def handle_unexpected(req, resp, ex: Exception, params) -> None:
 
 
 # ---------------------------------------------------------------- request helpers
-def read_json_body(req: falcon.Request, limit: int) -> bytes:
+JSON_ONLY = "the request body must be JSON (Content-Type: application/json)"
+JSON_OR_FORM = ("the request body must be JSON (Content-Type: application/json) or a form "
+                "(multipart/form-data with an `image` file part, or application/x-www-form-urlencoded)")
+
+
+def read_json_body(req: falcon.Request, limit: int, wrong_type: str = JSON_ONLY) -> bytes:
     media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
-        raise ApiError(415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)")
-    too_large = ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
+        raise ApiError(415, "unsupported_media_type", wrong_type)
+    return read_body(req, limit)
+
+
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The whole body, at most `limit` bytes (413 above), not empty (400)."""
+    too_large = ApiError(413, "payload_too_large", too_large_message(limit))
     if req.content_length is not None and req.content_length > limit:
         raise too_large
     # Read one byte past the limit to learn whether the body (chunked, say) is too big.
@@ -151,6 +162,31 @@ def read_json_body(req: falcon.Request, limit: int) -> bytes:
     if not body:
         raise ApiError(400, "invalid_json", "the request body is empty")
     return body
+
+
+def top_level_fields(body: bytes) -> list[str]:
+    """The names of a JSON object's fields (values skipped, not decoded); [] if it is not one."""
+    try:
+        return list(msgspec.json.decode(body, type=dict[str, msgspec.Raw]))
+    except (msgspec.DecodeError, RecursionError):
+        return []
+
+
+def name_unknown_fields(req: falcon.Request, resp: falcon.Response, given, schema: type[msgspec.Struct],
+                        strict: bool) -> None:
+    """Fields the route does not know: 422 with STRICT_FIELDS, else ignored but named
+    (X-Ignored-Fields and a log line), so that a misspelt `lenght` does not pass unseen."""
+    # json.dumps: a name may hold anything (controls, lone surrogates); headers and logs get it escaped
+    unknown = [json.dumps(name)[1:-1] for name in given if name not in schema.__struct_fields__]
+    if not unknown:
+        return
+    names = ", ".join(unknown)
+    if strict:
+        raise ApiError(422, "unknown_field", f"unknown field{'s' if len(unknown) > 1 else ''} {names} "
+                       f"(the server runs with STRICT_FIELDS=1)")
+    resp.set_header("X-Ignored-Fields", names[:512])
+    log.info("ignored unknown fields in %s: %s", req.path, names[:512],
+             extra={"request_id": req.context.request_id})
 
 
 def parse_request(body: bytes, schema: type[msgspec.Struct]) -> msgspec.Struct:
@@ -343,7 +379,13 @@ class SkillResource:
         self._names = models.ModelNames(config)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        request = parse_request(read_json_body(req, self._config.max_body_bytes), self._schema)
+        image_part = None
+        if forms.is_form(req.content_type):  # Moondream Station's way: curl -F image=@photo.jpg -F question=...
+            request, given, image_part = self.parse_form(req)
+        else:
+            body = read_json_body(req, self._config.max_body_bytes, JSON_OR_FORM)
+            request, given = parse_request(body, self._schema), top_level_fields(body)
+        name_unknown_fields(req, resp, given, self._schema, self._config.strict_fields)
         variant = requested_variant(self._names, request)
         try:
             params, settings = request.check(self._config)
@@ -353,7 +395,12 @@ class SkillResource:
             settings["variant"] = variant  # travels to the GPU worker like the reference's field
         req.context.model_id = self._names.model_id(variant)  # for /metrics
         image_url = getattr(request, "image_url", None)
-        image = decode_image_url(image_url, self._fetch_remote) if image_url is not None else None
+        if image_part is not None:
+            if not image_part:
+                raise ApiError(400, "invalid_image", "the image is empty")
+            image = image_part
+        else:
+            image = decode_image_url(image_url, self._fetch_remote) if image_url is not None else None
         streaming = bool(getattr(request, "stream", False)) and self._skill in TEXT_SKILLS
 
         first, events, stream = start_request(self._client, self._config, req, self._skill, params,
@@ -362,6 +409,21 @@ class SkillResource:
             resp.media = result_body(req.context.request_id, self._skill, first)
             return
         send_event_stream(resp, EventStreamBody(chain([first], events), stream, req.context.request_id))
+
+
+    def parse_form(self, req: falcon.Request) -> tuple[msgspec.Struct, list[str], Optional[bytes]]:
+        """A form body -> (the route's Struct, the field names given, the `image` file part's bytes)."""
+        body = read_body(req, self._config.max_body_bytes)
+        try:
+            fields, image_part = forms.read_fields(body, req.content_type, self._config.max_body_bytes)
+            raw = forms.form_to_request(fields, image_part is not None)
+        except forms.FormError as ex:
+            raise ApiError(400, "invalid_form", str(ex)) from None
+        try:
+            request = msgspec.convert(raw, type=self._schema, strict=False)  # "true", "8" as JSON's true, 8
+        except msgspec.ValidationError as ex:
+            raise ApiError(400, "invalid_request", str(ex)) from None
+        return request, list(raw), image_part
 
 
 def start_request(client, config: Config, req: falcon.Request, skill: str, params: dict, settings: dict,
@@ -429,7 +491,9 @@ class HealthResource:
             ready = status.gpu_ready
             state = "ok" if ready else "loading"
             if not ready:
-                reason = "no GPU worker has registered yet (its model may still be loading)"
+                cannot_start = status.cannot_start.get(protocol.GPU)
+                reason = (f"the GPU worker cannot start: {cannot_start}" if cannot_start
+                          else "no GPU worker has registered yet (its model may still be loading)")
             workers = {"preprocess": status.preprocess_workers, "gpu": status.gpu_workers}
             queue = {"queued": status.queued, "in_flight": status.in_flight}
             model.update(status.model)
@@ -440,6 +504,8 @@ class HealthResource:
             "ready": ready,
             "model": model,
             "auth_required": bool(self._config.api_key),
+            # which deployment answers (a digest of DEPLOYMENT_ID): ready_notice checks it is its own
+            "deployment": self._config.deployment_tag,
             "workers": workers,
         }
         if reason is not None:

@@ -4,6 +4,8 @@ poll the job, download JSONL results.  The work itself is the batch worker's
 (shared/batch_store.py).
 
     POST   /v1/batch?action=mpu-create                                  -> {fileId, uploadId}
+    POST   /v1/batch   multipart/form-data, the file as part `file`     -> {id, status}
+           (ours, not the cloud's: `curl -F file=@batch.jsonl`, one request for a file up to MAX_BODY_BYTES)
     PUT    /v1/batch/{fileId}?action=mpu-uploadpart&uploadId=&partNumber=N  (octet-stream) -> {etag, partNumber}
     POST   /v1/batch/{fileId}?action=mpu-complete&uploadId=   {"parts": [{partNumber, etag}]} -> {id, status}
     DELETE /v1/batch/{fileId}?action=mpu-abort&uploadId=
@@ -19,12 +21,14 @@ only through its own id.
 from __future__ import annotations
 
 import datetime
+import io
 
 import falcon
 import msgspec
 from prometheus_client.core import GaugeMetricFamily
 
-from frontend.app import ApiError
+from frontend import forms
+from frontend.app import ApiError, read_body
 from frontend.batch_schemas import LIST_DEFAULT, LIST_MAX, MAX_CURSOR, CompleteBody
 from shared import batch_store
 from shared.batch_store import BatchStore
@@ -35,6 +39,11 @@ OUTPUT_LINES = 10_000  # result lines per output file
 
 def _not_found(ex: batch_store.NotFound) -> ApiError:
     return ApiError(404, "not_found", str(ex))
+
+
+HOW_TO_UPLOAD = (
+    "action must be mpu-create to start an upload in parts (README, \"The Batch API by hand\"); "
+    "or send a file up to MAX_BODY_BYTES in one request as multipart/form-data: curl -F file=@batch.jsonl .../v1/batch")
 
 
 def _action(req: falcon.Request, *allowed: str) -> str:
@@ -82,13 +91,36 @@ def _iso(t):
 class BatchCollection:
     """/v1/batch: start an upload (POST), list jobs (GET)."""
 
-    def __init__(self, store: BatchStore):
+    def __init__(self, store: BatchStore, config: Config):
         self._store = store
+        self._config = config
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        _action(req, "mpu-create")
+        if not req.get_param("action") and forms.media_type(req.content_type) == "multipart/form-data":
+            resp.media = self.one_shot(req)
+            return
+        if (req.get_param("action") or "") != "mpu-create":
+            raise ApiError(400, "invalid_request", HOW_TO_UPLOAD)
         file_id, upload_id = self._store.create_upload()
         resp.media = {"fileId": file_id, "uploadId": upload_id}
+
+    def one_shot(self, req: falcon.Request) -> dict:
+        """`curl -F file=@batch.jsonl .../v1/batch`: create, upload one part, complete, in one request."""
+        body = read_body(req, self._config.max_body_bytes)
+        try:
+            _, data = forms.read_fields(body, req.content_type, self._config.max_body_bytes, file_part="file")
+        except forms.FormError as ex:
+            raise ApiError(400, "invalid_form", str(ex)) from None
+        if data is None:
+            raise ApiError(400, "invalid_request", "send the JSONL file as the part named `file` "
+                           "(curl -F file=@batch.jsonl ...)")
+        file_id, upload_id = self._store.create_upload()
+        try:
+            etag = self._store.put_part(file_id, upload_id, 1, io.BytesIO(data), self._config.batch_max_file_bytes)
+            job = self._store.complete_upload(file_id, upload_id, [(1, etag)])
+        except batch_store.UploadError as ex:
+            raise ApiError(ex.status, ex.code, ex.message) from None
+        return {"id": job["id"], "status": job["status"]}
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         limit = req.get_param_as_int("limit", min_value=1, max_value=LIST_MAX, default=LIST_DEFAULT)
@@ -209,7 +241,7 @@ class BatchCollector:
 def add_routes(app: falcon.App, config: Config) -> BatchStore:
     """Mount the Batch API on `app`; returns the store (for /metrics and /health)."""
     store = BatchStore(config.batch_data_dir, config.batch_retention_hours)
-    app.add_route("/v1/batch", BatchCollection(store))
+    app.add_route("/v1/batch", BatchCollection(store, config))
     app.add_route("/v1/batch/{item_id}", BatchItem(store, config))
     app.add_route("/v1/batch/{item_id}/cancel", BatchCancel(store))
     app.add_route("/v1/batch/{item_id}/results/{index:int}", BatchResults(store))

@@ -53,7 +53,8 @@ def paths(config: Config) -> dict:
               "description": "next_cursor of the previous page."}
     index = {"name": "index", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0},
              "description": "outputs[].index of the job."}
-    jsonl = {"application/jsonl": {"itemSchema": {"oneOf": [base._ref("ResultLineOk"), base._ref("ResultLineError")]}}}
+    jsonl = {"application/jsonl": base.streamed({"oneOf": [base._ref("ResultLineOk"), base._ref("ResultLineError")]},
+                                                "JSON lines")}
     return {
         "/v1/batch": {
             "post": operation(

@@ -23,7 +23,7 @@ def _errors(statuses) -> dict:
 
 def _chunk_stream() -> dict:
     """Each event's data: a ChatCompletionChunk, an error, or the closing [DONE]."""
-    return {"text/event-stream": {"itemSchema": {
+    return {"text/event-stream": base.streamed({
         "type": "object",
         "required": ["data"],
         "properties": {"data": {"oneOf": [
@@ -31,7 +31,7 @@ def _chunk_stream() -> dict:
             {"type": "string", "contentMediaType": "application/json",
              "contentSchema": {"oneOf": [base._ref("ChatCompletionChunk"), base._ref("OpenAIError")]}},
         ]}},
-    }}}
+    }, "server-sent events")}
 
 
 def paths(config: Config) -> dict:

@@ -38,6 +38,7 @@ import resource
 import socket
 import threading
 import time
+import uuid
 
 import falcon
 import waitress.utilities
@@ -87,17 +88,25 @@ _WAITRESS_CODES = {400: "bad_request", 408: "request_timeout", 413: "payload_too
                    431: "headers_too_large", 500: "internal_error"}
 
 
-def json_waitress_errors() -> None:
+def too_large_message(max_body_bytes: int) -> str:
+    """The one 413 message for a body over MAX_BODY_BYTES, from the app or from waitress."""
+    return f"the request body is larger than MAX_BODY_BYTES ({max_body_bytes} bytes)"
+
+
+def json_waitress_errors(max_body_bytes: int) -> None:
     """Requests that never reach the app (malformed HTTP, a Content-Length far over
     the limit, a timeout) are answered by waitress itself, in plain text.  The API
-    promises JSON errors everywhere, so waitress's one error renderer gets our shape.
+    promises JSON errors everywhere, so waitress's one error renderer gets our shape,
+    with a request id like every other answer, and the app's own 413 message.
     (waitress has no hook for this; its Error classes all render through here.)"""
 
     def to_response(self, ident=None):
         code = _WAITRESS_CODES.get(self.code, "bad_request" if self.code < 500 else "internal_error")
-        body = json.dumps({"error": {"code": code, "message": f"{self.reason}: {self.body}"},
-                           "request_id": None}).encode()
-        return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
+        message = too_large_message(max_body_bytes) if self.code == 413 else f"{self.reason}: {self.body}"
+        request_id = uuid.uuid4().hex
+        body = json.dumps({"error": {"code": code, "message": message}, "request_id": request_id}).encode()
+        return (f"{self.code} {self.reason}",
+                [("Content-Type", "application/json"), ("X-Request-ID", request_id)], body)
 
     waitress.utilities.Error.to_response = to_response
 
@@ -352,7 +361,7 @@ def raise_open_files_limit(wanted: int) -> None:
 
 def create_server(application, config: Config) -> EdgeServer:
     """The server for the front end, every waitress limit set from `config`."""
-    json_waitress_errors()
+    json_waitress_errors(config.max_body_bytes)
     raise_open_files_limit(config.http_connection_limit + 256)
     sock = listening_socket(config)  # bound here (shared with the other front ends): OSError if taken
     adj = Adjustments(

@@ -6,8 +6,10 @@ The answers are not decoded anywhere, so their shapes are written down here as
 Structs too, next to the code that builds them (frontend/app.py); the tests
 (tests/test_openapi.py) check the live service against this document.
 
-The document is OpenAPI 3.2: its `itemSchema` is the standard way to describe
-each event of a `text/event-stream` answer (3.1 has no way to say it).  Limits
+The document is OpenAPI 3.1.0, which common generators read (3.2 is still new
+to them).  3.1 has no `itemSchema` for the items of a stream
+(`text/event-stream` events, `application/jsonl` lines): there the `schema`
+describes one item, as is usual for event streams (see `streamed`).  Limits
 that depend on the configuration (longest question, largest max_tokens) are
 filled in from the running Config, so the document describes this server.
 """
@@ -163,6 +165,7 @@ class Health(msgspec.Struct):
     ready: bool
     model: HealthModel
     auth_required: bool
+    deployment: str  # a digest of DEPLOYMENT_ID: which deployment answers
     workers: HealthWorkers
     queue: Union[HealthQueue, UnsetType] = UNSET  # absent when the broker does not answer
     reason: Union[str, UnsetType] = UNSET  # why not ready (503 only)
@@ -248,10 +251,15 @@ def _error_responses(statuses) -> dict:
     return {str(status): _response(ERRORS[status], _json("ErrorBody")) for status in statuses}
 
 
+def streamed(item_schema: dict, what: str) -> dict:
+    """A streamed body's media-type object in OpenAPI 3.1: `schema` describes one item (the usual
+    reading for text/event-stream, and what schemathesis checks each event against)."""
+    return {"schema": {**item_schema, "description": f"one of the {what} (each item of the stream)"}}
+
+
 def _sse_content() -> dict:
     """text/event-stream: each event's `data` is one JSON object."""
-    return {"text/event-stream": {
-        "itemSchema": {
+    return {"text/event-stream": streamed({
             "type": "object",
             "required": ["data"],
             "properties": {"data": {
@@ -259,8 +267,7 @@ def _sse_content() -> dict:
                 "contentMediaType": "application/json",
                 "contentSchema": {"oneOf": [_ref("StreamChunk"), _ref("StreamEnd"), _ref("StreamError")]},
             }},
-        },
-    }}
+        }, "server-sent events")}
 
 
 SKILL_SUMMARIES = {
@@ -280,6 +287,11 @@ def _skill_operation(path: str, skill: str, schema: type, config: Config) -> dic
         content.update(_sse_content())
         description += (' With "stream": true the answer is server-sent events: StreamChunk events, then one'
                         " StreamEnd (or StreamError when it fails after it started).")
+    # Forms are described in words only: the JSON schema is the contract, a form carries the same fields.
+    description += (" The same fields may come as a form: multipart/form-data with the image as a file part"
+                    " named `image` (or an `image_url` field), or application/x-www-form-urlencoded;"
+                    " `settings` and `spatial_refs` hold JSON text. Unknown top-level fields are ignored and"
+                    " named in the X-Ignored-Fields header (a 422 when the server runs with STRICT_FIELDS=1).")
     statuses = [400, *([401] if auth else []), *([403] if config.allow_remote_images else []),
                 404, 413, 415, 422, 429, 500, 503, 504]
     operation = {
@@ -332,7 +344,7 @@ def build_spec(config: Config) -> dict:
     paths.update(batch_openapi.paths(config))
 
     spec: dict[str, Any] = {
-        "openapi": "3.2.0",
+        "openapi": "3.1.0",
         "info": {
             "title": "Moondream 2 serving API",
             "version": "1",

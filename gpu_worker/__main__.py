@@ -2,16 +2,17 @@
 
 Loads the model first and only then joins the broker, so the broker never
 routes work to a worker that cannot serve it.  A model that does not load is
-a configuration problem: log one line and exit non-zero (supervisord retries,
-then shows FATAL).
+a configuration problem (not found, cannot be fetched): log one line, tell the
+broker why (/health shows it) and exit 78, which keeps it down (no restart loop).
+Any other load error exits 2 and is retried.
 """
 import os
 import signal
 import sys
 
 from gpu_worker.engine import ModelLoadError, load_model
-from shared import host_size, keys
-from shared.config import EXIT_CONFIG, StartupError, load_config
+from shared import host_size, keys, protocol
+from shared.config import EXIT_CONFIG, StartupError, load_config, stay_down
 from shared.logs import setup_logging
 
 
@@ -38,9 +39,13 @@ def main() -> int:
     log.info("loading model %s (revision %s, device %s, dtype %s)", config.model, config.revision, config.device, config.dtype)
     try:
         model = load_model(config)
-    except ModelLoadError as exc:
-        log.error("model load failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return 2
+    except ModelLoadError as exc:  # not found, or cannot be fetched: restarting cannot help
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.error("model load failed: %s", reason)
+        from shared.broker_link import tell_cannot_start
+
+        tell_cannot_start(config, protocol.GPU, f"model load failed: {reason}")
+        return EXIT_CONFIG
     except Exception as exc:
         log.error("model load failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return 2
@@ -61,4 +66,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stay_down(main()))

@@ -198,12 +198,20 @@ def run_query(ctx: ProgramContext, params: dict, settings: dict, has_image: bool
     feed.coord = reasoning  # a first reasoning token may be `coord`
     first = yield feed
     output = {}
+    budget = settings["max_tokens"]
     if reasoning:
+        before = ctx.output_tokens
         text, grounding = yield from reasoning_trace(ctx, first, settings)
         output["reasoning"] = {"text": text, "grounding": grounding}
+        if params.get("total_cap"):
+            # Chat's max_completion_tokens caps reasoning and answer together (OpenAI's meaning);
+            # /v1/query, like the reference, gives each its own max_tokens.
+            budget -= ctx.output_tokens - before
+            if budget < 1:
+                return {"answer": "", **output}, "length"
         first = yield Feed(tokens=[tok["answer_id"]], sample=_spec(settings))
     answer, finish = yield from text_answer(ctx, first, _spec(settings, _suppress_answer(ctx)),
-                                           tok["eos_id"], settings["max_tokens"])
+                                           tok["eos_id"], budget)
     return {"answer": answer, **output}, finish
 
 

@@ -26,7 +26,7 @@ from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput,
 from gpu_worker.variants import VariantError, VariantStore, default_cache_dir
 from shared import protocol
 from shared.broker_link import BrokerLink
-from shared.config import EXIT_CONFIG, StartupError
+from shared.config import EXIT_CONFIG, StartupError, stay_down
 from shared.image_tiling import split_resized_frame
 from shared.protocol import Cancel, Chunk, Error, Generate, Result
 
@@ -81,7 +81,7 @@ class BrokerIO(threading.Thread):
                 link.keep_alive(on_lost=lambda: self.inbox.put(RECONNECTED))
         except StartupError as exc:  # the broker refused us (key, deployment): retrying cannot help
             log.error("%s", exc)
-            os._exit(EXIT_CONFIG)
+            os._exit(stay_down(EXIT_CONFIG))
         finally:
             link.close()
             outbox.close(linger=0)

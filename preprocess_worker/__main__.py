@@ -3,7 +3,7 @@ import signal
 import sys
 
 from preprocess_worker.worker import PreprocessWorker
-from shared.config import EXIT_CONFIG, StartupError, load_config
+from shared.config import EXIT_CONFIG, StartupError, load_config, stay_down
 from shared.logs import setup_logging
 
 
@@ -30,4 +30,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stay_down(main()))

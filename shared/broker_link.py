@@ -72,7 +72,7 @@ class BrokerLink:
 
     def _ready(self) -> Ready:
         return Ready(kind=self.kind, worker_id=self.worker_id, capacity=max(1, self.capacity()),
-                     model=self.model, deployment=self.config.deployment_id)
+                     model=self.model, deployment=self.config.deployment_id, variants=self.variants())
 
     def _check_refused(self) -> None:
         """StartupError once the broker has turned our CURVE key down (retrying cannot help)."""
@@ -167,3 +167,22 @@ class BrokerLink:
         if self.socket is not None:
             self.socket.close(linger=linger)
             self.socket = None
+
+
+def tell_cannot_start(config, kind: str, reason: str, wait_s: float = 2.0) -> None:
+    """Before exiting 78 without ever registering: tell the broker why (CannotStart), so that
+    /health says it.  Best effort: a broker that is not there is not waited for beyond `wait_s`."""
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, int(wait_s * 1000))  # time for the message to go out on close
+        if config.curve_keys_dir:
+            keys.secure_client(sock, config, keys.WORKER)
+        sock.connect(config.broker_backend_addr)
+        sock.send_multipart(protocol.encode(protocol.CannotStart(kind=kind, reason=reason,
+                                                                 deployment=config.deployment_id)), zmq.NOBLOCK)
+        sock.close()
+    except (zmq.ZMQError, StartupError, OSError) as exc:
+        log.warning("could not tell the broker why this worker cannot start: %s", exc)
+    finally:
+        context.term()

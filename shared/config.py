@@ -54,6 +54,7 @@ class Config:
     preprocess_timeout: float = field(default=60.0, metadata={"env": "PREPROCESS_TIMEOUT", "help": "seconds one image may take to decode; a worker stuck longer exits and is restarted"})
     port: int = field(default=5000, metadata={"env": "PORT", "help": "HTTP port of the front end"})
     host: str = field(default="0.0.0.0", metadata={"env": "HOST", "help": "HTTP listen address"})
+    stop_when_down: bool = field(default=False, metadata={"env": "STOP_WHEN_DOWN", "help": "when a program stays down before the service is ready, ready_notice names it and stops the whole service (scripts/serve.sh sets it, then exits 1); off: the others keep running and /health says why"})
     prometheus_multiproc_dir: str = field(default="", metadata={"env": "PROMETHEUS_MULTIPROC_DIR", "help": "directory where the front ends keep their metrics so that /metrics on any one reports all (prometheus_client's multiprocess mode; supervisord.conf sets $RUN_DIR/frontend-metrics); empty: each its own"})
     http_threads: int = field(default=32, metadata={"env": "HTTP_THREADS", "help": "waitress threads (each open stream holds one)"})
     max_in_flight: int = field(default=0, metadata={"env": "MAX_IN_FLIGHT", "help": "requests (streams included) one front end holds at once, beyond which it answers 429 at once; 0: HTTP_THREADS (more would wait for a thread)"})
@@ -75,6 +76,7 @@ class Config:
 
     # --- API and limits
     api_key: str = field(default="", metadata={"env": "VLM_API_KEY", "help": "when set, /v1 routes require it in X-Moondream-Auth or Authorization: Bearer", "secret": True})
+    strict_fields: bool = field(default=False, metadata={"env": "STRICT_FIELDS", "help": "a top-level request field the server does not know is a 422 naming it; off: it is ignored (a newer client may send fields we do not know yet), named in the X-Ignored-Fields response header and a log line"})
     max_body_bytes: int = field(default=20 * 1024 * 1024, metadata={"env": "MAX_BODY_BYTES", "help": "largest request body accepted (413 above)"})
     max_image_pixels: int = field(default=50_000_000, metadata={"env": "MAX_IMAGE_PIXELS", "help": "largest decoded image, width x height"})
     max_image_side: int = field(default=16384, metadata={"env": "MAX_IMAGE_SIDE", "help": "largest image width or height"})
@@ -110,6 +112,13 @@ class Config:
         return self.max_in_flight if self.max_in_flight > 0 else self.http_threads
 
     @property
+    def deployment_tag(self) -> str:
+        """A short digest of deployment_id, shown on /health (the id itself may be a file path)."""
+        import hashlib
+
+        return hashlib.sha256(self.deployment_id.encode()).hexdigest()[:12] if self.deployment_id else ""
+
+    @property
     def heartbeat_expiry(self) -> float:
         return self.heartbeat_interval * self.heartbeat_liveness
 
@@ -137,9 +146,33 @@ def load_config() -> Config:
 
 
 # Exit status of a process whose settings cannot work (a port taken, keys missing, a broker of
-# another deployment).  supervisord.conf lists it in exitcodes: such a process stays down
-# (FATAL, or EXITED when it failed after startsecs) instead of restarting in a loop.
+# another deployment, a model that cannot be fetched).  supervisord.conf lists it in exitcodes,
+# and stay_down() asks supervisord not to retry it: such a process stays down at once (STOPPED,
+# exit status 78) instead of restarting in a loop.
 EXIT_CONFIG = 78
+
+
+def stay_down(status: int) -> int:
+    """`status`, for `sys.exit(stay_down(main()))`.  For EXIT_CONFIG under supervisord, first ask it
+    to stop this program: an exit within startsecs would otherwise count as a failed start and be
+    retried (startretries) before FATAL.  The program then shows STOPPED with exit status 78, which
+    ready_notice reports as down."""
+    name, group = os.environ.get("SUPERVISOR_PROCESS_NAME"), os.environ.get("SUPERVISOR_GROUP_NAME")
+    if status != EXIT_CONFIG or not os.environ.get("SUPERVISOR_SERVER_URL") or not name:
+        return status
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stop's SIGTERM: we are leaving with 78 anyway
+    except ValueError:  # not the main thread (the GPU worker's I/O thread): it calls os._exit right after
+        pass
+    try:
+        from supervisor import childutils
+
+        childutils.getRPCInterface(os.environ).supervisor.stopProcess(f"{group or name}:{name}", False)
+    except Exception:  # supervisord gone or busy: it retries and shows FATAL, as before
+        pass
+    return status
 
 
 class StartupError(Exception):

@@ -88,6 +88,7 @@ class Status(Message):
     variants: dict = {}  # GPU workers' variant ids, merged: {"loaded": [...], "available": [...]}
     deployment: str = ""  # the broker's config.deployment_id: a front end of another deployment stops using it
     background: int = 0  # of queued + in_flight, the BACKGROUND ones (batch lines)
+    cannot_start: dict = {}  # kind -> the reason its last worker gave for not starting (CannotStart)
 
 
 # ---------------------------------------------------------------- workers <-> broker
@@ -99,6 +100,7 @@ class Ready(Message):
     capacity: int = 1  # how many jobs it can hold at once
     model: dict = {}
     deployment: str = ""  # config.deployment_id: the broker refuses a worker of another deployment
+    variants: dict = {}  # GPU worker: as in Heartbeat, so that /health lists them from the start
 
 
 class Heartbeat(Message):
@@ -118,6 +120,15 @@ class Leaving(Message):
     """Worker -> broker: stopping on purpose (its jobs go back to the queue at once)."""
 
     worker_id: str = ""
+
+
+class CannotStart(Message):
+    """Worker -> broker, before it exits 78: why it cannot serve (a model that cannot be fetched),
+    so that /health can say so instead of "still loading".  Sent without registering first."""
+
+    kind: str  # PREPROCESS | GPU
+    reason: str
+    deployment: str = ""  # as in Ready: a broker of another deployment ignores it
 
 
 class RegisterAgain(Message):
@@ -189,7 +200,7 @@ class Error(Message):
 
 
 AnyMessage = Union[
-    Submit, Cancel, StatusQuery, Status, Ready, Heartbeat, RegisterAgain, Refused, Leaving, PreprocessJob,
+    Submit, Cancel, StatusQuery, Status, Ready, Heartbeat, RegisterAgain, Refused, Leaving, CannotStart, PreprocessJob,
     Preprocessed, Generate, Chunk, Result, Error,
 ]
 

@@ -2,10 +2,14 @@
 
     listening on http://HOST:PORT, model NAME (revision, device, dtype), F front-end processes, N preprocess workers
 
+Only for its own deployment: /health names the deployment that answers (a digest of
+DEPLOYMENT_ID), so another copy of the service on the same PORT is not taken for this one.
 Until then it watches the other programs through supervisord's control socket: a program that
-stays down (FATAL, or EXITED on purpose) is reported with the last line of its log, and a slow
-start (a first model download) says where to look.  It prints once and exits (EXITED in
-`supervisorctl status` is its normal end).
+stays down (FATAL, EXITED, or stopped with exit status 78: its settings cannot work) is reported
+with the last line of its log, and a slow start (a first model download) says where to look.
+With STOP_WHEN_DOWN (scripts/serve.sh) a program down before the service is ready also stops
+the whole service, leaving $RUN_DIR/not-started for serve.sh's exit status.  It prints once and
+exits (EXITED in `supervisorctl status` is its normal end).
 """
 from __future__ import annotations
 
@@ -17,13 +21,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shared.config import load_config
+from shared.config import EXIT_CONFIG, load_config
 
 POLL_SECONDS = 1.0
 FIRST_HINT_SECONDS = 30.0  # a cached tiny model is ready well before this; a first download is not
 HINT_EVERY_SECONDS = 120.0
 GIVE_UP_SECONDS = 6 * 3600.0  # a bounded wait: by then someone has looked at the logs
 DOWN_STATES = ("FATAL", "EXITED")
+NOT_STARTED_MARK = "not-started"  # in RUN_DIR: scripts/serve.sh exits 1 when it finds it
 
 
 def say(line: str) -> None:
@@ -77,10 +82,27 @@ def programs_down(rpc, reported: set) -> list[str]:
     lines = []
     for info in infos:
         name = f"{info['group']}:{info['name']}" if info["group"] != info["name"] else info["name"]
-        if info["statename"] in DOWN_STATES and info["name"] != "ready_notice" and name not in reported:
+        # STOPPED with 78: it asked supervisord to stop it (shared.config.stay_down)
+        gave_up = info["statename"] == "STOPPED" and info["exitstatus"] == EXIT_CONFIG
+        if (info["statename"] in DOWN_STATES or gave_up) and info["name"] != "ready_notice" and name not in reported:
             reported.add(name)
-            lines.append(f"{name} {info['statename']}: {last_line(info['stdout_logfile'])}")
+            state = "cannot start (exit 78)" if gave_up or info["exitstatus"] == EXIT_CONFIG else info["statename"]
+            lines.append(f"{name} {state}: {last_line(info['stdout_logfile'])}")
     return lines
+
+
+def stop_service(rpc, run_dir: str) -> None:
+    """Leave the mark for scripts/serve.sh and shut supervisord down (STOP_WHEN_DOWN)."""
+    Path(run_dir, NOT_STARTED_MARK).touch()
+    try:
+        rpc.supervisor.shutdown()
+    except Exception:  # already shutting down
+        pass
+
+
+def ours(config, health: dict) -> bool:
+    """Whether /health was answered by this deployment's front end (not another copy's on PORT)."""
+    return health.get("deployment", "") == config.deployment_tag
 
 
 def main() -> int:
@@ -98,14 +120,21 @@ def main() -> int:
     next_hint = started + FIRST_HINT_SECONDS
     while time.monotonic() - started < GIVE_UP_SECONDS:
         health = read_health(url)
-        if health and health.get("ready") and health["workers"]["preprocess"] >= config.preprocess_workers:
+        if (health and health.get("ready") and ours(config, health)
+                and health["workers"]["preprocess"] >= config.preprocess_workers):
             say(listening_line(config, health))
             return 0
-        for line in programs_down(rpc, reported):
+        down = programs_down(rpc, reported)
+        for line in down:
             say(line)
+        if down and config.stop_when_down:
+            stop_service(rpc, run_dir)
+            return 1
         if time.monotonic() >= next_hint:
             next_hint += HINT_EVERY_SECONDS
             why = (health or {}).get("reason", "the front end does not answer yet")
+            if health and not ours(config, health):
+                why = f"port {config.port} answers for another deployment"
             say(f"still starting after {time.monotonic() - started:.0f} s: {why}; a first start downloads the "
                 f"model (~3.7 GB), see {run_dir}/gpu_worker.log")
         time.sleep(POLL_SECONDS)

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 
 import pytest
 
@@ -384,3 +386,94 @@ def test_cli_runs_a_job_end_to_end(stack, expected, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "batch_cli", "--api-key", "wrong", "--endpoint", stack.url, "list"],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "401" in bad.stderr
+
+
+# ---------------------------------------------------------------- by hand: curl, as the README shows
+def readme_walkthrough() -> str:
+    """The shell block under the README's batch-walkthrough marker, as written."""
+    readme = (REPO / "README.md").read_text()
+    after = readme.split("<!-- batch-walkthrough", 1)[1]
+    return after.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_batch_walkthrough_runs_as_written(stack, expected, tmp_path):
+    lines = good_lines(3)
+    (tmp_path / "captions.jsonl").write_bytes(jsonl([line for line, _ in lines]))
+    script = readme_walkthrough().replace("http://localhost:5000", stack.url)  # the stack's port: the one change
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "VLM_API_KEY": KEY})
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)  # step 4's last curl: the finished job
+    assert job["status"] == "completed" and job["progress"] == {"total": 3, "completed": 3, "failed": 0}, job
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert_complete_and_right(rows, lines, expected)
+
+
+def test_curl_form_upload_is_a_one_shot_job(stack, expected, tmp_path):
+    lines = good_lines(2)
+    source = tmp_path / "x.jsonl"
+    source.write_bytes(jsonl([line for line, _ in lines]))
+    done = subprocess.run(["curl", "-sS", "-H", f"X-Moondream-Auth: {KEY}", "-F", f"file=@{source}",
+                           stack.url + "/v1/batch"], capture_output=True, text=True, timeout=60)
+    created = json.loads(done.stdout)
+    assert created["status"] == "chunking", created
+    assert_complete_and_right(download(stack, wait_done(stack, created["id"])), lines, expected)
+
+
+def test_posting_without_action_or_a_form_says_how_to_upload(stack):
+    status, body = call(stack, "POST", "/v1/batch", b"{}")
+    error = json.loads(body)["error"]
+    assert status == 400 and "mpu-create" in error["message"] and "curl -F file=@batch.jsonl" in error["message"]
+    boundary = "x" * 16  # a form without the `file` part
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\n1\r\n--{boundary}--\r\n").encode()
+    status, body = call(stack, "POST", "/v1/batch", form, content_type=f"multipart/form-data; boundary={boundary}")
+    assert status == 400 and "the part named `file`" in json.loads(body)["error"]["message"]
+
+
+def test_a_job_that_failed_as_a_whole_says_why_in_the_cli(stack, tmp_path):
+    job_id = submit(stack, b'{"skill": "caption", \n', parts=1)
+    job = wait_done(stack, job_id, timeout=60)
+    assert job["status"] == "failed"
+    env = {**os.environ, "MOONDREAM_ENDPOINT": stack.url, "MOONDREAM_API_KEY": KEY}
+    status = subprocess.run([sys.executable, "-m", "batch_cli", "status", job_id], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert json.loads(status.stdout)["error"] == job["error"]
+    assert status.stderr.strip() == f"failed: 0 ok, 0 failed of 0 (validation_error: {job['error']['message']})"
+    listed = subprocess.run([sys.executable, "-m", "batch_cli", "list"], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60).stdout
+    row = next(line for line in listed.splitlines() if line.startswith(job_id))
+    assert row.endswith(f"validation_error: {job['error']['message']}"), row
+
+
+# ---------------------------------------------------------------- the light client install
+# Run with these imports made impossible: what the client must do without (the server's stack).
+WITHOUT_SERVER_DEPS = "import sys; sys.modules.update(dict.fromkeys(['torch', 'transformers', 'numpy', 'zmq', 'falcon']))"
+
+
+def test_the_batch_cli_package_of_its_own_needs_no_server_dependencies(stack, tmp_path):
+    """`pip install ./clients/batch`: a wheel of batch_cli alone, needing tqdm only, that runs a job."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(REPO / "clients/batch")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    shutil.rmtree(REPO / "clients/batch/build", ignore_errors=True)  # setuptools' leftovers (ignored by git anyway)
+    for leftover in (REPO / "clients/batch").glob("*.egg-info"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    (wheel,) = (tmp_path / "wheel").glob("moondream_batch-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith("/METADATA"))).decode()
+        entry_points = archive.read(next(n for n in names if n.endswith("/entry_points.txt"))).decode()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"batch_cli"}
+    assert [line for line in metadata.splitlines() if line.startswith("Requires-Dist")] == ["Requires-Dist: tqdm>=4.66"]
+    assert "moondream-batch = batch_cli.cli:main" in entry_points
+
+    # Run from the wheel alone (zip import), the server's packages out of reach, against the stack.
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(jsonl([line for line, _ in good_lines(2)]))
+    code = (f"{WITHOUT_SERVER_DEPS}; sys.path.insert(0, {str(wheel)!r}); from batch_cli.cli import main; "
+            f"sys.exit(main(['submit', {str(source)!r}, '--wait', '--interval', '0.3']))")
+    run = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "MOONDREAM_ENDPOINT": stack.url, "MOONDREAM_API_KEY": KEY})
+    assert run.returncode == 0, run.stderr
+    assert "completed: 2 ok, 0 failed of 2" in run.stderr

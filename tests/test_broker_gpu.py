@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from shared.config import EXIT_CONFIG
 from shared.protocol import Chunk, Result, Submit
 from tests.test_broker import PHOTO, Services, png, services  # noqa: F401  (services is a fixture)
 
@@ -95,10 +96,13 @@ def test_workers_and_clients_rejoin_a_restarted_broker(services):
 def test_gpu_worker_with_a_missing_model_exits_with_one_line(services):
     s = services()
     gpu = s.start("gpu_worker", MOONDREAM_MODEL="/nonexistent/model-dir")
-    assert gpu.wait(timeout=30) != 0
+    assert gpu.wait(timeout=30) == EXIT_CONFIG  # a setting that cannot work: supervisord leaves it down
     errors = [line for line in gpu.log_path.read_text().splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "model load failed" in errors[0]
-    assert s.client.status().gpu_workers == 0
+    status = s.client.status()
+    assert status.gpu_workers == 0
+    # The broker heard why (CannotStart), for /health to say so.
+    assert "MOONDREAM_MODEL=/nonexistent/model-dir is not a directory" in status.cannot_start["gpu"], status
 
 
 def test_every_request_gets_exactly_one_final_reply_under_a_mixed_load(services):
@@ -140,3 +144,14 @@ def test_every_request_gets_exactly_one_final_reply_under_a_mixed_load(services)
     while (status := s.client.status()).in_flight and time.monotonic() < end:
         time.sleep(0.05)
     assert (status.in_flight, status.queued) == (0, 0)  # the broker forgot every request
+
+
+def test_a_gpu_worker_lists_its_variants_when_it_registers(services):
+    """/health shows the variants from the first moment the GPU worker counts (its Ready carries them),
+    not only after its first heartbeat: heartbeats here are 30 s apart."""
+    from tests.engine_helpers import CONFORMANCE, VARIANTS_DIR
+
+    s = services(HEARTBEAT_INTERVAL=30)
+    s.start("gpu_worker", MOONDREAM_MODEL=f"{CONFORMANCE}/variants", VARIANT_DIR=VARIANTS_DIR)
+    status = s.wait_for(gpu=1, timeout=60)
+    assert status.variants["available"] == ["ft-alpha@100", "ft-beta@7"], status.variants

@@ -113,11 +113,79 @@ def test_empty_body_is_400(client):
     assert_error(client.simulate_post("/v1/caption", body=b"", headers={"Content-Type": "application/json"}), 400)
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
-def test_non_json_content_type_is_415(client, content_type):
+@pytest.mark.parametrize("content_type", [None, "text/plain", "image/png"])
+def test_a_body_neither_json_nor_a_form_is_415(client, content_type):
     headers = {"Content-Type": content_type} if content_type else {}
     result = client.simulate_post("/v1/caption", body=json.dumps({"image_url": IMAGE}), headers=headers)
-    assert_error(result, 415, "unsupported_media_type")
+    assert_error(result, 415, "unsupported_media_type", "or a form (multipart/form-data")
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_json_sent_as_a_form_is_a_400_saying_the_form_cannot_be_read(client, content_type):
+    result = client.simulate_post("/v1/caption", body=json.dumps({"image_url": IMAGE}),
+                                  headers={"Content-Type": content_type})
+    assert_error(result, 400, "invalid_form")
+
+
+# ---------------------------------------------------------------- form bodies (Moondream Station's way)
+def multipart(fields: dict, image: bytes | None = None) -> tuple[bytes, dict]:
+    """A multipart/form-data body as curl -F builds it (urllib3's encoder, as requests' files= uses)."""
+    from urllib3 import encode_multipart_formdata
+
+    parts = dict(fields)
+    if image is not None:
+        parts["image"] = ("photo.png", image, "image/png")
+    body, content_type = encode_multipart_formdata(parts)
+    return body, {"Content-Type": content_type}
+
+
+PNG_BYTES = base64.b64decode(IMAGE.split(",", 1)[1])
+
+
+@pytest.mark.parametrize("fields, status, code, words", [
+    ({"length": "huge"}, 422, "invalid_value", "length must be one of"),               # the same check as JSON
+    ({"settings": "{max_tokens: 5}"}, 400, "invalid_form", "field `settings` must hold JSON text"),
+    ({"settings": '{"max_tokens": 0}'}, 422, "invalid_value", "settings.max_tokens must be between"),
+    ({"settings": '{"max_tokens": "many"}'}, 400, "invalid_request", "settings.max_tokens"),
+    ({"stream": "perhaps"}, 400, "invalid_request", "$.stream"),
+    ({"image_url": IMAGE}, 400, "invalid_form", "either as the `image` file part or as `image_url`"),
+])
+def test_form_fields_get_the_json_routes_checks(client, fields, status, code, words):
+    body, headers = multipart(fields, PNG_BYTES)
+    assert_error(client.simulate_post("/v1/caption", body=body, headers=headers), status, code, words)
+
+
+def test_a_form_without_an_image_says_what_is_missing(client):
+    body, headers = multipart({"length": "short"})
+    assert_error(client.simulate_post("/v1/caption", body=body, headers=headers), 400, "invalid_request", "image_url")
+
+
+def test_an_empty_image_part_is_400(client):
+    body, headers = multipart({"object": "dog"}, b"")
+    assert_error(client.simulate_post("/v1/detect", body=body, headers=headers), 400, "invalid_image")
+
+
+def test_urlencoded_fields_get_the_same_checks(client):
+    from urllib.parse import urlencode
+
+    body = urlencode({"question": "", "image_url": IMAGE})
+    result = client.simulate_post("/v1/query", body=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert_error(result, 422, "invalid_value", "question must not be empty")
+
+
+def test_an_oversized_form_is_413_with_the_same_message(client, config):
+    body, headers = multipart({"length": "short"}, b"\0" * config.max_body_bytes)
+    assert_error(client.simulate_post("/v1/caption", body=body, headers=headers), 413, "payload_too_large",
+                 f"larger than MAX_BODY_BYTES ({config.max_body_bytes} bytes)")
+
+
+# ---------------------------------------------------------------- unknown top-level fields
+def test_strict_fields_makes_an_unknown_field_a_422_naming_it(config, broker):
+    strict = falcon.testing.TestClient(create_app(dataclasses.replace(config, strict_fields=True), broker))
+    result = post(strict, "/v1/caption", {"image_url": IMAGE, "lenght": "short"})
+    assert_error(result, 422, "unknown_field", "unknown field lenght (the server runs with STRICT_FIELDS=1)")
+    body, headers = multipart({"lenght": "short"}, PNG_BYTES)  # a form's fields are the same fields
+    assert_error(strict.simulate_post("/v1/caption", body=body, headers=headers), 422, "unknown_field", "lenght")
 
 
 def test_json_content_type_with_charset_is_accepted(client):
@@ -390,3 +458,12 @@ def test_defaults_left_out_respect_the_server_limits():
     assert Settings().check(Config(max_tokens_limit=16, max_objects_limit=5)) == {"max_tokens": 16, "max_objects": 5}
     assert Settings().check(Config()) == {}  # within the limits the engine's defaults apply
     assert Settings(max_tokens=8).check(Config(max_tokens_limit=16))["max_tokens"] == 8
+
+
+def test_an_unknown_field_is_ignored_but_named_in_a_header_and_a_log_line(client, caplog):
+    # `length` is checked after the fields are named: the 422 for it carries the header too.
+    with caplog.at_level(logging.INFO, logger="frontend"):
+        result = post(client, "/v1/caption", {"image_url": IMAGE, "lenght": "short", "length": "huge", "extra": 1})
+    assert_error(result, 422, "invalid_value", "length must be one of")
+    assert result.headers["x-ignored-fields"] == "lenght, extra"
+    assert any("ignored unknown fields in /v1/caption: lenght, extra" in r.getMessage() for r in caplog.records)

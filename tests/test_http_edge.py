@@ -275,6 +275,18 @@ def test_urllib_sending_a_60_mb_body_gets_the_json_413(stack):
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(req, timeout=60)
     assert caught.value.code == 413
-    assert json.loads(caught.value.read())["error"]["code"] == "payload_too_large"
+    far_over = json.loads(caught.value.read())
+    assert far_over["error"]["code"] == "payload_too_large"
+    assert far_over["request_id"] and far_over["request_id"] == caught.value.headers["X-Request-ID"]
     status, _, _ = timed(stack.port, "GET", "/health/live")
     assert status == 200
+
+    # Just over the limit the app answers, not waitress: the same words.
+    limit = stack.config.max_body_bytes
+    req = urllib.request.Request(stack.url + "/v1/caption", b"A" * (limit + 1), {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(req, timeout=60)
+    just_over = json.loads(caught.value.read())
+    assert caught.value.code == 413 and just_over["request_id"]
+    assert just_over["error"] == far_over["error"] == {
+        "code": "payload_too_large", "message": f"the request body is larger than MAX_BODY_BYTES ({limit} bytes)"}

@@ -138,6 +138,16 @@ def few_tokens(case):
     return case
 
 
+def test_the_document_is_openapi_3_1_without_3_2_fields():
+    """3.1.0, which common generators read: no 3.2-only field (itemSchema) anywhere; a stream's
+    schema describes one event (SSE) or one line (JSONL)."""
+    spec = build_spec(config_from_env({}))
+    assert spec["openapi"] == "3.1.0"
+    assert "itemSchema" not in json.dumps(spec)
+    query_stream = spec["paths"]["/v1/query"]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert query_stream["required"] == ["data"]
+
+
 def test_api_key_is_documented_only_when_required():
     """With VLM_API_KEY set the document names the header and the 401 answer."""
     open_spec = build_spec(config_from_env({}))

@@ -198,6 +198,8 @@ def test_chat_holds_a_short_conversation(page):
         assert run_and_wait(page) == "done", page.find_element(By.ID, "error").text
         assert page.find_element(By.ID, "chat-log").get_attribute("data-turns") == str(turn)
         assert "tokens" in page.find_element(By.ID, "metrics").text
+        # The reply shows once, in the transcript, not also in the output box below the form.
+        assert page.find_element(By.ID, "output").get_attribute("textContent") == ""
     log = page.find_elements(By.CSS_SELECTOR, "#chat-log .msg")
     assert [m.get_attribute("class") for m in log] == ["msg user", "msg assistant"] * 2
     assert log[2].text == "And what colour is it?" and log[1].get_attribute("textContent")
@@ -206,7 +208,9 @@ def test_chat_holds_a_short_conversation(page):
     assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user"]
     assert second["messages"][:1] == first["messages"]
     assert second["messages"][1]["content"] == log[1].get_attribute("textContent")
-    page.find_element(By.ID, "chat-new").click()
+    new_chat = page.find_element(By.ID, "chat-new")
+    assert new_chat.value_of_css_property("border-top-style") == "solid"  # styled like Stop, not the browser's
+    new_chat.click()
     assert page.find_element(By.ID, "chat-log").get_attribute("data-turns") == "0"
     max_tokens.clear()
 
@@ -270,3 +274,14 @@ def test_batch_panel_lists_jobs_with_progress_and_a_download_link(page, stack):
     link = page.find_element(By.CSS_SELECTOR, row + " a.batch-download").get_attribute("href")
     with urllib.request.urlopen(link, timeout=10) as resp:
         assert len(resp.read().splitlines()) == 2
+    # The last row keeps clear of the panel's bottom border.
+    assert float(page.find_element(By.ID, "batch-panel").value_of_css_property("padding-bottom").rstrip("px")) > 0
+
+    # A job that fails as a whole (not JSONL) says why under its status.
+    source.write_text('{"skill": "caption", \n')
+    failed_id = client.submit(str(source), 1 << 20)["id"]
+    client.wait(failed_id, 0.3, out=io.StringIO())
+    page.refresh()
+    failed_row = f'#batch-jobs tr[data-job-id="{failed_id}"][data-status="failed"]'
+    WebDriverWait(page, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, failed_row))
+    assert page.find_element(By.CSS_SELECTOR, failed_row + " .batch-reason").text.startswith("validation_error: ")

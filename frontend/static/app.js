@@ -136,6 +136,12 @@ function addChatMessage(role, text) {
   div.textContent = text;
   $("chat-log").append(div);
   div.scrollIntoView({ block: "nearest" });
+  return div;
+}
+
+// A turn shows in the transcript only: the user's message, then the reply as it streams in.
+function startChatTurn(request) {
+  return { finish: null, reply: "", bubbles: [addChatMessage("user", request.userText), addChatMessage("assistant", "")] };
 }
 
 // The next user message: the image goes with the first one (Moondream sees one per conversation).
@@ -159,7 +165,9 @@ function onChatEvent(e, turn) {
   if (e.error) { showError(e.error.message); return false; }
   const choice = (e.choices || [])[0];
   if (choice && choice.delta.content) {
-    $("output").textContent += choice.delta.content;
+    turn.reply += choice.delta.content;
+    turn.bubbles[1].textContent = turn.reply;
+    turn.bubbles[1].scrollIntoView({ block: "nearest" });
     $("result").dataset.chunks = String(Number($("result").dataset.chunks) + 1);
   }
   if (choice && choice.delta.reasoning) showReasoning(choice.delta.reasoning);
@@ -171,11 +179,8 @@ function onChatEvent(e, turn) {
   return true;
 }
 
-function finishChatTurn(request) {
-  const reply = $("output").textContent;
-  state.chat.push(request.body.messages.at(-1), { role: "assistant", content: reply });
-  addChatMessage("user", request.userText);
-  addChatMessage("assistant", reply);
+function finishChatTurn(request, turn) {
+  state.chat.push(request.body.messages.at(-1), { role: "assistant", content: turn.reply });
   $("chat-log").dataset.turns = String(state.chat.length / 2);
   $("chat-message").value = "";
 }
@@ -298,10 +303,15 @@ async function run(event) {
     if (!response.ok) { showError(await errorMessage(response)); return; }
 
     if (skill === "chat") {
-      const turn = { finish: null };
-      let failed = false;
-      await readEvents(response, (e) => { failed = !onChatEvent(e, turn) || failed; });
-      if (!failed) { finishChatTurn(request); $("result").dataset.state = "done"; }
+      const turn = startChatTurn(request);
+      let failed = false, finished = false;
+      try {
+        await readEvents(response, (e) => { failed = !onChatEvent(e, turn) || failed; });
+        finished = !failed;
+      } finally {
+        if (!finished) turn.bubbles.forEach((b) => b.remove());  // an error or Stop: the turn did not happen
+      }
+      if (finished) { finishChatTurn(request, turn); $("result").dataset.state = "done"; }
       return;
     }
     if (response.headers.get("Content-Type").startsWith("text/event-stream")) {
@@ -389,6 +399,12 @@ function batchRow(job) {
   bar.max = p.total || 1;
   bar.value = done;
   row.cells[2].append(bar, ` ${done}/${p.total}` + (p.failed ? ` (${p.failed} failed)` : ""));
+  if (job.error) {  // the job failed as a whole (a file that is not JSONL, too many lines): say why
+    const why = document.createElement("div");
+    why.className = "batch-reason";
+    why.textContent = `${job.error.code}: ${job.error.message}`;
+    row.cells[1].append(why);
+  }
   for (const output of job.outputs) {
     const link = document.createElement("a");
     link.href = output.url;
