@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from shared.config import EXIT_CONFIG, Config, load_config
+from shared.config import EXIT_CONFIG, Config, load_config, stay_down
 from shared.logs import setup_logging
 
 
@@ -93,4 +93,4 @@ async def run_http(server, service, host: str, config: Config) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stay_down(main()))
