@@ -27,7 +27,7 @@ from prometheus_client.core import GaugeMetricFamily
 from frontend.app import ApiError
 from frontend.batch_schemas import LIST_DEFAULT, LIST_MAX, MAX_CURSOR, CompleteBody
 from shared import batch_store
-from shared.batch_store import BatchStore
+from shared.batch_store import BatchStore, batch_store_for
 from shared.config import Config
 
 OUTPUT_LINES = 10_000  # result lines per output file
@@ -87,7 +87,10 @@ class BatchCollection:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         _action(req, "mpu-create")
-        file_id, upload_id = self._store.create_upload()
+        try:
+            file_id, upload_id = self._store.create_upload()
+        except batch_store.UploadError as ex:  # BATCH_MAX_OPEN_UPLOADS
+            raise ApiError(ex.status, ex.code, ex.message) from None
         resp.media = {"fileId": file_id, "uploadId": upload_id}
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -128,6 +131,8 @@ class BatchItem:
             body = msgspec.json.decode(req.bounded_stream.read(self._config.max_body_bytes), type=CompleteBody)
         except msgspec.DecodeError as ex:  # ValidationError included
             raise ApiError(400, "invalid_request", f"the body must be {{\"parts\": [{{partNumber, etag}}]}}: {ex}") from None
+        except RecursionError:  # unknown fields are skipped recursively: 2000 nested brackets
+            raise ApiError(400, "invalid_request", "the body is nested too deeply") from None
         try:
             job = self._store.complete_upload(item_id, upload_id, [(p.part_number, p.etag) for p in body.parts])
         except batch_store.NotFound as ex:
@@ -208,7 +213,7 @@ class BatchCollector:
 
 def add_routes(app: falcon.App, config: Config) -> BatchStore:
     """Mount the Batch API on `app`; returns the store (for /metrics and /health)."""
-    store = BatchStore(config.batch_data_dir, config.batch_retention_hours)
+    store = batch_store_for(config)
     app.add_route("/v1/batch", BatchCollection(store))
     app.add_route("/v1/batch/{item_id}", BatchItem(store, config))
     app.add_route("/v1/batch/{item_id}/cancel", BatchCancel(store))

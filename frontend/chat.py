@@ -189,10 +189,14 @@ def stop_sequences(request: ChatRequest) -> list[str]:
 
 class StopCutter:
     """Ends text before the first stop sequence.  Fed streamed text piece by
-    piece, it holds back the tail that could be the start of a stop sequence."""
+    piece, it holds back the tail that could be the start of a stop sequence.
+
+    Each stop is followed by a KMP automaton (its state: how much of the stop the
+    text now ends with), so every character costs constant time whatever the stops'
+    lengths, and the text held back is never longer than the longest stop."""
 
     def __init__(self, stops: list[str]):
-        self._stops = stops
+        self._stops = [_StopMatcher(stop) for stop in stops]
         self._pending = ""
         self.stopped = False
 
@@ -200,14 +204,16 @@ class StopCutter:
         """The text that can be sent now."""
         if self.stopped:
             return ""
+        base = len(self._pending)
         self._pending += text
-        hits = [i for i in (self._pending.find(stop) for stop in self._stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            out, self._pending = self._pending[:min(hits)], ""
-            return out
-        hold = max((n for stop in self._stops for n in range(1, len(stop))
-                    if self._pending.endswith(stop[:n])), default=0)
+        for i, char in enumerate(text):
+            # every matcher steps (their states stay right); of stops ending here the longest wins
+            starts = [base + i + 1 - len(m.stop) for m in self._stops if m.step(char)]
+            if starts:
+                self.stopped = True
+                out, self._pending = self._pending[:min(starts)], ""
+                return out
+        hold = max((m.state for m in self._stops), default=0)
         out = self._pending[:len(self._pending) - hold]
         self._pending = self._pending[len(out):]
         return out
@@ -218,6 +224,35 @@ class StopCutter:
 
     def cut(self, text: str) -> str:
         return self.feed(text) + self.flush()
+
+
+class _StopMatcher:
+    """One stop sequence's Knuth-Morris-Pratt automaton."""
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.state = 0  # the longest prefix of `stop` that the text seen so far ends with
+        # fallback[k]: the longest proper prefix of stop[:k + 1] that is also its suffix
+        self.fallback = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fallback[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fallback[i] = k
+
+    def step(self, char: str) -> bool:
+        """Feed one character; True when the text now ends with the whole stop."""
+        k = self.state
+        if k == len(self.stop):  # matched before: go on from its longest border
+            k = self.fallback[k - 1]
+        while k and self.stop[k] != char:
+            k = self.fallback[k - 1]
+        if self.stop[k] == char:
+            k += 1
+        self.state = k
+        return k == len(self.stop)
 
 
 # ---------------------------------------------------------------- answers

@@ -90,6 +90,8 @@ class Config:
     batch_max_file_bytes: int = field(default=2 * 1024 ** 3, metadata={"env": "BATCH_MAX_FILE_BYTES", "help": "largest batch input file (limit_exceeded above)"})
     batch_max_lines: int = field(default=100_000, metadata={"env": "BATCH_MAX_LINES", "help": "most lines in one batch input file (limit_exceeded above)"})
     batch_max_line_bytes: int = field(default=10 * 1024 * 1024, metadata={"env": "BATCH_MAX_LINE_BYTES", "help": "longest input line; a longer one gets a per-line invalid_request"})
+    batch_max_open_uploads: int = field(default=100, metadata={"env": "BATCH_MAX_OPEN_UPLOADS", "help": "uploads begun and not yet completed or aborted, at most (one API key: this is also the per-key quota); 429 quota_exceeded beyond"})
+    batch_max_stored_bytes: int = field(default=20 * 1024 ** 3, metadata={"env": "BATCH_MAX_STORED_BYTES", "help": "bytes the batch store may hold in upload parts and job input files together (until jobs expire); 429 quota_exceeded beyond"})
     batch_retention_hours: float = field(default=168.0, metadata={"env": "BATCH_RETENTION_HOURS", "help": "hours a finished job and its results are kept, and an unfinished upload waits to be completed"})
     batch_in_flight: int = field(default=16, metadata={"env": "BATCH_IN_FLIGHT", "help": "batch lines submitted at once (keep it below BATCH_SIZE so interactive requests always find a slot)"})
     batch_yield_ms: int = field(default=-1, metadata={"env": "BATCH_YIELD_MS", "help": "while interactive requests decode, batch lines decode at most once per this many milliseconds; -1: 250 when the model runs on the CPU (each row costs step time there), 0 (never wait) on a GPU"})
