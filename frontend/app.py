@@ -440,6 +440,7 @@ class HealthResource:
             "ready": ready,
             "model": model,
             "auth_required": bool(self._config.api_key),
+            "authentication": "api key" if self._config.api_key else "no authentication",
             "workers": workers,
         }
         if reason is not None:

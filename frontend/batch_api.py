@@ -52,11 +52,12 @@ def _required(req: falcon.Request, name: str) -> str:
 
 
 def job_body(job: dict, base_url: str) -> dict:
-    """A job as GET /v1/batch/{id} shows it."""
+    """A job as GET /v1/batch/{id} shows it.  `base_url` is PUBLIC_BASE_URL, or "" for URLs
+    relative to the server: never the request's Host header, which the client chooses."""
     done = job["status"] in batch_store.FINAL_STATES or job["completed"] + job["failed"] > 0
     outputs = []
     if done and job["total"]:
-        outputs = [{"index": i, "url": f"{base_url}/v1/batch/{job['id']}/results/{i}"}
+        outputs = [{"index": i, "url": f"{base_url.rstrip('/')}/v1/batch/{job['id']}/results/{i}"}
                    for i in range((job["total"] + OUTPUT_LINES - 1) // OUTPUT_LINES)]
     body = {
         "id": job["id"],
@@ -82,8 +83,9 @@ def _iso(t):
 class BatchCollection:
     """/v1/batch: start an upload (POST), list jobs (GET)."""
 
-    def __init__(self, store: BatchStore):
+    def __init__(self, store: BatchStore, base_url: str):
         self._store = store
+        self._base_url = base_url
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         _action(req, "mpu-create")
@@ -99,7 +101,7 @@ class BatchCollection:
         jobs = self._store.list_jobs(limit + 1, cursor)
         more = len(jobs) > limit
         jobs = jobs[:limit]
-        resp.media = {"data": [job_body(j, req.prefix) for j in jobs], "has_more": more,
+        resp.media = {"data": [job_body(j, self._base_url) for j in jobs], "has_more": more,
                       "next_cursor": str(jobs[-1]["seq"]) if more else None}
 
 
@@ -151,7 +153,7 @@ class BatchItem:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, item_id: str) -> None:
         try:
-            resp.media = job_body(self._store.get_job(item_id), req.prefix)
+            resp.media = job_body(self._store.get_job(item_id), self._config.public_base_url)
         except batch_store.NotFound as ex:
             raise _not_found(ex) from None
 
@@ -159,12 +161,13 @@ class BatchItem:
 class BatchCancel:
     """POST /v1/batch/{item_id}/cancel"""
 
-    def __init__(self, store: BatchStore):
+    def __init__(self, store: BatchStore, base_url: str):
         self._store = store
+        self._base_url = base_url
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, item_id: str) -> None:
         try:
-            resp.media = job_body(self._store.cancel_job(item_id), req.prefix)
+            resp.media = job_body(self._store.cancel_job(item_id), self._base_url)
         except batch_store.NotFound as ex:
             raise _not_found(ex) from None
 
@@ -214,8 +217,8 @@ class BatchCollector:
 def add_routes(app: falcon.App, config: Config) -> BatchStore:
     """Mount the Batch API on `app`; returns the store (for /metrics and /health)."""
     store = batch_store_for(config)
-    app.add_route("/v1/batch", BatchCollection(store))
+    app.add_route("/v1/batch", BatchCollection(store, config.public_base_url))
     app.add_route("/v1/batch/{item_id}", BatchItem(store, config))
-    app.add_route("/v1/batch/{item_id}/cancel", BatchCancel(store))
+    app.add_route("/v1/batch/{item_id}/cancel", BatchCancel(store, config.public_base_url))
     app.add_route("/v1/batch/{item_id}/results/{index:int}", BatchResults(store))
     return store

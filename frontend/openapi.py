@@ -163,6 +163,7 @@ class Health(msgspec.Struct):
     ready: bool
     model: HealthModel
     auth_required: bool
+    authentication: Literal["api key", "no authentication"]
     workers: HealthWorkers
     queue: Union[HealthQueue, UnsetType] = UNSET  # absent when the broker does not answer
     reason: Union[str, UnsetType] = UNSET  # why not ready (503 only)

@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RUN_DIR=${RUN_DIR:-$PWD/run}
 # FRONTEND_WORKERS and PREPROCESS_WORKERS as set, or sized from the usable CPUs (supervisord needs numbers)
-eval "$(.venv/bin/python -m shared.host_size)"
+# A setting that cannot work (PORT=abc, HOST=0.0.0.0 without VLM_API_KEY) stops here: one line, exit 78.
+sizes=$(.venv/bin/python -m shared.host_size)
+eval "$sizes"
 mkdir -p -m 700 "$RUN_DIR"  # logs and the control socket: the owner's only
 rm -rf "$RUN_DIR/frontend-metrics"  # the front ends' counts (supervisord.conf) start from zero with the service
 # The terminal then shows one line once the service is ready (supervisord.conf, ready_notice).
