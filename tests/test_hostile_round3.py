@@ -234,3 +234,46 @@ def test_serving_everyone_on_purpose_is_said_on_the_terminal_and_in_health():
         assert code == 200 and health["authentication"] == "no authentication" and not health["auth_required"]
         wait_for(lambda: "listening on" in open_stack.terminal(), 60, "the ready line", open_stack)
         assert "no authentication: anyone who can reach the port can use it" in open_stack.terminal()
+
+
+# ---------------------------------------------------------------- 6. LOW: MAX_IN_FLIGHT across front ends
+def test_the_in_flight_count_is_shared_between_processes(tmp_path):
+    """Another process (a real one) holds 3 of the 4 slots: this one gets the last, then 429s."""
+    path = tmp_path / "frontend-in-flight"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from frontend.edge import SharedInFlight; "
+         f"c = SharedInFlight(4, {str(path)!r}, 1, 2); [c.try_acquire() for _ in range(3)]; "
+         "print('held', flush=True); sys.stdin.readline(); c.release(); print('released', flush=True); sys.stdin.readline()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        from frontend.edge import SharedInFlight
+
+        count = SharedInFlight(4, str(path), 0, 2)
+        assert count.try_acquire() and not count.try_acquire()
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+        assert count.try_acquire() and not count.try_acquire()
+        count.release()
+        count.release()
+        assert count.total() == 2  # the other process's two
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_front_ends_take_the_whole_limit_however_connections_fall():
+    """With FRONTEND_WORKERS=2 each front end counted to its own limit: the kernel's uneven spread
+    of connections gave 429s below the documented total."""
+    from tests.test_http_edge import start_long_streams
+
+    with running_stack(FRONTEND_WORKERS=2, HTTP_THREADS=3) as two:  # the limit: 2 x 3 = 6 together
+        warm_up(two)
+        streams = start_long_streams(two, 6)  # asserts each one's 200
+        try:
+            status, body, took = call(two, "POST", "/v1/query", json.dumps({"question": "hi"}).encode())
+            assert status == 429 and took < 5, (status, body, took)
+        finally:
+            for sock in streams:
+                sock.close()
