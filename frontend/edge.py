@@ -180,11 +180,12 @@ class SharedInFlight(InFlight):
 
 def in_flight_count(config: Config) -> InFlight:
     """A count shared by the front ends when supervisord runs several (RUN_DIR and the process
-    number come from it), else this process's own."""
+    number come from it) against their limit together; else this process's own against
+    MAX_IN_FLIGHT, or HTTP_THREADS (a lone front end, a Kubernetes pod)."""
     run_dir, name = os.environ.get("RUN_DIR"), os.environ.get("SUPERVISOR_PROCESS_NAME", "")
     number = name.rpartition("_")[2]
     if config.frontend_workers <= 1 or not run_dir or not number.isdigit() or int(number) >= config.frontend_workers:
-        return InFlight(config.in_flight_limit)
+        return InFlight(config.max_in_flight or config.http_threads)
     return SharedInFlight(config.in_flight_limit, os.path.join(run_dir, "frontend-in-flight"),
                           int(number), config.frontend_workers)
 
@@ -353,13 +354,13 @@ class EdgeServer(TcpWSGIServer):
 
     channel_class = EdgeChannel
 
-    def __init__(self, application, config: Config, adj: Adjustments, sock: socket.socket):
+    def __init__(self, application, config: Config, adj: Adjustments, sock: socket.socket, in_flight: InFlight):
         self.ops_lane = ThreadedTaskDispatcher()
         self.ops_lane.set_thread_count(OPS_THREADS)
         self.refusal_lane = ThreadedTaskDispatcher()
         self.refusal_lane.set_thread_count(REFUSAL_THREADS)
         self.refusal_lane.queue_logger = QUIET_QUEUE_LOG
-        self.in_flight = in_flight_count(config)
+        self.in_flight = in_flight
         self.header_timeout = config.http_header_timeout
         self.body_timeout = config.http_body_timeout
         super().__init__(application, _sock=sock, adj=adj, bind_socket=False,
@@ -416,9 +417,13 @@ def create_server(application, config: Config) -> EdgeServer:
     json_waitress_errors()
     raise_open_files_limit(config.http_connection_limit + 256)
     sock = listening_socket(config)  # bound here (shared with the other front ends): OSError if taken
+    in_flight = in_flight_count(config)
+    # Each counted request holds a thread, a stream for its whole life.  Sharing the count, one
+    # front end may hold all of it (the kernel may send it most connections): as many threads.
+    threads = max(config.http_threads, in_flight.limit) if isinstance(in_flight, SharedInFlight) else config.http_threads
     adj = Adjustments(
         sockets=[sock],
-        threads=config.request_threads,  # each counted request holds one, a stream for its whole life
+        threads=threads,
         connection_limit=config.http_connection_limit,
         channel_timeout=config.http_idle_timeout,
         cleanup_interval=CLEANUP_INTERVAL_S,
@@ -429,4 +434,4 @@ def create_server(application, config: Config) -> EdgeServer:
         channel_request_lookahead=1,
         ident="moondream-server",
     )
-    return EdgeServer(application, config, adj, sock)
+    return EdgeServer(application, config, adj, sock, in_flight)

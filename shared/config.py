@@ -63,7 +63,7 @@ class Config:
     host: str = field(default="127.0.0.1", metadata={"env": "HOST", "help": "HTTP listen address: this machine only by default; 0.0.0.0 (all addresses) needs VLM_API_KEY or ALLOW_UNAUTHENTICATED=1"})
     prometheus_multiproc_dir: str = field(default="", metadata={"env": "PROMETHEUS_MULTIPROC_DIR", "help": "directory where the front ends keep their metrics so that /metrics on any one reports all (prometheus_client's multiprocess mode; supervisord.conf sets $RUN_DIR/frontend-metrics); empty: each its own"})
     http_threads: int = field(default=32, metadata={"env": "HTTP_THREADS", "help": "waitress threads per front end (each open stream holds one); with several front ends each runs as many as the whole in-flight limit, so however the kernel spreads connections a request let in has a thread"})
-    max_in_flight: int = field(default=0, metadata={"env": "MAX_IN_FLIGHT", "help": "requests (streams included) all front ends together hold at once (a count shared through $RUN_DIR), beyond which they answer 429 at once; 0: HTTP_THREADS x FRONTEND_WORKERS"})
+    max_in_flight: int = field(default=0, metadata={"env": "MAX_IN_FLIGHT", "help": "requests (streams included) the front ends of one supervisord hold at once, together (a count shared through $RUN_DIR), beyond which they answer 429 at once; 0: HTTP_THREADS x FRONTEND_WORKERS. A front end on its own (a Kubernetes pod): its own count, 0 meaning HTTP_THREADS"})
     http_connection_limit: int = field(default=1000, metadata={"env": "HTTP_CONNECTION_LIMIT", "help": "open client connections per front end; beyond it new ones wait in the listen backlog"})
     http_header_timeout: float = field(default=10.0, metadata={"env": "HTTP_HEADER_TIMEOUT", "help": "seconds a client may take to send a request's line and headers (408 and close after)"})
     http_body_timeout: float = field(default=120.0, metadata={"env": "HTTP_BODY_TIMEOUT", "help": "seconds a client may take to send a request's body once its headers are in (408 and close after)"})
@@ -112,14 +112,9 @@ class Config:
 
     @property
     def in_flight_limit(self) -> int:
-        """MAX_IN_FLIGHT, or HTTP_THREADS per front end when unset: the whole deployment's limit."""
+        """MAX_IN_FLIGHT, or HTTP_THREADS per front end when unset: the limit of the front ends
+        of one supervisord together (frontend/edge.py in_flight_count)."""
         return self.max_in_flight if self.max_in_flight > 0 else self.http_threads * max(1, self.frontend_workers)
-
-    @property
-    def request_threads(self) -> int:
-        """waitress threads of one front end: HTTP_THREADS, or the whole in-flight limit when
-        several front ends share it (the kernel may send one of them most of the connections)."""
-        return self.http_threads if self.frontend_workers <= 1 else max(self.http_threads, self.in_flight_limit)
 
     @property
     def heartbeat_expiry(self) -> float:
