@@ -206,13 +206,15 @@ class StopCutter:
             return ""
         base = len(self._pending)
         self._pending += text
-        for i, char in enumerate(text):
-            # every matcher steps (their states stay right); of stops ending here the longest wins
-            starts = [base + i + 1 - len(m.stop) for m in self._stops if m.step(char)]
-            if starts:
-                self.stopped = True
-                out, self._pending = self._pending[:min(starts)], ""
-                return out
+        ends = [(m.first_end(text), m) for m in self._stops]
+        hits = [(end, m) for end, m in ends if end >= 0]
+        if hits:
+            # the stop that ends first; of those ending together, the longest (it starts first)
+            first = min(end for end, _ in hits)
+            start = min(base + end + 1 - len(m.stop) for end, m in hits if end == first)
+            self.stopped = True
+            out, self._pending = self._pending[:start], ""
+            return out
         hold = max((m.state for m in self._stops), default=0)
         out = self._pending[:len(self._pending) - hold]
         self._pending = self._pending[len(out):]
@@ -242,17 +244,28 @@ class _StopMatcher:
                 k += 1
             self.fallback[i] = k
 
-    def step(self, char: str) -> bool:
-        """Feed one character; True when the text now ends with the whole stop."""
-        k = self.state
-        if k == len(self.stop):  # matched before: go on from its longest border
-            k = self.fallback[k - 1]
-        while k and self.stop[k] != char:
-            k = self.fallback[k - 1]
-        if self.stop[k] == char:
-            k += 1
+    def first_end(self, text: str) -> int:
+        """Feed `text`; the index of the character that first completes the stop, or -1."""
+        stop, fallback, n = self.stop, self.fallback, len(self.stop)
+        k, i = self.state, 0
+        while i < len(text):
+            if k == 0:  # nothing matched: jump to the stop's first character (str.find, in C)
+                i = text.find(stop[0], i)
+                if i < 0:
+                    break
+            elif k == n:  # matched before: go on from its longest border
+                k = fallback[k - 1]
+            char = text[i]
+            while k and stop[k] != char:
+                k = fallback[k - 1]
+            if stop[k] == char:
+                k += 1
+            i += 1
+            if k == n:
+                self.state = k
+                return i - 1
         self.state = k
-        return k == len(self.stop)
+        return -1
 
 
 # ---------------------------------------------------------------- answers
