@@ -239,6 +239,8 @@ class BatchStore:
                 self._check_room(conn, written - (replaced[0] if replaced else 0))
                 conn.execute("INSERT OR REPLACE INTO parts VALUES (?, ?, ?)", (file_id, part_number, written))
                 os.replace(tmp, folder / str(part_number))  # a part is whole or absent
+        except FileNotFoundError:  # its folder went with a completion or abort meanwhile
+            raise NotFound("no such upload (completed or aborted meanwhile)") from None
         finally:
             tmp.unlink(missing_ok=True)
         return digest.hexdigest()

@@ -282,3 +282,17 @@ def test_a_store_from_before_the_quotas_gets_their_columns(tmp_path):
     conn.close()
     store = BatchStore(root)
     assert store.begin_chunking("a" * 32) == 1 and store.get_job("a" * 32)["input_bytes"] == 0
+
+
+def test_a_part_whose_upload_is_aborted_meanwhile_is_not_found(store):
+    """The abort removed the folder while the part was still arriving: a 404, not a 500."""
+    file_id, upload_id = store.create_upload()
+
+    class BodyAbortedMidway(io.BytesIO):  # the abort lands between the checks and the write
+        def read(self, size=-1):
+            if self.tell() == 0:
+                store.abort_upload(file_id, upload_id)
+            return super().read(size)
+
+    with pytest.raises(batch_store.NotFound):
+        store.put_part(file_id, upload_id, 1, BodyAbortedMidway(b"x" * 10), 100)
