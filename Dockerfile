@@ -3,7 +3,10 @@
 # worker) in one container under supervisord.
 #
 #   docker build -t moondream-server .
-#   docker run --gpus all -p 5000:5000 -v moondream-hf:/data/hf moondream-server
+#   docker run --gpus all -p 5000:5000 -e VLM_API_KEY=... -v moondream-hf:/data/hf moondream-server
+#
+# The container listens on every address (HOST=0.0.0.0), so it refuses to start
+# without VLM_API_KEY, unless ALLOW_UNAUTHENTICATED=1 says to serve anyone.
 #
 # or `docker compose up` (docker-compose.yaml).  Settings are environment
 # variables, all listed in shared/config.py (VLM_API_KEY, MOONDREAM_REVISION,
@@ -61,4 +64,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
 
 # FRONTEND_WORKERS and PREPROCESS_WORKERS: as set, or sized from the container's CPUs (its --cpus quota);
 # the front ends' metrics files start afresh with the container (supervisord.conf).
-CMD ["sh", "-c", "rm -rf \"$RUN_DIR/frontend-metrics\" && eval \"$(python -m shared.host_size)\" && exec supervisord -c /app/supervisord.conf"]
+# A setting that cannot work (no VLM_API_KEY, PORT=abc) ends the container here with one line (exit 78).
+CMD ["sh", "-c", "rm -rf \"$RUN_DIR/frontend-metrics\" && sizes=\"$(python -m shared.host_size)\" && eval \"$sizes\" && exec supervisord -c /app/supervisord.conf"]

@@ -2,11 +2,16 @@
 and find where each line starts and ends.
 
 Batch-level errors (the whole job fails, no line runs):
-    validation_error   a blank line, bytes that are not UTF-8, a line that is not a JSON object
+    validation_error   a blank line before another line, bytes that are not UTF-8, a line that is
+                       not a JSON object (or nested too deeply to read)
     limit_exceeded     the file is over BATCH_MAX_FILE_BYTES, or has over BATCH_MAX_LINES lines
     empty_batch        no lines at all
 A line over BATCH_MAX_LINE_BYTES is not read here: it becomes that line's own
 invalid_request, as the other lines run.
+
+Accepted as editors and exporters write files: a UTF-8 byte order mark at the start
+(skipped) and blank lines at the end (ignored).  Line numbers count from the file's
+first line, so a result's line_index is its line in the file, less one.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ VALIDATION_ERROR = "validation_error"
 LIMIT_EXCEEDED = "limit_exceeded"
 EMPTY_BATCH = "empty_batch"
 SKIP_CHUNK = 1 << 20
+BOM = b"\xef\xbb\xbf"
 
 
 class BatchError(Exception):
@@ -32,25 +38,37 @@ def scan(path: Path, max_file_bytes: int, max_lines: int, max_line_bytes: int) -
     if size > max_file_bytes:
         raise BatchError(LIMIT_EXCEEDED, f"the file is larger than {max_file_bytes} bytes")
     spans: list[tuple[int, int]] = []
+    blank_at = 0  # the first of the blank lines just read (1-based); fine only if no line follows
     with open(path, "rb") as f:
-        offset = 0
+        offset = len(BOM) if f.read(len(BOM)) == BOM else 0
+        f.seek(offset)
         while offset < size:
             if len(spans) >= max_lines:
                 raise BatchError(LIMIT_EXCEEDED, f"the file has more than {max_lines} lines")
             raw = f.readline(max_line_bytes + 2)  # + "\r\n": a line just at the limit is read whole
             end = offset + len(raw)
             if not raw.endswith(b"\n") and end < size:  # over the limit: skip to its end, unread
+                _no_blank_before(blank_at)
                 end = _skip_line(f, end, size)
                 spans.append((offset, end - offset - 1))  # a length over the limit marks it
                 offset = end
                 continue
             line = raw.rstrip(b"\n").rstrip(b"\r")
+            offset_before, offset = offset, end
+            if not line.strip():
+                blank_at = blank_at or len(spans) + 1
+                continue
+            _no_blank_before(blank_at)
             _check_line(line, len(spans))
-            spans.append((offset, len(line)))
-            offset = end
+            spans.append((offset_before, len(line)))
     if not spans:
         raise BatchError(EMPTY_BATCH, "the file has no lines")
     return spans
+
+
+def _no_blank_before(blank_at: int) -> None:
+    if blank_at:
+        raise BatchError(VALIDATION_ERROR, f"line {blank_at} is blank (blank lines may only end the file)")
 
 
 def _skip_line(f, position: int, size: int) -> int:
@@ -68,8 +86,6 @@ def _skip_line(f, position: int, size: int) -> int:
 
 def _check_line(line: bytes, index: int) -> None:
     where = f"line {index + 1}"
-    if not line.strip():
-        raise BatchError(VALIDATION_ERROR, f"{where} is blank")
     try:
         line.decode("utf-8")
     except UnicodeDecodeError:
@@ -78,5 +94,7 @@ def _check_line(line: bytes, index: int) -> None:
         value = msgspec.json.decode(line)
     except msgspec.DecodeError as ex:
         raise BatchError(VALIDATION_ERROR, f"{where} is not valid JSON: {ex}") from None
+    except RecursionError:  # thousands of nested brackets: the line's fault, never the worker's
+        raise BatchError(VALIDATION_ERROR, f"{where} is nested too deeply") from None
     if not isinstance(value, dict):
         raise BatchError(VALIDATION_ERROR, f"{where} is not a JSON object")

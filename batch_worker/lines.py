@@ -57,7 +57,7 @@ def line_id(raw: bytes) -> Any:
     """The line's `id`, echoed in its result even when the rest of the line is wrong."""
     try:
         value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     return value.get("id") if isinstance(value, dict) else None
 
@@ -70,6 +70,8 @@ def to_submit(raw: bytes, request_id: str, config, names: models.ModelNames) -> 
         raise LineError(INVALID_REQUEST, str(ex)) from None
     except msgspec.DecodeError as ex:  # chunking checked the JSON already; kept for safety
         raise LineError(INVALID_REQUEST, f"the line is not valid JSON: {ex}") from None
+    except RecursionError:  # msgspec skips unknown fields recursively
+        raise LineError(INVALID_REQUEST, "the line is nested too deeply") from None
     if line.skill is None:
         raise LineError(INVALID_REQUEST, "the line has no skill")
     if line.skill not in SKILLS:

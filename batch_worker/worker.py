@@ -30,10 +30,11 @@ from batch_worker import chunking, lines
 from frontend import models
 from frontend.app import wait_events
 from shared import protocol
-from shared.batch_store import CANCELLED, CHUNKING, PROCESSING, BatchStore
+from shared.batch_store import CANCELLED, CHUNKING, PROCESSING, BatchStore, batch_store_for
 
 log = logging.getLogger("batch_worker")
 
+MAX_CHUNK_ATTEMPTS = 2  # starts of a job's chunking that may end without an answer (the worker died) before it is failed
 MAX_ATTEMPTS = 5  # runs of one line that end in worker_died or timeout before it is given up
 RETRY_DELAY_S = 1.0  # a line that could not run now waits this long (the broker may be restarting)
 HOUSEKEEPING_S = 0.25  # how often new jobs, cancels and expiries are looked for (a new job waits at most this long)
@@ -70,7 +71,7 @@ class BatchWorker:
     def __init__(self, config, client, store: Optional[BatchStore] = None):
         self.config = config
         self.client = client  # a BrokerClient (or anything with its submit API)
-        self.store = store or BatchStore(config.batch_data_dir, config.batch_retention_hours)
+        self.store = store or batch_store_for(config)
         self.names = models.ModelNames(config)
         self.in_flight_limit = max(1, config.batch_in_flight)
         self.busy_limit = max(1, min(config.batch_in_flight_busy, self.in_flight_limit))
@@ -137,8 +138,16 @@ class BatchWorker:
         self.retries = [t for t in self.retries if t.job_id in running]
 
     def chunk(self, job_id: str) -> None:
-        """Runs on the chunker thread; the store opens a connection per call, so that is safe."""
+        """Runs on the chunker thread; the store opens a connection per call, so that is safe.
+        Whatever reading the file raises fails that job, never the worker; and a file that took
+        the worker down anyway (MAX_CHUNK_ATTEMPTS starts without an end) is not read again."""
         started = time.monotonic()
+        attempts = self.store.begin_chunking(job_id)
+        if attempts > MAX_CHUNK_ATTEMPTS:
+            log.warning("job %s: the batch worker stopped %d times while reading its file; failed", job_id, attempts - 1)
+            self.store.fail_job(job_id, chunking.VALIDATION_ERROR,
+                                f"the batch worker stopped {attempts - 1} times while reading this file")
+            return
         try:
             spans = chunking.scan(self.store.input_path(job_id), self.config.batch_max_file_bytes,
                                   self.config.batch_max_lines, self.config.batch_max_line_bytes)
@@ -148,6 +157,10 @@ class BatchWorker:
             return
         except OSError as ex:
             self.store.fail_job(job_id, chunking.VALIDATION_ERROR, f"the input file cannot be read: {ex.strerror}")
+            return
+        except Exception as ex:  # a bug or a parser surprise: this job's error, not the worker's
+            log.exception("job %s: reading its file failed", job_id)
+            self.store.fail_job(job_id, chunking.VALIDATION_ERROR, f"the input file cannot be read ({type(ex).__name__})")
             return
         self.store.set_lines(job_id, spans)
         log.info("job %s: %d lines (chunked in %.2f s)", job_id, len(spans), time.monotonic() - started)

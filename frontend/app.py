@@ -506,6 +506,7 @@ class HealthResource:
             "auth_required": bool(self._config.api_key),
             # which deployment answers (a digest of DEPLOYMENT_ID): ready_notice checks it is its own
             "deployment": self._config.deployment_tag,
+            "authentication": "api key" if self._config.api_key else "no authentication",
             "workers": workers,
         }
         if reason is not None:

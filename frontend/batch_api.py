@@ -31,7 +31,7 @@ from frontend import forms
 from frontend.app import ApiError, read_body
 from frontend.batch_schemas import LIST_DEFAULT, LIST_MAX, MAX_CURSOR, CompleteBody
 from shared import batch_store
-from shared.batch_store import BatchStore
+from shared.batch_store import BatchStore, batch_store_for
 from shared.config import Config
 
 OUTPUT_LINES = 10_000  # result lines per output file
@@ -61,11 +61,12 @@ def _required(req: falcon.Request, name: str) -> str:
 
 
 def job_body(job: dict, base_url: str) -> dict:
-    """A job as GET /v1/batch/{id} shows it."""
+    """A job as GET /v1/batch/{id} shows it.  `base_url` is PUBLIC_BASE_URL, or "" for URLs
+    relative to the server: never the request's Host header, which the client chooses."""
     done = job["status"] in batch_store.FINAL_STATES or job["completed"] + job["failed"] > 0
     outputs = []
     if done and job["total"]:
-        outputs = [{"index": i, "url": f"{base_url}/v1/batch/{job['id']}/results/{i}"}
+        outputs = [{"index": i, "url": f"{base_url.rstrip('/')}/v1/batch/{job['id']}/results/{i}"}
                    for i in range((job["total"] + OUTPUT_LINES - 1) // OUTPUT_LINES)]
     body = {
         "id": job["id"],
@@ -101,7 +102,10 @@ class BatchCollection:
             return
         if (req.get_param("action") or "") != "mpu-create":
             raise ApiError(400, "invalid_request", HOW_TO_UPLOAD)
-        file_id, upload_id = self._store.create_upload()
+        try:
+            file_id, upload_id = self._store.create_upload()
+        except batch_store.UploadError as ex:  # BATCH_MAX_OPEN_UPLOADS
+            raise ApiError(ex.status, ex.code, ex.message) from None
         resp.media = {"fileId": file_id, "uploadId": upload_id}
 
     def one_shot(self, req: falcon.Request) -> dict:
@@ -114,8 +118,8 @@ class BatchCollection:
         if data is None:
             raise ApiError(400, "invalid_request", "send the JSONL file as the part named `file` "
                            "(curl -F file=@batch.jsonl ...)")
-        file_id, upload_id = self._store.create_upload()
         try:
+            file_id, upload_id = self._store.create_upload()
             etag = self._store.put_part(file_id, upload_id, 1, io.BytesIO(data), self._config.batch_max_file_bytes)
             job = self._store.complete_upload(file_id, upload_id, [(1, etag)])
         except batch_store.UploadError as ex:
@@ -128,7 +132,7 @@ class BatchCollection:
         jobs = self._store.list_jobs(limit + 1, cursor)
         more = len(jobs) > limit
         jobs = jobs[:limit]
-        resp.media = {"data": [job_body(j, req.prefix) for j in jobs], "has_more": more,
+        resp.media = {"data": [job_body(j, self._config.public_base_url) for j in jobs], "has_more": more,
                       "next_cursor": str(jobs[-1]["seq"]) if more else None}
 
 
@@ -160,6 +164,8 @@ class BatchItem:
             body = msgspec.json.decode(req.bounded_stream.read(self._config.max_body_bytes), type=CompleteBody)
         except msgspec.DecodeError as ex:  # ValidationError included
             raise ApiError(400, "invalid_request", f"the body must be {{\"parts\": [{{partNumber, etag}}]}}: {ex}") from None
+        except RecursionError:  # unknown fields are skipped recursively: 2000 nested brackets
+            raise ApiError(400, "invalid_request", "the body is nested too deeply") from None
         try:
             job = self._store.complete_upload(item_id, upload_id, [(p.part_number, p.etag) for p in body.parts])
         except batch_store.NotFound as ex:
@@ -178,7 +184,7 @@ class BatchItem:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, item_id: str) -> None:
         try:
-            resp.media = job_body(self._store.get_job(item_id), req.prefix)
+            resp.media = job_body(self._store.get_job(item_id), self._config.public_base_url)
         except batch_store.NotFound as ex:
             raise _not_found(ex) from None
 
@@ -186,12 +192,13 @@ class BatchItem:
 class BatchCancel:
     """POST /v1/batch/{item_id}/cancel"""
 
-    def __init__(self, store: BatchStore):
+    def __init__(self, store: BatchStore, base_url: str):
         self._store = store
+        self._base_url = base_url
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, item_id: str) -> None:
         try:
-            resp.media = job_body(self._store.cancel_job(item_id), req.prefix)
+            resp.media = job_body(self._store.cancel_job(item_id), self._base_url)
         except batch_store.NotFound as ex:
             raise _not_found(ex) from None
 
@@ -240,9 +247,9 @@ class BatchCollector:
 
 def add_routes(app: falcon.App, config: Config) -> BatchStore:
     """Mount the Batch API on `app`; returns the store (for /metrics and /health)."""
-    store = BatchStore(config.batch_data_dir, config.batch_retention_hours)
+    store = batch_store_for(config)
     app.add_route("/v1/batch", BatchCollection(store, config))
     app.add_route("/v1/batch/{item_id}", BatchItem(store, config))
-    app.add_route("/v1/batch/{item_id}/cancel", BatchCancel(store))
+    app.add_route("/v1/batch/{item_id}/cancel", BatchCancel(store, config.public_base_url))
     app.add_route("/v1/batch/{item_id}/results/{index:int}", BatchResults(store))
     return store

@@ -37,7 +37,9 @@ from shared.protocol import Cancel, Chunk, Error, Result, Status, StatusQuery, S
 log = logging.getLogger("broker_client")
 
 Event = Union[Chunk, Result, Error]
-_PING_PREFIX = "ping-"
+# Our own status queries start with "#", which no request id has (a client's X-Request-ID is only
+# ever a label inside one: frontend/app.py SAFE_REQUEST_ID leaves "#" out).
+_PING_PREFIX = "#ping-"
 
 
 def _unavailable(request_id: str, why: str) -> Error:
@@ -88,6 +90,7 @@ class BrokerClient:
         self._replies: dict[str, queue.Queue] = {}  # request_id -> its reply queue
         self._replies_lock = threading.Lock()
         self._sent_on: dict[str, int] = {}  # request_id -> number of the connection it went out on
+        self._status_ids: set[str] = set()  # which of _replies are status() calls (told apart by this, never by name)
         self._connection = 0  # I/O thread: counts the broker connections lost so far
         self._closed = threading.Event()
         self._ids = itertools.count()
@@ -120,10 +123,11 @@ class BrokerClient:
 
     def status(self, timeout: float = 1.0) -> Optional[Status]:
         """The broker's Status, or None when it does not answer within `timeout` seconds."""
-        request_id = f"status-{uuid.uuid4().hex}"
+        request_id = f"#status-{uuid.uuid4().hex}"
         replies: queue.Queue = queue.Queue()
         with self._replies_lock:
             self._replies[request_id] = replies
+            self._status_ids.add(request_id)
         try:
             self._hand_to_io(request_id, protocol.encode(StatusQuery(request_id)))
             reply = replies.get(timeout=timeout)
@@ -133,6 +137,8 @@ class BrokerClient:
             return None
         finally:
             self._forget(request_id)
+            with self._replies_lock:
+                self._status_ids.discard(request_id)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -173,7 +179,7 @@ class BrokerClient:
         earlier connection (a restarted broker never saw them; later ones it holds, and ones not
         sent yet still go to it)."""
         with self._replies_lock:
-            failing = [rid for rid in self._replies if not rid.startswith("status-")
+            failing = [rid for rid in self._replies if rid not in self._status_ids
                        and (sent_before_connection is None or self._sent_on.get(rid, sent_before_connection) < sent_before_connection)]
             failing = [(rid, self._replies.pop(rid)) for rid in failing]
             for rid, _ in failing:
@@ -236,7 +242,7 @@ class BrokerClient:
                         pass  # not connected; silence handles it
                 if now - last_heard > expiry:
                     with self._replies_lock:
-                        waiting = any(not rid.startswith("status-") for rid in self._replies)
+                        waiting = any(rid not in self._status_ids for rid in self._replies)
                     if waiting:
                         if not warned:  # once per outage, not once per request
                             log.warning("broker silent for %.1f s: failing open requests", now - last_heard)
@@ -255,7 +261,7 @@ class BrokerClient:
         only to a verified broker (status queries go anywhere: they are how it proves itself)."""
         still_waiting = []
         for first_try, request_id, frames in unsent:
-            if not verified and not request_id.startswith("status-"):
+            if not verified and request_id not in self._status_ids:
                 if self.problem:  # a broker that is not ours answers there: no point waiting
                     self._deliver(request_id, _unavailable(request_id, self.problem), final=True)
                 elif now - first_try > expiry:

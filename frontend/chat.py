@@ -189,10 +189,14 @@ def stop_sequences(request: ChatRequest) -> list[str]:
 
 class StopCutter:
     """Ends text before the first stop sequence.  Fed streamed text piece by
-    piece, it holds back the tail that could be the start of a stop sequence."""
+    piece, it holds back the tail that could be the start of a stop sequence.
+
+    Each stop is followed by a KMP automaton (its state: how much of the stop the
+    text now ends with), so every character costs constant time whatever the stops'
+    lengths, and the text held back is never longer than the longest stop."""
 
     def __init__(self, stops: list[str]):
-        self._stops = stops
+        self._stops = [_StopMatcher(stop) for stop in stops]
         self._pending = ""
         self.stopped = False
 
@@ -200,14 +204,18 @@ class StopCutter:
         """The text that can be sent now."""
         if self.stopped:
             return ""
+        base = len(self._pending)
         self._pending += text
-        hits = [i for i in (self._pending.find(stop) for stop in self._stops) if i >= 0]
+        ends = [(m.first_end(text), m) for m in self._stops]
+        hits = [(end, m) for end, m in ends if end >= 0]
         if hits:
+            # the stop that ends first; of those ending together, the longest (it starts first)
+            first = min(end for end, _ in hits)
+            start = min(base + end + 1 - len(m.stop) for end, m in hits if end == first)
             self.stopped = True
-            out, self._pending = self._pending[:min(hits)], ""
+            out, self._pending = self._pending[:start], ""
             return out
-        hold = max((n for stop in self._stops for n in range(1, len(stop))
-                    if self._pending.endswith(stop[:n])), default=0)
+        hold = max((m.state for m in self._stops), default=0)
         out = self._pending[:len(self._pending) - hold]
         self._pending = self._pending[len(out):]
         return out
@@ -218,6 +226,46 @@ class StopCutter:
 
     def cut(self, text: str) -> str:
         return self.feed(text) + self.flush()
+
+
+class _StopMatcher:
+    """One stop sequence's Knuth-Morris-Pratt automaton."""
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.state = 0  # the longest prefix of `stop` that the text seen so far ends with
+        # fallback[k]: the longest proper prefix of stop[:k + 1] that is also its suffix
+        self.fallback = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fallback[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fallback[i] = k
+
+    def first_end(self, text: str) -> int:
+        """Feed `text`; the index of the character that first completes the stop, or -1."""
+        stop, fallback, n = self.stop, self.fallback, len(self.stop)
+        k, i = self.state, 0
+        while i < len(text):
+            if k == 0:  # nothing matched: jump to the stop's first character (str.find, in C)
+                i = text.find(stop[0], i)
+                if i < 0:
+                    break
+            elif k == n:  # matched before: go on from its longest border
+                k = fallback[k - 1]
+            char = text[i]
+            while k and stop[k] != char:
+                k = fallback[k - 1]
+            if stop[k] == char:
+                k += 1
+            i += 1
+            if k == n:
+                self.state = k
+                return i - 1
+        self.state = k
+        return -1
 
 
 # ---------------------------------------------------------------- answers

@@ -28,8 +28,10 @@ MISSING_SKILLS = {
 # it cacheable by default); no Retry-After.  docs/chat.md says why not a 4xx.
 MISSING_SKILL_STATUS = 501
 
-# OpenAI allows up to 4 stop sequences.
+# OpenAI allows up to 4 stop sequences; each is bounded too (docs/chat.md), so that one
+# request cannot make the front end's matching (frontend/chat.py StopCutter) long.
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 1024
 
 
 class UnsupportedField(ValueError):
@@ -73,7 +75,8 @@ class StreamOptions(msgspec.Struct):
     include_usage: Annotated[bool, Meta(description="Send a last chunk with `usage` and empty `choices`.")] = False
 
 
-Stop = Union[str, Annotated[list[str], Meta(max_length=MAX_STOP_SEQUENCES)], None]
+StopString = Annotated[str, Meta(max_length=MAX_STOP_CHARS)]
+Stop = Union[StopString, Annotated[list[StopString], Meta(max_length=MAX_STOP_SEQUENCES)], None]
 
 NOT_SUPPORTED = "Not supported by Moondream 2: any value but the neutral one is a 400 naming the field."
 
@@ -93,7 +96,7 @@ class ChatRequest(msgspec.Struct):
                                               extra_json_schema={"minimum": 1})] = None
     stream: Annotated[Optional[bool], Meta(description="Answer with chat.completion.chunk server-sent events.")] = False
     stream_options: Optional[StreamOptions] = None
-    stop: Annotated[Stop, Meta(description="Up to 4 strings; the answer ends before the first one.")] = None
+    stop: Annotated[Stop, Meta(description="Up to 4 strings of at most 1,024 characters each; the answer ends before the first one.")] = None
     seed: Annotated[Optional[int], Meta(description="Sampling seed: the same seed, settings and input give the same answer.",
                                         extra_json_schema={"minimum": 0, "maximum": 2**63 - 1})] = None
     reasoning: Annotated[Optional[bool], Meta(description="Moondream's grounded reasoning before the answer "

@@ -31,11 +31,16 @@ parser and task:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import mmap
+import os
 import re
 import resource
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -135,6 +140,63 @@ class InFlight:
     def release(self) -> None:
         with self._lock:
             self.count -= 1
+
+
+class SharedInFlight(InFlight):
+    """The count of every front end of the deployment against one limit.  With FRONTEND_WORKERS
+    processes on one port the kernel spreads connections by a hash, unevenly: separate counts
+    refused requests while the others had room.  The file holds one 8-byte count per process
+    (its supervisord process number); each writes only its own, and reads the sum, under an
+    flock.  A process zeroes its count when it starts: a killed one's requests died with it."""
+
+    def __init__(self, limit: int, path: str, slot: int, slots: int):
+        super().__init__(limit)
+        self._slot, self._slots = slot, slots
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        with self._locked():
+            if os.fstat(self._fd).st_size < slots * 8:
+                os.ftruncate(self._fd, slots * 8)
+            self._map = mmap.mmap(self._fd, slots * 8)
+            self._write_own(0)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # other processes (threads of this one: self._lock)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _write_own(self, value: int) -> None:
+        struct.pack_into("<q", self._map, self._slot * 8, value)
+
+    def total(self) -> int:
+        return sum(struct.unpack_from(f"<{self._slots}q", self._map))
+
+    def try_acquire(self) -> bool:
+        with self._lock, self._locked():
+            if self.total() >= self.limit:
+                return False
+            self.count += 1
+            self._write_own(self.count)
+            return True
+
+    def release(self) -> None:
+        with self._lock, self._locked():
+            self.count -= 1
+            self._write_own(self.count)
+
+
+def in_flight_count(config: Config) -> InFlight:
+    """A count shared by the front ends when supervisord runs several (RUN_DIR and the process
+    number come from it) against their limit together; else this process's own against
+    MAX_IN_FLIGHT, or HTTP_THREADS (a lone front end, a Kubernetes pod)."""
+    run_dir, name = os.environ.get("RUN_DIR"), os.environ.get("SUPERVISOR_PROCESS_NAME", "")
+    number = name.rpartition("_")[2]
+    if config.frontend_workers <= 1 or not run_dir or not number.isdigit() or int(number) >= config.frontend_workers:
+        return InFlight(config.max_in_flight or config.http_threads)
+    return SharedInFlight(config.in_flight_limit, os.path.join(run_dir, "frontend-in-flight"),
+                          int(number), config.frontend_workers)
 
 
 class RefuseWhenBusy:
@@ -301,13 +363,13 @@ class EdgeServer(TcpWSGIServer):
 
     channel_class = EdgeChannel
 
-    def __init__(self, application, config: Config, adj: Adjustments, sock: socket.socket):
+    def __init__(self, application, config: Config, adj: Adjustments, sock: socket.socket, in_flight: InFlight):
         self.ops_lane = ThreadedTaskDispatcher()
         self.ops_lane.set_thread_count(OPS_THREADS)
         self.refusal_lane = ThreadedTaskDispatcher()
         self.refusal_lane.set_thread_count(REFUSAL_THREADS)
         self.refusal_lane.queue_logger = QUIET_QUEUE_LOG
-        self.in_flight = InFlight(config.in_flight_limit)
+        self.in_flight = in_flight
         self.header_timeout = config.http_header_timeout
         self.body_timeout = config.http_body_timeout
         super().__init__(application, _sock=sock, adj=adj, bind_socket=False,
@@ -364,9 +426,13 @@ def create_server(application, config: Config) -> EdgeServer:
     json_waitress_errors(config.max_body_bytes)
     raise_open_files_limit(config.http_connection_limit + 256)
     sock = listening_socket(config)  # bound here (shared with the other front ends): OSError if taken
+    in_flight = in_flight_count(config)
+    # Each counted request holds a thread, a stream for its whole life.  Sharing the count, one
+    # front end may hold all of it (the kernel may send it most connections): as many threads.
+    threads = max(config.http_threads, in_flight.limit) if isinstance(in_flight, SharedInFlight) else config.http_threads
     adj = Adjustments(
         sockets=[sock],
-        threads=config.http_threads,  # each counted request holds one, a stream for its whole life
+        threads=threads,
         connection_limit=config.http_connection_limit,
         channel_timeout=config.http_idle_timeout,
         cleanup_interval=CLEANUP_INTERVAL_S,
@@ -377,4 +443,4 @@ def create_server(application, config: Config) -> EdgeServer:
         channel_request_lookahead=1,
         ident="moondream-server",
     )
-    return EdgeServer(application, config, adj, sock)
+    return EdgeServer(application, config, adj, sock, in_flight)

@@ -166,6 +166,7 @@ class Health(msgspec.Struct):
     model: HealthModel
     auth_required: bool
     deployment: str  # a digest of DEPLOYMENT_ID: which deployment answers
+    authentication: Literal["api key", "no authentication"]
     workers: HealthWorkers
     queue: Union[HealthQueue, UnsetType] = UNSET  # absent when the broker does not answer
     reason: Union[str, UnsetType] = UNSET  # why not ready (503 only)

@@ -36,6 +36,12 @@ from shared import variant_ids
 log = logging.getLogger("gpu_worker.variants")
 
 ADAPTED = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+# Downloads (VARIANT_DOWNLOAD): a failed one is remembered this long, so that requests for an
+# unknown id do not each cost an outbound call carrying the operator's key; and at most this
+# many run or wait at once (more distinct ids get a 503 until one ends).
+FAILED_DOWNLOAD_TTL_S = 60.0
+MAX_FAILED_REMEMBERED = 1024
+MAX_DOWNLOADS = 4
 
 # The training code's names -> the model's, by substring replacement in this order.
 _TRAINING_NAMES = (
@@ -64,6 +70,13 @@ class VariantInvalid(VariantError):
 
     status = 422
     code = "invalid_variant"
+
+
+class DownloadsBusy(VariantError):
+    """MAX_DOWNLOADS downloads are under way: try again shortly."""
+
+    status = 503
+    code = "variant_downloads_busy"
 
 
 class BadVariantId(VariantError, variant_ids.BadVariantId):
@@ -158,7 +171,8 @@ def load_adapter_file(variant: str, path: Path, cfg, device, dtype, max_bytes: i
         # weights_only: a pickle that asks to run code is refused, not run
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first_line = first_line.replace(str(path), "the file")[:200]  # no server paths in answers
         raise VariantInvalid(f"variant {variant}: not a loadable weights-only state dict ({first_line})") from None
     return adapter_from_state_dict(variant, state, cfg, device, dtype)
 
@@ -183,6 +197,7 @@ class VariantStore:
         self.loads = 0
         self.evictions = 0
         self._downloads: dict[str, concurrent.futures.Future] = {}
+        self._failed: collections.OrderedDict[str, tuple[float, VariantError]] = collections.OrderedDict()  # id -> (until, error)
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._available: tuple[float, list[str]] = (0.0, [])
 
@@ -225,10 +240,16 @@ class VariantStore:
         if variant in self._downloads:
             return "fetching"
         if self.download_url:
+            failed = self._failed.get(variant)
+            if failed is not None and failed[0] > time.monotonic():
+                raise type(failed[1])(str(failed[1]))  # the same answer, no new call
+            if len(self._downloads) >= MAX_DOWNLOADS:
+                raise DownloadsBusy(f"variant {variant}: {MAX_DOWNLOADS} variant downloads are under way; try again shortly")
             self._start_download(variant)
             return "fetching"
-        places = ", ".join(str(d / variant / "final.pt") for d in self.directories) or "no variant directory configured"
-        raise VariantNotFound(f"variant {variant} is not available on this server (looked for {places})")
+        # the places looked in are the operator's business (logged), not the client's
+        log.info("variant %s not found in %s", variant, ", ".join(str(d) for d in self.directories) or "no directory")
+        raise VariantNotFound(f"variant {variant} is not available on this server")
 
     def get(self, variant: str) -> Adapter:
         adapter = self.loaded.get(variant)
@@ -279,10 +300,14 @@ class VariantStore:
         if len(data) > self.file_max_bytes:
             raise VariantInvalid(f"variant {variant}: the download is larger than VARIANT_MAX_MB")
         target_dir.mkdir(parents=True, exist_ok=True)
-        # written whole, then renamed: a half-written file is never found as final.pt
+        # written whole and checked, then renamed: a half-written or unusable file is never found as final.pt
         with tempfile.NamedTemporaryFile(dir=target_dir, delete=False, suffix=".part") as tmp:
             tmp.write(data)
-        os.replace(tmp.name, target_dir / "final.pt")
+        try:
+            load_adapter_file(variant, Path(tmp.name), self.cfg, "cpu", torch.float32, self.file_max_bytes)
+            os.replace(tmp.name, target_dir / "final.pt")
+        finally:
+            Path(tmp.name).unlink(missing_ok=True)
         log.info("downloaded variant %s (%d bytes)", variant, len(data))
 
     def poll_downloads(self) -> list[tuple[str, Optional[VariantError]]]:
@@ -293,9 +318,18 @@ class VariantStore:
                 del self._downloads[variant]
                 err = future.exception()
                 if err is not None and not isinstance(err, VariantError):
+                    log.warning("variant %s: download failed: %r", variant, err)
                     err = VariantNotFound(f"variant {variant} could not be downloaded ({type(err).__name__})")
+                if err is not None:
+                    self._remember_failure(variant, err)
                 done.append((variant, err))
         return done
+
+    def _remember_failure(self, variant: str, err: VariantError) -> None:
+        self._failed[variant] = (time.monotonic() + FAILED_DOWNLOAD_TTL_S, err)
+        self._failed.move_to_end(variant)
+        while len(self._failed) > MAX_FAILED_REMEMBERED:
+            self._failed.popitem(last=False)
 
     def stats(self) -> dict:
         return {"variants_loaded": len(self.loaded), "variant_bytes": self.bytes, "variant_loads": self.loads,

@@ -13,7 +13,9 @@ if [ -x .venv/bin/python ]; then .venv/bin/python -m shared.preflight; fi
 [ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
 .venv/bin/python -m shared.preflight
 # FRONTEND_WORKERS and PREPROCESS_WORKERS as set, or sized from the usable CPUs (supervisord needs numbers)
-eval "$(.venv/bin/python -m shared.host_size)"
+# A setting that cannot work (PORT=abc, HOST=0.0.0.0 without VLM_API_KEY) stops here: one line, exit 78.
+sizes=$(.venv/bin/python -m shared.host_size)
+eval "$sizes"
 mkdir -p -m 700 "$RUN_DIR"  # logs and the control socket: the owner's only
 rm -rf "$RUN_DIR/frontend-metrics"  # the front ends' counts (supervisord.conf) start from zero with the service
 rm -f "$RUN_DIR/not-started"  # ready_notice writes it when a program stays down before the service is ready

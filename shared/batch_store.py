@@ -15,6 +15,12 @@ one changes nothing.  The result file is read from these rows, in line order.
 
 Every writer uses BEGIN IMMEDIATE, so two processes never both hold a read
 snapshot they then try to upgrade (which SQLite would refuse at once, not wait for).
+
+Quotas: every stored part and job input file has its size in a row (parts.bytes,
+jobs.input_bytes); a part is counted, checked against the file limit and the
+store's BATCH_MAX_STORED_BYTES, and moved into place in one write transaction, so
+parts sent in parallel cannot pass the checks together.  The store is its owner's
+only: directories 0700, files 0600, whatever the umask.
 """
 from __future__ import annotations
 
@@ -41,6 +47,9 @@ MAX_PART_NUMBER = 10_000
 COPY_CHUNK = 1 << 20
 TMP_FILE_AGE_S = 3600  # an input file still being joined after this long was left by a crash
 
+# Columns added after the first release: a store made by an older version gets them on first use.
+ADDED_JOB_COLUMNS = {"input_bytes": "INTEGER NOT NULL DEFAULT 0", "chunk_attempts": "INTEGER NOT NULL DEFAULT 0"}
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
     file_id TEXT PRIMARY KEY, upload_id TEXT NOT NULL, created_at REAL NOT NULL);
@@ -49,7 +58,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL, completed_at REAL, expires_at REAL NOT NULL,
     total INTEGER NOT NULL DEFAULT 0, completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
     input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
-    error_code TEXT, error_message TEXT);
+    error_code TEXT, error_message TEXT,
+    input_bytes INTEGER NOT NULL DEFAULT 0, chunk_attempts INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS parts (
+    file_id TEXT NOT NULL, part_number INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (file_id, part_number)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS lines (
     job_id TEXT NOT NULL, line_index INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
     state TEXT NOT NULL, result BLOB, PRIMARY KEY (job_id, line_index)) WITHOUT ROWID;
@@ -78,23 +91,52 @@ def check_id(value: str) -> str:
     return value
 
 
+def _private_mkdir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)  # mkdir's mode only applies to a new folder, and only as the umask allows
+
+
+def _private_open(path: Path, flags: int, mode: int = 0o600) -> int:
+    """os.open with 0600 whatever the umask (an opener for open())."""
+    fd = os.open(path, flags, mode)
+    os.fchmod(fd, mode)
+    return fd
+
+
+def private_writer(path: Path):
+    """open(path, "wb"), readable by the owner only."""
+    return open(path, "wb", opener=_private_open)
+
+
 class BatchStore:
-    def __init__(self, data_dir: str | os.PathLike, retention_hours: float = 168.0):
+    def __init__(self, data_dir: str | os.PathLike, retention_hours: float = 168.0,
+                 max_open_uploads: int = 0, max_stored_bytes: int = 0):
         self.root = Path(data_dir)
         self.uploads_dir = self.root / "uploads"
         self.files_dir = self.root / "files"
         self.retention_s = retention_hours * 3600
         self.db_path = self.root / "batch.sqlite3"
+        self.max_open_uploads = max_open_uploads  # 0: no limit
+        self.max_stored_bytes = max_stored_bytes  # 0: no limit
         self._created = False
 
     def _create(self) -> None:
         """Directories and tables, on first use (an app that never sees a batch leaves no trace)."""
-        for d in (self.uploads_dir, self.files_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (self.root, self.uploads_dir, self.files_dir):
+            _private_mkdir(d)
+        # SQLite gives the -wal and -shm files the database file's own mode: made 0600 first.
+        os.close(_private_open(self.db_path, os.O_RDWR | os.O_CREAT))
         conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")  # stored in the file: every later connection uses it
             conn.executescript(SCHEMA)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+            for name, kind in ADDED_JOB_COLUMNS.items():
+                if name not in have:
+                    try:
+                        conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                    except sqlite3.OperationalError:  # added meanwhile by the other process
+                        pass
         finally:
             conn.close()
         self._created = True
@@ -131,11 +173,29 @@ class BatchStore:
 
     # ------------------------------------------------------------------ uploads (front end)
     def create_upload(self) -> tuple[str, str]:
+        """A new upload; refused (429) beyond BATCH_MAX_OPEN_UPLOADS uploads not yet completed or aborted."""
         file_id, upload_id = new_id(), new_id()
         with self.write() as conn:
-            (self.uploads_dir / file_id).mkdir()
+            if self.max_open_uploads:
+                (open_now,) = conn.execute("SELECT count(*) FROM uploads").fetchone()
+                if open_now >= self.max_open_uploads:
+                    raise UploadError(429, "quota_exceeded",
+                                      f"{open_now} uploads are open, the most allowed (BATCH_MAX_OPEN_UPLOADS): "
+                                      "complete or abort one first")
+            (self.uploads_dir / file_id).mkdir(mode=0o700)
             conn.execute("INSERT INTO uploads VALUES (?, ?, ?)", (file_id, upload_id, time.time()))
         return file_id, upload_id
+
+    def stored_bytes(self, conn: sqlite3.Connection) -> int:
+        """Bytes held by upload parts and job input files (what BATCH_MAX_STORED_BYTES bounds)."""
+        return conn.execute("SELECT (SELECT coalesce(sum(bytes), 0) FROM parts)"
+                            " + (SELECT coalesce(sum(input_bytes), 0) FROM jobs)").fetchone()[0]
+
+    def _check_room(self, conn: sqlite3.Connection, adding: int) -> None:
+        if self.max_stored_bytes and self.stored_bytes(conn) + adding > self.max_stored_bytes:
+            raise UploadError(429, "quota_exceeded",
+                              f"the batch store holds its most ({self.max_stored_bytes} bytes, BATCH_MAX_STORED_BYTES)"
+                              " in uploads and jobs: wait for jobs to expire or abort an upload")
 
     def _upload_dir(self, file_id: str, upload_id: str) -> Path:
         with self.connect() as conn:
@@ -146,27 +206,49 @@ class BatchStore:
 
     def put_part(self, file_id: str, upload_id: str, part_number: int, body, max_file_bytes: int) -> str:
         """Store one part from the readable `body`; returns its etag (MD5, as S3 does).
-        Refuses a part that would make the file larger than `max_file_bytes`."""
+        Refuses a part that would make the file larger than `max_file_bytes` (413), or the
+        store hold more than its quota (429).  The part is read into a temporary file first;
+        the checks and the move into place are one transaction (parallel parts cannot both pass)."""
         folder = self._upload_dir(file_id, upload_id)
         if not 1 <= part_number <= MAX_PART_NUMBER:
             raise UploadError(400, "invalid_request", f"partNumber must be between 1 and {MAX_PART_NUMBER}")
-        others = sum(p.stat().st_size for p in folder.iterdir() if p.name != str(part_number) and p.name.isdigit())
-        allowed = max_file_bytes - others
+        too_large = UploadError(413, "limit_exceeded", f"the batch file would be larger than {max_file_bytes} bytes")
+        with self.connect() as conn:  # early refusals, before reading a byte (checked again below)
+            if self._others_bytes(conn, file_id, part_number) >= max_file_bytes:
+                raise too_large
+            self._check_room(conn, 1)
         digest = hashlib.md5(usedforsecurity=False)
         tmp = folder / f"{part_number}.{new_id()}.tmp"
         written = 0
         try:
-            with open(tmp, "wb") as out:
+            with private_writer(tmp) as out:
                 while chunk := body.read(COPY_CHUNK):
                     written += len(chunk)
-                    if written > allowed:
-                        raise UploadError(413, "limit_exceeded", f"the batch file would be larger than {max_file_bytes} bytes")
+                    if written > max_file_bytes:
+                        raise too_large
                     digest.update(chunk)
                     out.write(chunk)
-            os.replace(tmp, folder / str(part_number))  # a part is whole or absent
+            with self.write() as conn:
+                if not conn.execute("SELECT 1 FROM uploads WHERE file_id = ? AND upload_id = ?",
+                                    (file_id, upload_id)).fetchone():
+                    raise NotFound("no such upload (completed or aborted meanwhile)")
+                if self._others_bytes(conn, file_id, part_number) + written > max_file_bytes:
+                    raise too_large
+                replaced = conn.execute("SELECT bytes FROM parts WHERE file_id = ? AND part_number = ?",
+                                        (file_id, part_number)).fetchone()
+                self._check_room(conn, written - (replaced[0] if replaced else 0))
+                conn.execute("INSERT OR REPLACE INTO parts VALUES (?, ?, ?)", (file_id, part_number, written))
+                os.replace(tmp, folder / str(part_number))  # a part is whole or absent
+        except FileNotFoundError:  # its folder went with a completion or abort meanwhile
+            raise NotFound("no such upload (completed or aborted meanwhile)") from None
         finally:
             tmp.unlink(missing_ok=True)
         return digest.hexdigest()
+
+    @staticmethod
+    def _others_bytes(conn: sqlite3.Connection, file_id: str, part_number: int) -> int:
+        return conn.execute("SELECT coalesce(sum(bytes), 0) FROM parts WHERE file_id = ? AND part_number != ?",
+                            (file_id, part_number)).fetchone()[0]
 
     def complete_upload(self, file_id: str, upload_id: str, parts: list[tuple[int, str]]) -> dict:
         """Join the named parts into a new job's input file and create the job (status chunking).
@@ -186,7 +268,7 @@ class BatchStore:
         job_id = new_id()
         target = self.input_path(job_id)
         tmp = target.with_suffix(".tmp")
-        with open(tmp, "wb") as out:
+        with private_writer(tmp) as out:
             for number, _ in parts:
                 with open(folder / str(number), "rb") as part:
                     shutil.copyfileobj(part, out, COPY_CHUNK)
@@ -199,8 +281,9 @@ class BatchStore:
             if not gone:  # completed or aborted meanwhile by another request
                 target.unlink(missing_ok=True)
                 raise NotFound("no such upload (already completed or aborted)")
-            conn.execute("INSERT INTO jobs (id, status, created_at, expires_at) VALUES (?, ?, ?, ?)",
-                         (job_id, CHUNKING, now, now + self.retention_s))
+            conn.execute("DELETE FROM parts WHERE file_id = ?", (file_id,))  # their bytes are the job's now
+            conn.execute("INSERT INTO jobs (id, status, created_at, expires_at, input_bytes) VALUES (?, ?, ?, ?, ?)",
+                         (job_id, CHUNKING, now, now + self.retention_s, target.stat().st_size))
         shutil.rmtree(folder, ignore_errors=True)
         return self.get_job(job_id)
 
@@ -208,6 +291,7 @@ class BatchStore:
         folder = self._upload_dir(file_id, upload_id)
         with self.write() as conn:
             conn.execute("DELETE FROM uploads WHERE file_id = ?", (file_id,))
+            conn.execute("DELETE FROM parts WHERE file_id = ?", (file_id,))
         shutil.rmtree(folder, ignore_errors=True)
 
     # ------------------------------------------------------------------ jobs (front end)
@@ -275,6 +359,14 @@ class BatchStore:
                              ((job_id, i, offset, length, PENDING) for i, (offset, length) in enumerate(spans)))
             conn.execute("UPDATE jobs SET status = ?, total = ? WHERE id = ?", (PROCESSING, len(spans), job_id))
 
+    def begin_chunking(self, job_id: str) -> int:
+        """Count one more attempt at chunking the job; returns the count, this one included
+        (a job whose file crashed the batch worker is not read forever)."""
+        with self.write() as conn:
+            conn.execute("UPDATE jobs SET chunk_attempts = chunk_attempts + 1 WHERE id = ?", (job_id,))
+            row = conn.execute("SELECT chunk_attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else 0
+
     def fail_job(self, job_id: str, code: str, message: str) -> None:
         """A batch-level error (validation_error, limit_exceeded, empty_batch)."""
         now = time.time()
@@ -325,6 +417,7 @@ class BatchStore:
                 conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             stale = [r[0] for r in conn.execute("SELECT file_id FROM uploads WHERE created_at < ?", (now - self.retention_s,))]
             conn.executemany("DELETE FROM uploads WHERE file_id = ?", ((f,) for f in stale))
+            conn.executemany("DELETE FROM parts WHERE file_id = ?", ((f,) for f in stale))
         for job_id in expired:
             self.input_path(job_id).unlink(missing_ok=True)
         for file_id in stale:
@@ -333,6 +426,12 @@ class BatchStore:
             if tmp.stat().st_mtime < now - TMP_FILE_AGE_S:
                 tmp.unlink(missing_ok=True)
         return len(expired)
+
+
+def batch_store_for(config) -> BatchStore:
+    """The store with the configured retention and quotas (front end and batch worker alike)."""
+    return BatchStore(config.batch_data_dir, config.batch_retention_hours,
+                      config.batch_max_open_uploads, config.batch_max_stored_bytes)
 
 
 def _md5(path: Path) -> str:

@@ -6,7 +6,10 @@ they exist.  `describe()` feeds the README's configuration table.
 """
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
+import sys
 from dataclasses import dataclass, field, fields
 
 from shared import host_size
@@ -18,7 +21,11 @@ def _env(name: str, default, cast=str):
         return default
     if cast is bool:
         return raw.strip().lower() in ("1", "true", "yes", "on")
-    return cast(raw)
+    try:
+        return cast(raw)
+    except ValueError:
+        kind = "a whole number" if cast is int else "a number"
+        raise StartupError(f"{name}={raw!r} is not {kind}") from None
 
 
 @dataclass(frozen=True)
@@ -53,11 +60,11 @@ class Config:
     frontend_workers: int = field(default=0, metadata={"env": "FRONTEND_WORKERS", "help": "HTTP front-end processes sharing PORT (supervisord numprocs); 0: one per 7 usable CPUs beyond 2, at least 1; 1 when the model runs on the CPU (shared/host_size.py)"})
     preprocess_timeout: float = field(default=60.0, metadata={"env": "PREPROCESS_TIMEOUT", "help": "seconds one image may take to decode; a worker stuck longer exits and is restarted"})
     port: int = field(default=5000, metadata={"env": "PORT", "help": "HTTP port of the front end"})
-    host: str = field(default="0.0.0.0", metadata={"env": "HOST", "help": "HTTP listen address"})
+    host: str = field(default="127.0.0.1", metadata={"env": "HOST", "help": "HTTP listen address: this machine only by default; 0.0.0.0 (all addresses) needs VLM_API_KEY or ALLOW_UNAUTHENTICATED=1"})
     stop_when_down: bool = field(default=False, metadata={"env": "STOP_WHEN_DOWN", "help": "when a program stays down before the service is ready, ready_notice names it and stops the whole service (scripts/serve.sh sets it, then exits 1); off: the others keep running and /health says why"})
     prometheus_multiproc_dir: str = field(default="", metadata={"env": "PROMETHEUS_MULTIPROC_DIR", "help": "directory where the front ends keep their metrics so that /metrics on any one reports all (prometheus_client's multiprocess mode; supervisord.conf sets $RUN_DIR/frontend-metrics); empty: each its own"})
-    http_threads: int = field(default=32, metadata={"env": "HTTP_THREADS", "help": "waitress threads (each open stream holds one)"})
-    max_in_flight: int = field(default=0, metadata={"env": "MAX_IN_FLIGHT", "help": "requests (streams included) one front end holds at once, beyond which it answers 429 at once; 0: HTTP_THREADS (more would wait for a thread)"})
+    http_threads: int = field(default=32, metadata={"env": "HTTP_THREADS", "help": "waitress threads per front end (each open stream holds one); with several front ends each runs as many as the whole in-flight limit, so however the kernel spreads connections a request let in has a thread"})
+    max_in_flight: int = field(default=0, metadata={"env": "MAX_IN_FLIGHT", "help": "requests (streams included) the front ends of one supervisord hold at once, together (a count shared through $RUN_DIR), beyond which they answer 429 at once; 0: HTTP_THREADS x FRONTEND_WORKERS. A front end on its own (a Kubernetes pod): its own count, 0 meaning HTTP_THREADS"})
     http_connection_limit: int = field(default=1000, metadata={"env": "HTTP_CONNECTION_LIMIT", "help": "open client connections per front end; beyond it new ones wait in the listen backlog"})
     http_header_timeout: float = field(default=10.0, metadata={"env": "HTTP_HEADER_TIMEOUT", "help": "seconds a client may take to send a request's line and headers (408 and close after)"})
     http_body_timeout: float = field(default=120.0, metadata={"env": "HTTP_BODY_TIMEOUT", "help": "seconds a client may take to send a request's body once its headers are in (408 and close after)"})
@@ -75,7 +82,8 @@ class Config:
     heartbeat_liveness: int = field(default=3, metadata={"env": "HEARTBEAT_LIVENESS", "help": "missed heartbeats before a peer counts as dead"})
 
     # --- API and limits
-    api_key: str = field(default="", metadata={"env": "VLM_API_KEY", "help": "when set, /v1 routes require it in X-Moondream-Auth or Authorization: Bearer", "secret": True})
+    api_key: str = field(default="", metadata={"env": "VLM_API_KEY", "help": "when set, /v1 routes require it in X-Moondream-Auth or Authorization: Bearer; required when HOST is not loopback (unless ALLOW_UNAUTHENTICATED=1); spaces around it are a start-up error", "secret": True})
+    allow_unauthenticated: bool = field(default=False, metadata={"env": "ALLOW_UNAUTHENTICATED", "help": "1: serve beyond loopback without VLM_API_KEY, to anyone who can reach the port (the ready line and /health say \"no authentication\")"})
     strict_fields: bool = field(default=False, metadata={"env": "STRICT_FIELDS", "help": "a top-level request field the server does not know is a 422 naming it; off: it is ignored (a newer client may send fields we do not know yet), named in the X-Ignored-Fields response header and a log line"})
     max_body_bytes: int = field(default=20 * 1024 * 1024, metadata={"env": "MAX_BODY_BYTES", "help": "largest request body accepted (413 above)"})
     max_image_pixels: int = field(default=50_000_000, metadata={"env": "MAX_IMAGE_PIXELS", "help": "largest decoded image, width x height"})
@@ -85,6 +93,7 @@ class Config:
     max_objects_limit: int = field(default=200, metadata={"env": "MAX_OBJECTS_LIMIT", "help": "largest max_objects a request may ask for"})
     request_timeout: float = field(default=120.0, metadata={"env": "REQUEST_TIMEOUT", "help": "seconds before an unanswered request gets 504"})
     max_queue: int = field(default=256, metadata={"env": "MAX_QUEUE", "help": "requests waiting in the broker before 429"})
+    public_base_url: str = field(default="", metadata={"env": "PUBLIC_BASE_URL", "help": "the service's address as clients reach it (e.g. https://vlm.example.com), put before batch result URLs; empty: the URLs are relative (/v1/batch/...), never built from the request's Host header"})
     allow_remote_images: bool = field(default=False, metadata={"env": "ALLOW_REMOTE_IMAGES", "help": "fetch http(s) image_url: public addresses only, at most 3 redirects, MAX_BODY_BYTES, 10 s (off: data URLs only)"})
 
     # --- bulk jobs (the Batch API; docs/operations.md "Batch jobs")
@@ -92,6 +101,8 @@ class Config:
     batch_max_file_bytes: int = field(default=2 * 1024 ** 3, metadata={"env": "BATCH_MAX_FILE_BYTES", "help": "largest batch input file (limit_exceeded above)"})
     batch_max_lines: int = field(default=100_000, metadata={"env": "BATCH_MAX_LINES", "help": "most lines in one batch input file (limit_exceeded above)"})
     batch_max_line_bytes: int = field(default=10 * 1024 * 1024, metadata={"env": "BATCH_MAX_LINE_BYTES", "help": "longest input line; a longer one gets a per-line invalid_request"})
+    batch_max_open_uploads: int = field(default=100, metadata={"env": "BATCH_MAX_OPEN_UPLOADS", "help": "uploads begun and not yet completed or aborted, at most (one API key: this is also the per-key quota); 429 quota_exceeded beyond"})
+    batch_max_stored_bytes: int = field(default=20 * 1024 ** 3, metadata={"env": "BATCH_MAX_STORED_BYTES", "help": "bytes the batch store may hold in upload parts and job input files together (until jobs expire); 429 quota_exceeded beyond"})
     batch_retention_hours: float = field(default=168.0, metadata={"env": "BATCH_RETENTION_HOURS", "help": "hours a finished job and its results are kept, and an unfinished upload waits to be completed"})
     batch_in_flight: int = field(default=16, metadata={"env": "BATCH_IN_FLIGHT", "help": "batch lines submitted at once (keep it below BATCH_SIZE so interactive requests always find a slot)"})
     batch_yield_ms: int = field(default=-1, metadata={"env": "BATCH_YIELD_MS", "help": "while interactive requests decode, batch lines decode at most once per this many milliseconds; -1: 250 when the model runs on the CPU (each row costs step time there), 0 (never wait) on a GPU"})
@@ -108,8 +119,9 @@ class Config:
 
     @property
     def in_flight_limit(self) -> int:
-        """MAX_IN_FLIGHT, or HTTP_THREADS when unset: every request let in has a thread at once."""
-        return self.max_in_flight if self.max_in_flight > 0 else self.http_threads
+        """MAX_IN_FLIGHT, or HTTP_THREADS per front end when unset: the limit of the front ends
+        of one supervisord together (frontend/edge.py in_flight_count)."""
+        return self.max_in_flight if self.max_in_flight > 0 else self.http_threads * max(1, self.frontend_workers)
 
     @property
     def deployment_tag(self) -> str:
@@ -123,11 +135,36 @@ class Config:
         return self.heartbeat_interval * self.heartbeat_liveness
 
 
-def load_config() -> Config:
+# Numeric settings: every one is >= 0 (0 often meaning "size it for me") unless listed here.
+POSITIVE = {"batch_size", "gpu_step_timeout", "max_loaded_variants", "variant_max_mb", "variant_download_timeout",
+            "preprocess_timeout", "http_threads", "http_connection_limit", "http_header_timeout",
+            "http_body_timeout", "http_idle_timeout", "heartbeat_interval", "heartbeat_liveness", "max_body_bytes",
+            "max_image_pixels", "max_image_side", "max_text_chars", "max_tokens_limit", "max_objects_limit",
+            "request_timeout", "max_queue", "batch_max_file_bytes", "batch_max_lines", "batch_max_line_bytes",
+            "batch_retention_hours", "batch_in_flight", "batch_in_flight_busy", "batch_max_open_uploads",
+            "batch_max_stored_bytes"}
+RANGES = {"port": (1, 65535), "batch_yield_ms": (-1, None)}  # (least, most); None: no bound
+
+
+def load_config(exit_on_error: bool = True) -> Config:
+    """The settings from the environment.  A setting that cannot work is one line on stderr naming
+    the variable, and exit EXIT_CONFIG (supervisord leaves such a process down); with
+    exit_on_error=False, StartupError instead."""
+    try:
+        return _load_config()
+    except StartupError as exc:
+        if not exit_on_error:
+            raise
+        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(stay_down(EXIT_CONFIG)) from None  # under supervisord: down at once, no retries
+
+
+def _load_config() -> Config:
     values = {}
     for f in fields(Config):
         cast = type(f.default) if not isinstance(f.default, bool) else bool
         values[f.name] = _env(f.metadata["env"], f.default, cast)
+    check_values(values)
     if not values["deployment_id"] and not values["curve_keys_dir"]:
         # Every program of one supervisord sees its control socket's URL, and no program of another.
         values["deployment_id"] = os.environ.get("SUPERVISOR_SERVER_URL", "")
@@ -143,6 +180,41 @@ def load_config() -> Config:
             values["torch_threads"] = host_size.default_torch_threads(
                 cpus, values["frontend_workers"], values["preprocess_workers"], on_cpu)
     return Config(**values)
+
+
+def check_values(values: dict) -> None:
+    """Numbers in range, and no silent open door (a key, or loopback, or a switch that says so)."""
+    for f in fields(Config):
+        value = values[f.name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        least, most = RANGES.get(f.name, (0, None))
+        name = f.metadata["env"]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise StartupError(f"{name}={value} is not a finite number")
+        if f.name in POSITIVE and value <= 0:
+            raise StartupError(f"{name}={value} must be above 0")
+        if value < least or (most is not None and value > most):
+            bounds = f"between {least} and {most}" if most is not None else f"at least {least}"
+            raise StartupError(f"{name}={value} must be {bounds}")
+    key = values["api_key"]
+    if key != key.strip():
+        what = "is only spaces" if not key.strip() else "has spaces or line breaks around it"
+        raise StartupError(f"VLM_API_KEY {what}: clients could never send it; set it without them")
+    if not key and not values["allow_unauthenticated"] and not is_loopback(values["host"]):
+        raise StartupError(f"HOST={values['host'] or '(all addresses)'} would serve other machines with no API key: "
+                           "set VLM_API_KEY, or HOST=127.0.0.1 for this machine only, or ALLOW_UNAUTHENTICATED=1 "
+                           "to serve anyone who can reach the port")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether HOST reaches this machine only ("" and 0.0.0.0 mean every address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 # Exit status of a process whose settings cannot work (a port taken, keys missing, a broker of

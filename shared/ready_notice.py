@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shared.config import EXIT_CONFIG, load_config
+from shared.config import EXIT_CONFIG, is_loopback, load_config
 
 POLL_SECONDS = 1.0
 FIRST_HINT_SECONDS = 30.0  # a cached tiny model is ready well before this; a first download is not
@@ -60,6 +60,9 @@ def listening_line(config, health: dict) -> str:
             f"{workers} preprocess worker{'s' if workers != 1 else ''}")
     if config.host in ("0.0.0.0", "::"):
         line += f"; try http://127.0.0.1:{config.port}/ on this machine"
+    if not config.api_key:  # shared/config.py allowed it: loopback, or ALLOW_UNAUTHENTICATED=1
+        line += ("; no API key: this machine only" if is_loopback(config.host) else
+                 "; no authentication: anyone who can reach the port can use it (ALLOW_UNAUTHENTICATED=1)")
     return line
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import sqlite3
+import stat
 import threading
 
 import pytest
@@ -43,7 +46,8 @@ def test_parts_are_joined_in_order_and_the_job_starts_chunking(store):
 
 
 @pytest.mark.parametrize("data, code", [
-    (b'{"skill": "caption"}\n\n{"skill": "caption"}\n', "validation_error"),  # blank line
+    (b'{"skill": "caption"}\n\n{"skill": "caption"}\n', "validation_error"),  # blank line before another
+    (b'\n\n', "empty_batch"),  # blank lines only
     (b'{"skill": "caption", "id": "\xff\xfe"}\n', "validation_error"),  # not UTF-8
     (b'{"skill": "caption"\n', "validation_error"),  # not JSON
     (b'[1, 2]\n', "validation_error"),  # not an object
@@ -144,3 +148,151 @@ def test_a_long_scan_does_not_hold_up_the_batch_workers_loop(store, monkeypatch)
         release.set()
         loop.chunker.shutdown(wait=True)
         loop.pool.shutdown(wait=True)
+
+
+def test_a_deeply_nested_line_fails_its_job_not_the_worker(store):
+    """2,000 nested brackets made the decoder raise RecursionError, which escaped the line check."""
+    data = b'{"skill": "caption"}\n{"id": ' + b"[" * 2000 + b"]" * 2000 + b"}\n"
+    job = upload(store, data)
+    with pytest.raises(chunking.BatchError) as err:
+        scan(store, job, max_line=10_000)
+    assert err.value.code == "validation_error" and "line 2 is nested too deeply" in err.value.message
+
+
+def test_a_bom_and_blank_lines_at_the_end_are_accepted(store):
+    data = b'\xef\xbb\xbf{"n": 0}\r\n{"n": 1}\n\n  \r\n'
+    spans = scan(store, upload(store, data))
+    assert [json.loads(data[o:o + n])["n"] for o, n in spans] == [0, 1]
+    with pytest.raises(chunking.BatchError) as err:  # a blank line between lines is named
+        scan(store, upload(store, b'{"n": 0}\n\n \n{"n": 1}\n'))
+    assert "line 2 is blank" in err.value.message
+
+
+def test_a_job_that_took_the_worker_down_twice_is_failed_not_read_again(store):
+    config = dataclasses.replace(Config(), batch_data_dir=str(store.root))
+    job = upload(store, b'{"skill": "caption"}\n')
+    for _ in range(batch_worker.MAX_CHUNK_ATTEMPTS):  # two starts that never finished (the worker died)
+        store.begin_chunking(job["id"])
+    loop = batch_worker.BatchWorker(config, client=None, store=store)
+    try:
+        loop.chunk(job["id"])
+    finally:
+        loop.chunker.shutdown(wait=True)
+        loop.pool.shutdown(wait=True)
+    failed = store.get_job(job["id"])
+    assert failed["status"] == "failed" and "stopped 2 times while reading this file" in failed["error_message"]
+
+
+def test_an_unexpected_error_while_chunking_fails_that_job_only(store, monkeypatch):
+    """FakeBrokenScan raises what no check expects (fault injection): the job fails with the
+    error's name and the worker's loop goes on."""
+    def fake_broken_scan(*args):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(chunking, "scan", fake_broken_scan)
+    config = dataclasses.replace(Config(), batch_data_dir=str(store.root))
+    loop = batch_worker.BatchWorker(config, client=None, store=store)
+    try:
+        job = upload(store, b'{"skill": "caption"}\n')
+        loop.housekeeping(0.0)
+        loop.chunking[job["id"]].result(timeout=30)
+        loop.housekeeping(0.0)  # raised here before: the worker exited
+        failed = store.get_job(job["id"])
+        assert failed["status"] == "failed" and "(MemoryError)" in failed["error_message"]
+    finally:
+        loop.chunker.shutdown(wait=True)
+        loop.pool.shutdown(wait=True)
+
+
+class BodyThatWaits(io.BytesIO):
+    """A part's body whose first read waits until every parallel part has started (so the
+    parts' size checks all run before any of them has written: the race, every time)."""
+
+    def __init__(self, data: bytes, barrier: threading.Barrier):
+        super().__init__(data)
+        self.barrier = barrier
+
+    def read(self, size=-1):
+        if self.tell() == 0:
+            self.barrier.wait(10)
+        return super().read(size)
+
+
+def test_parallel_parts_cannot_pass_the_size_check_together(store):
+    file_id, upload_id = store.create_upload()
+    barrier = threading.Barrier(3)
+    outcomes = []
+
+    def put(number: int) -> None:
+        try:
+            store.put_part(file_id, upload_id, number, BodyThatWaits(b"x" * 60, barrier), 100)
+            outcomes.append("stored")
+        except batch_store.UploadError as ex:
+            outcomes.append(ex.code)
+
+    threads = [threading.Thread(target=put, args=(n,)) for n in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["limit_exceeded", "limit_exceeded", "stored"]
+    assert sum(p.stat().st_size for p in (store.uploads_dir / file_id).iterdir()) == 60
+
+
+def test_quotas_on_open_uploads_and_stored_bytes(tmp_path):
+    store = BatchStore(tmp_path / "data", max_open_uploads=2, max_stored_bytes=150)
+    first, second = store.create_upload(), store.create_upload()
+    with pytest.raises(batch_store.UploadError) as err:
+        store.create_upload()
+    assert (err.value.status, err.value.code) == (429, "quota_exceeded") and "BATCH_MAX_OPEN_UPLOADS" in err.value.message
+    etag = store.put_part(*first, 1, io.BytesIO(b"a" * 100), 1000)
+    with pytest.raises(batch_store.UploadError) as err:  # 100 + 60 > 150, in another upload
+        store.put_part(*second, 1, io.BytesIO(b"b" * 60), 1000)
+    assert (err.value.status, err.value.code) == (429, "quota_exceeded") and "BATCH_MAX_STORED_BYTES" in err.value.message
+    job = store.complete_upload(*first, [(1, etag)])  # the bytes are the job's now; an upload slot is free
+    store.create_upload()
+    with pytest.raises(batch_store.UploadError):
+        store.put_part(*second, 1, io.BytesIO(b"b" * 60), 1000)
+    store.cancel_job(job["id"])
+    store.purge(now=store.get_job(job["id"])["expires_at"] + 1)  # expired (and the uploads too): room again
+    store.put_part(*store.create_upload(), 1, io.BytesIO(b"b" * 150), 1000)
+
+
+def test_the_store_is_its_owners_only_whatever_the_umask(tmp_path):
+    old = os.umask(0o000)
+    try:
+        store = BatchStore(tmp_path / "data")
+        job = upload(store, b'{"skill": "caption"}\n', parts=1)
+        store.create_upload()
+    finally:
+        os.umask(old)
+    for path in [store.root, *store.root.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+    assert store.input_path(job["id"]).exists()
+
+
+def test_a_store_from_before_the_quotas_gets_their_columns(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    conn = sqlite3.connect(root / "batch.sqlite3")
+    conn.executescript(batch_store.SCHEMA.replace(",\n    input_bytes INTEGER NOT NULL DEFAULT 0, chunk_attempts INTEGER NOT NULL DEFAULT 0", ""))
+    conn.execute("INSERT INTO jobs (id, status, created_at, expires_at) VALUES (?, 'chunking', 0, 0)", ("a" * 32,))
+    conn.commit()
+    conn.close()
+    store = BatchStore(root)
+    assert store.begin_chunking("a" * 32) == 1 and store.get_job("a" * 32)["input_bytes"] == 0
+
+
+def test_a_part_whose_upload_is_aborted_meanwhile_is_not_found(store):
+    """The abort removed the folder while the part was still arriving: a 404, not a 500."""
+    file_id, upload_id = store.create_upload()
+
+    class BodyAbortedMidway(io.BytesIO):  # the abort lands between the checks and the write
+        def read(self, size=-1):
+            if self.tell() == 0:
+                store.abort_upload(file_id, upload_id)
+            return super().read(size)
+
+    with pytest.raises(batch_store.NotFound):
+        store.put_part(file_id, upload_id, 1, BodyAbortedMidway(b"x" * 10), 100)

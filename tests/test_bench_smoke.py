@@ -103,3 +103,11 @@ def test_batch_benchmark_runs(tmp_path, capsys):
     assert saved["throughput"]["job_failed_lines"] == saved["throughput"]["http_errors"] == 0
     assert saved["fairness"]["p50_ratio"] > 0
     assert saved["setup"]["code"] and saved["setup"]["machine"] and saved["settings"]["lines"] == 4
+
+
+def test_stop_match_benchmark_runs(capsys):
+    from bench import stop_match
+
+    result = stop_match.main(["--quick"])
+    assert result["worst_ms"] > 0 and result["ordinary_ms"] > 0
+    assert "characters that every piece may start" in capsys.readouterr().out

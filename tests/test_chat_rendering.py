@@ -3,6 +3,8 @@ text (frontend/chat.py): pure functions, checked without a stack (the routes
 themselves are checked end to end in tests/test_chat_e2e.py)."""
 from __future__ import annotations
 
+import random
+
 import msgspec
 import pytest
 
@@ -81,3 +83,32 @@ def test_stop_cutter_without_a_hit_gives_everything_back():
     assert cutter.feed("abcx") + cutter.feed("y") + cutter.flush() == "abcxy" and not cutter.stopped
     assert StopCutter([]).cut("text") == "text"
     assert StopCutter(["b", "a"]).cut("cab") == "c"  # the earliest stop sequence wins
+
+
+def _first_stop_reference(text: str, stops: list[str]) -> str:
+    """The text before the stop sequence that ends first (the longest of those ending together)."""
+    for end in range(1, len(text) + 1):
+        starts = [end - len(stop) for stop in stops if text[:end].endswith(stop)]
+        if starts:
+            return text[:min(starts)]
+    return text
+
+
+def test_stop_cutter_agrees_with_a_plain_search_on_every_split():
+    rng = random.Random(7)
+    for _ in range(400):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        cutter = StopCutter(stops)
+        sent = "".join(cutter.feed(piece) for piece in pieces) + cutter.flush()
+        assert sent == _first_stop_reference(text, stops), (stops, pieces)
+
+
+def test_stop_cutter_holds_back_less_than_the_longest_stop():
+    stop = "a" * 1023 + "b"  # every run of a's could be its start
+    cutter = StopCutter([stop, "xyz"])
+    sent = "".join(cutter.feed("a" * 7) for _ in range(500))
+    assert len("a" * 3500) - len(sent) == 1023  # only what could still become the stop waits
+    assert cutter.feed("b") == "" and cutter.stopped

@@ -18,6 +18,7 @@ import torch
 
 from gpu_worker.engine_types import EngineRequest
 from gpu_worker.scheduler import Scheduler
+from gpu_worker import variants
 from gpu_worker.variants import BadVariantId, VariantNotFound, check_variant_id
 from tests.engine_helpers import VARIANTS_DIR, fixture_engine, fixture_image, run_requests, variant_store
 
@@ -336,3 +337,38 @@ def test_loading_a_variant_stalls_running_requests_at_most_one_step():
     sched.step()  # loads alpha, encodes its image, and decodes the running sequence
     assert list(sched.variants.loaded) == [ALPHA]
     assert seq.ctx.position == before + 1
+
+
+def test_a_failed_download_is_remembered_and_downloads_are_bounded(tmp_path, variant_server):
+    """200 requests for one unknown id made 48 outbound calls with the operator's key."""
+    engine = fixture_engine("variants")
+    store = variant_store(engine, str(tmp_path), download_url=variant_server, download_key="k", download_timeout=5)
+    sched = Scheduler(engine, max_batch=4, variants=store)
+    first = run_requests(sched, [request("caption", {"length": "short"}, "ft-absent@3")])
+    assert "HTTP 404" in next(iter(first.values())).error
+    for _ in range(20):  # remembered: the same answer at once, no new call
+        with pytest.raises(VariantNotFound, match="HTTP 404"):
+            sched.add(request("caption", {"length": "short"}, "ft-absent@3"))
+    assert len(VariantServer.seen_keys) == 1
+    for n in range(variants.MAX_DOWNLOADS):
+        assert store.status(f"ft-other{n}@1") == "fetching"
+    with pytest.raises(variants.DownloadsBusy):
+        store.status("ft-one-too-many@1")
+
+
+def test_a_downloaded_file_that_cannot_load_is_never_listed(tmp_path, variant_server):
+    engine = fixture_engine("variants")
+    VariantServer.files["ft-broken@1"] = b"not a state dict"
+    store = variant_store(engine, str(tmp_path), download_url=variant_server, download_timeout=5)
+    sched = Scheduler(engine, max_batch=4, variants=store)
+    got = run_requests(sched, [request("caption", {"length": "short"}, "ft-broken@1")])
+    assert "not a loadable weights-only state dict" in next(iter(got.values())).error
+    assert store.available(max_age=0) == [] and not list(tmp_path.rglob("*.part"))
+
+
+def test_not_found_names_no_server_path(tmp_path):
+    engine = fixture_engine("variants")
+    store = variant_store(engine, str(tmp_path))
+    with pytest.raises(VariantNotFound) as err:
+        store.status("ft-absent@3")
+    assert str(tmp_path) not in str(err.value) and "final.pt" not in str(err.value)
