@@ -29,6 +29,16 @@ TOKENIZER_SOURCES = {
 }
 
 
+# Moondream 3: how a config names the family, its revision label and the defaults that differ
+# from Moondream 2's (the hub's config.json is empty: these are the real model's sizes).
+MOONDREAM3 = "moondream3"
+MOONDREAM3_REVISION = "moondream3-preview"
+MOONDREAM3_DEFAULTS = {
+    "revision": MOONDREAM3_REVISION, "family": MOONDREAM3, "max_context": 4096, "rope_theta": 1.5e6,
+    "n_experts": 64, "moe_start_layer": 4, "experts_per_token": 8, "expert_inner_dim": 1024, "region_inner_dim": 0,
+}
+
+
 class ModelLoadError(RuntimeError):
     """A checkpoint could not be loaded; str(err) is one line naming the cause."""
 
@@ -85,6 +95,15 @@ class ModelConfig:
     size_out_dim: int = 2048
     # tokenizer ids and prompt templates
     tokenizer: dict = field(default_factory=lambda: _TOKENIZER_2025_06_21)
+    # Moondream 3 (family "moondream3"): tau attention in every layer, mixture-of-experts
+    # MLPs from `moe_start_layer` on, single-linear region decoders (region_inner_dim 0)
+    family: str = "moondream2"
+    rope_theta: float = 10000.0
+    n_experts: int = 0  # 0: every text layer has a dense MLP
+    moe_start_layer: int = 0
+    experts_per_token: int = 0
+    expert_inner_dim: int = 0
+    tau_gelu: str = "erf"  # the GELU of the tau features: "erf" (the preview's reference) or "tanh"
 
     @property
     def head_dim(self) -> int:
@@ -94,15 +113,25 @@ class ModelConfig:
     def reasoning_supported(self) -> bool:
         return self.revision != "2025-04-14"
 
+    @property
+    def is_moondream3(self) -> bool:
+        return self.family == "moondream3"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer >= self.moe_start_layer
+
     @classmethod
     def from_json(cls, raw: dict, revision: str) -> "ModelConfig":
         """Moondream's config.json layout: {"text": {..}, "vision": {..}, "region": {..},
-        "tokenizer": {..}}; the hub's files carry {"config": {}} = all defaults."""
-        revision = raw.get("revision", revision)
+        "tokenizer": {..}}; the hub's files carry {"config": {}} = all defaults.  A top-level
+        `"model": "moondream3"` (or a `text.moe` object) selects Moondream 3 and its defaults."""
         inner = raw.get("config", raw)
         text, vision, region = inner.get("text", {}), inner.get("vision", {}), inner.get("region", {})
+        moondream3 = raw.get("model") == MOONDREAM3 or inner.get("model") == MOONDREAM3 or "moe" in text
+        revision = raw.get("revision", MOONDREAM3_REVISION if moondream3 else revision)
         default_tok = _TOKENIZER_2025_04_14 if revision == "2025-04-14" else _TOKENIZER_2025_06_21
-        d = cls()
+        d = cls(**MOONDREAM3_DEFAULTS) if moondream3 else cls()
+        moe = text.get("moe") or {}
         return cls(
             revision=revision,
             dim=text.get("dim", d.dim), ff_dim=text.get("ff_dim", d.ff_dim),
@@ -118,6 +147,11 @@ class ModelConfig:
             region_inner_dim=region.get("inner_dim", d.region_inner_dim),
             coord_out_dim=region.get("coord_out_dim", d.coord_out_dim), size_out_dim=region.get("size_out_dim", d.size_out_dim),
             tokenizer=inner.get("tokenizer", default_tok),
+            family=d.family, rope_theta=float(text.get("rope_theta", d.rope_theta)),
+            n_experts=moe.get("num_experts", d.n_experts), moe_start_layer=moe.get("start_layer", d.moe_start_layer),
+            experts_per_token=moe.get("experts_per_token", d.experts_per_token),
+            expert_inner_dim=moe.get("expert_inner_dim", d.expert_inner_dim),
+            tau_gelu=text.get("tau_gelu", d.tau_gelu),
         )
 
     def weight_shapes(self) -> dict[str, tuple]:
@@ -154,19 +188,31 @@ class ModelConfig:
             norm(b + ".ln", d)
             lin(b + ".attn.qkv", (self.n_heads + 2 * self.n_kv_heads) * hd, d)
             lin(b + ".attn.proj", d, d)
-            lin(b + ".mlp.fc1", self.ff_dim, d)
-            lin(b + ".mlp.fc2", d, self.ff_dim)
+            if self.is_moondream3:  # per-head temperatures over the whole qkv output
+                qkv_dim = (self.n_heads + 2 * self.n_kv_heads) * hd
+                s[b + ".attn.tau.wq"] = (self.n_heads, qkv_dim)
+                s[b + ".attn.tau.wv"] = (self.n_heads, qkv_dim)
+                s[b + ".attn.tau.alpha"] = (self.n_heads,)
+            if self.is_moe_layer(i):  # experts stacked: fc1 [expert, 2 x inner, dim], fc2 [expert, dim, inner]
+                lin(b + ".mlp.router", self.n_experts, d)
+                s[b + ".mlp.fc1.weight"] = (self.n_experts, 2 * self.expert_inner_dim, d)
+                s[b + ".mlp.fc2.weight"] = (self.n_experts, d, self.expert_inner_dim)
+            else:
+                lin(b + ".mlp.fc1", self.ff_dim, d)
+                lin(b + ".mlp.fc2", d, self.ff_dim)
         norm("text.post_ln", d)
         lin("text.lm_head", self.vocab_size, d)
 
         s["region.coord_features"] = (1, self.coord_feat_dim // 2)
         lin("region.coord_encoder", d, self.coord_feat_dim)
-        lin("region.coord_decoder.fc1", self.region_inner_dim, d)
-        lin("region.coord_decoder.fc2", self.coord_out_dim, self.region_inner_dim)
         s["region.size_features"] = (2, self.size_feat_dim // 2)
         lin("region.size_encoder", d, self.size_feat_dim)
-        lin("region.size_decoder.fc1", self.region_inner_dim, d)
-        lin("region.size_decoder.fc2", self.size_out_dim, self.region_inner_dim)
+        for decoder, out_dim in (("region.coord_decoder", self.coord_out_dim), ("region.size_decoder", self.size_out_dim)):
+            if self.region_inner_dim:  # Moondream 2: two-layer MLPs
+                lin(decoder + ".fc1", self.region_inner_dim, d)
+                lin(decoder + ".fc2", out_dim, self.region_inner_dim)
+            else:  # Moondream 3: one linear on the hidden state
+                lin(decoder, out_dim, d)
         return s
 
 

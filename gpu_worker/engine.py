@@ -26,7 +26,7 @@ class Engine:
         embedding = self.weights["text.wte"]  # always a plain tensor, in the compute dtype
         self.device, self.dtype = embedding.device, embedding.dtype
         self.kv_dtype = kv_dtype or self.dtype  # the KV cache's and encoded images' keys and values
-        self.rope = M.rotary_table(self.config.max_context, self.device)
+        self.rope = M.rotary_table(self.config.max_context, self.device, self.config.rope_theta)
         self.info = {
             "name": checkpoint.source,
             "revision": self.config.revision,

@@ -179,7 +179,7 @@ class Scheduler:
     def _validate(self, req: EngineRequest) -> None:
         """Check a request and fill in its settings (model defaults for those left out).
         Raises ValueError with a message for the client (422)."""
-        s = dict(P.DEFAULT_SETTINGS)
+        s = P.default_settings(self.engine.config)
         s.update({k: v for k, v in (req.settings or {}).items() if v is not None})
         if "seed" in s:  # the chat route's `seed`: this request's own sampler starts from it
             req.seed = int(s.pop("seed"))
@@ -397,6 +397,10 @@ class Scheduler:
             if banned:
                 logits[[j for j, _ in banned], [t for _, t in banned]] = float("-inf")
             next_tokens = logits.argmax(dim=-1)
+            for j, spec in enumerate(specs):
+                if spec.choices:  # a greedy pick among a few ids (Moondream 3's coord-or-EOS)
+                    allowed = torch.tensor(spec.choices, device=logits.device)
+                    next_tokens[j] = allowed[logits[j, allowed].argmax()]
             sampled = [j for j, spec in enumerate(specs) if spec.temperature > 0]
             if sampled:
                 device = logits.device
@@ -490,7 +494,7 @@ def _check_caption(req: EngineRequest, cfg) -> None:
 def _check_query(req: EngineRequest, cfg) -> None:
     if not isinstance(req.params.get("question"), str):
         raise ValueError("question must be a string")
-    if req.params.get("reasoning") and not cfg.reasoning_supported:
+    if req.params.get("reasoning") and not cfg.reasoning_supported:  # None: the model's default
         raise ValueError(f"reasoning is not supported by revision {cfg.revision}")
     refs = req.params.get("spatial_refs") or []
     if refs and (req.image is None or not cfg.reasoning_supported):
