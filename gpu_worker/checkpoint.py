@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 HUB_REPO = "vikhyatk/moondream2"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 KNOWN_REVISIONS = ("2025-06-21", "2025-04-14")
 # Where each revision's tokenizer lives on the hub (the checkpoint repo does not ship it).
 TOKENIZER_SOURCES = {
@@ -33,6 +35,12 @@ TOKENIZER_SOURCES = {
 # from Moondream 2's (the hub's config.json is empty: these are the real model's sizes).
 MOONDREAM3 = "moondream3"
 MOONDREAM3_REVISION = "moondream3-preview"
+# The preview on the hub: gated (access is granted on accepting the licence), sharded weights,
+# an empty config.json, the tokenizer of moondream/starmie-v1.  MOONDREAM_REVISION set to
+# anything but a Moondream 2 revision replaces the pinned commit.
+MOONDREAM3_HUB_REPO = "moondream/moondream3-preview"
+MOONDREAM3_HUB_COMMIT = "5112966d1a723413b1c9a1e8bea272b72e647b35"
+MOONDREAM3_LICENSE_PAGE = "https://huggingface.co/moondream/moondream3-preview/blob/main/LICENSE.md"
 MOONDREAM3_DEFAULTS = {
     "revision": MOONDREAM3_REVISION, "family": MOONDREAM3, "max_context": 4096, "rope_theta": 1.5e6,
     "n_experts": 64, "moe_start_layer": 4, "experts_per_token": 8, "expert_inner_dim": 1024, "region_inner_dim": 0,
@@ -266,6 +274,10 @@ def load_checkpoint(model: str, revision: str, device: str = "auto", dtype: str 
         return _random_checkpoint(model, revision, device, dtype)
     if os.path.isdir(model):
         return _load_directory(model, revision, device, dtype, source=model)
+    if model == MOONDREAM3_HUB_REPO:
+        pin = MOONDREAM3_HUB_COMMIT if revision in KNOWN_REVISIONS else revision
+        directory = _download_moondream3(model, pin, hf_token)
+        return _load_directory(directory, MOONDREAM3_REVISION, device, dtype, source=f"{model}@{pin}")
     if model.startswith(("/", ".", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"MOONDREAM_MODEL={model} is not a directory here, nor a hub id like vikhyatk/moondream2 "
                              "(a checkpoint directory holds config.json, model.safetensors and tokenizer.json)")
@@ -297,6 +309,53 @@ def _download(repo: str, revision: str, hf_token: str) -> str:
     return _assemble_directory(config, weights, tokenizer, revision)
 
 
+def _download_moondream3(repo: str, pin: str, hf_token: str) -> str:
+    """Fetch the Moondream 3 preview (config, every weight shard, the tokenizer) into the HF
+    cache; returns a directory laid out like a local checkpoint.  A refusal of the gated
+    repository is one line naming the licence page."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
+    except ImportError as err:  # pragma: no cover - it is a dependency
+        raise ModelLoadError(f"huggingface_hub is not installed: {err}") from None
+    token = hf_token or None
+    try:
+        config = hf_hub_download(repo, "config.json", revision=pin, token=token)
+        try:
+            index = hf_hub_download(repo, WEIGHTS_INDEX, revision=pin, token=token)
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except EntryNotFoundError:
+            index, shards = None, [WEIGHTS_FILE]
+        shard_paths = {name: hf_hub_download(repo, name, revision=pin, token=token) for name in shards}
+        tok_repo, tok_rev = TOKENIZER_SOURCES["2025-06-21"]
+        tokenizer = hf_hub_download(tok_repo, "tokenizer.json", revision=tok_rev, token=token)
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"access to {repo} was refused: the repository is gated; accept the Moondream 3 licence at "
+            f"{MOONDREAM3_LICENSE_PAGE} with your Hugging Face account and set HF_TOKEN to a token of that account"
+        ) from None
+    except Exception as err:  # network, auth, offline mode, missing file: all one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"could not fetch {repo}@{pin} from the Hugging Face hub ({type(err).__name__}: {reason}); "
+            "check network access and HF_TOKEN, or set MOONDREAM_MODEL to a local checkpoint directory"
+        ) from None
+    base = os.path.join(os.path.dirname(os.path.dirname(config)), f"moondream-serving-{MOONDREAM3_REVISION}")
+    os.makedirs(base, exist_ok=True)
+    links = {**shard_paths, "tokenizer.json": tokenizer, **({WEIGHTS_INDEX: index} if index else {})}
+    for name, src in links.items():
+        dst = os.path.join(base, name)
+        if os.path.lexists(dst):
+            os.remove(dst)
+        os.symlink(os.path.realpath(src), dst)
+    with open(config) as f:
+        raw = json.load(f)
+    with open(os.path.join(base, "config.json"), "w") as f:  # the hub's file does not say which model it is
+        json.dump({**raw, "model": MOONDREAM3, "revision": MOONDREAM3_REVISION}, f)
+    return base
+
+
 def _assemble_directory(config_path: str, weights_path: str, tokenizer_path: str, revision: str) -> str:
     """Link the three cached files into one directory (the hub keeps them in different repos)."""
     base = os.path.join(os.path.dirname(os.path.dirname(weights_path)), f"moondream-serving-{revision}")
@@ -317,7 +376,10 @@ def _assemble_directory(config_path: str, weights_path: str, tokenizer_path: str
 
 
 def _load_directory(path: str, revision: str, device: str, dtype: str, source: str) -> Checkpoint:
-    files = {name: os.path.join(path, name) for name in ("config.json", "model.safetensors", "tokenizer.json")}
+    files = {name: os.path.join(path, name) for name in ("config.json", WEIGHTS_FILE, "tokenizer.json")}
+    sharded = not os.path.isfile(files[WEIGHTS_FILE]) and os.path.isfile(os.path.join(path, WEIGHTS_INDEX))
+    if sharded:  # the hub's large checkpoints: model.safetensors.index.json names the shards
+        files[WEIGHTS_FILE] = os.path.join(path, WEIGHTS_INDEX)
     for name, full in files.items():
         if not os.path.isfile(full):
             raise ModelLoadError(f"checkpoint directory {path} has no {name}")
@@ -329,7 +391,7 @@ def _load_directory(path: str, revision: str, device: str, dtype: str, source: s
     config = ModelConfig.from_json(raw, revision)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config.revision)
-    weights = _read_weights(files["model.safetensors"], config, dev, dt)
+    weights = _read_weights(files[WEIGHTS_FILE], config, dev, dt)
     tokenizer = _read_tokenizer(files["tokenizer.json"])
     # Decided from the model itself, never its path: anything narrower than Moondream 2's
     # real text width (2048) is one of the tiny random-weight test models.
@@ -338,28 +400,44 @@ def _load_directory(path: str, revision: str, device: str, dtype: str, source: s
 
 
 def _read_weights(path: str, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensor by tensor from safetensors straight to the device in the serving dtype,
-    so the host never holds a float32 copy of the whole model."""
+    """Tensor by tensor from safetensors (one file, or the shards an index names) straight
+    to the device in the serving dtype, so the host never holds a float32 copy of the whole
+    model.  A missing or misshapen tensor is one line naming it."""
+    import contextlib
+
     from safetensors import safe_open
 
     expected = config.weight_shapes()
     weights = {}
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            keys = set(f.keys())
+        with contextlib.ExitStack() as stack:
+            handles = {}  # checkpoint key -> the open file holding it
+            for file in _weight_files(path):
+                f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                handles.update((key, f) for key in f.keys())
             for name, shape in expected.items():
                 key = "model." + name
-                if key not in keys:
+                if key not in handles:
                     raise ModelLoadError(f"{path}: missing weight {key}")
-                actual = tuple(f.get_slice(key).get_shape())
+                actual = tuple(handles[key].get_slice(key).get_shape())
                 if actual != shape:
                     raise ModelLoadError(f"{path}: weight {key} has shape {actual}, expected {shape}")
-                weights[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+                weights[name] = handles[key].get_tensor(key).to(device=device, dtype=dtype)
     except ModelLoadError:
         raise
     except Exception as err:
-        raise ModelLoadError(f"{path} is not a readable safetensors file: {err}") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {reason}") from None
     return weights
+
+
+def _weight_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint: the file itself, or the shards its index names."""
+    if not path.endswith(".json"):
+        return [path]
+    with open(path) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(os.path.dirname(path), shard) for shard in shards]
 
 
 def _read_tokenizer(path: str):

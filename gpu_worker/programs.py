@@ -150,6 +150,17 @@ def answer_prefill(ctx) -> list[int]:
     return [_tok(ctx)["answer_id"]]
 
 
+def prompt_length(ctx, skill: str, params: dict, has_image: bool) -> int:
+    """How many positions a request's first prompt takes after its image (or from 0)."""
+    if skill == "caption":
+        return len(caption_prompt(ctx, params.get("length", "normal")))
+    if skill == "query":
+        reasoning = reasoning_wanted(ctx.engine.config, params)
+        ids = query_prompt(ctx, params["question"], reasoning, params.get("spatial_refs") or [])
+        return len(ids) + (0 if has_image else 1)  # a text-only query starts with BOS
+    return len(object_prompt(ctx, skill, params["object"]))
+
+
 def object_prompt(ctx, skill: str, obj: str) -> list[int]:
     t = _tok(ctx)["templates"][skill]
     return list(t["prefix"]) + encode_text(ctx, " " + obj) + list(t["suffix"])
