@@ -44,7 +44,7 @@ class BatchLine(msgspec.Struct):
     images: Optional[list[str]] = None
     length: str = "normal"
     question: Optional[str] = None
-    reasoning: bool = False
+    reasoning: Optional[bool] = None  # None: the model's default (Moondream 3 reasons)
     spatial_refs: Optional[list[list[float]]] = None
     object: Optional[str] = None
     settings: Optional[schemas.Settings] = None

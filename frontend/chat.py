@@ -337,7 +337,7 @@ class ChatResource:
         model = self._names.model_id(variant)
         req.context.model_id = model  # for /metrics
         # The same params /v1/query sends for a question without spatial references.
-        params = {"question": conversation.question, "reasoning": bool(request.reasoning), "spatial_refs": []}
+        params = {"question": conversation.question, "reasoning": request.reasoning, "spatial_refs": []}
         image_url = conversation.image_url
         image = core.decode_image_url(image_url, self._fetch_remote) if image_url is not None else None
         streaming = bool(request.stream)
