@@ -268,21 +268,23 @@ def resolve_dtype(dtype: str, device: torch.device, revision: str) -> torch.dtyp
 
 
 def load_checkpoint(model: str, revision: str, device: str = "auto", dtype: str = "auto",
-                    hf_token: str = "") -> Checkpoint:
-    """Load from a local directory, the hub, or random weights (see module doc)."""
+                    hf_token: str = "", convert=None) -> Checkpoint:
+    """Load from a local directory, the hub, or random weights (see module doc).
+    `convert(config)`, when given, returns a hook called after each tensor is added
+    (`hook(weights, name)`), which may replace tensors (int8: gpu_worker/quantize.py)."""
     if model.startswith("random:"):
-        return _random_checkpoint(model, revision, device, dtype)
+        return _random_checkpoint(model, revision, device, dtype, convert)
     if os.path.isdir(model):
-        return _load_directory(model, revision, device, dtype, source=model)
+        return _load_directory(model, revision, device, dtype, source=model, convert=convert)
     if model == MOONDREAM3_HUB_REPO:
         pin = MOONDREAM3_HUB_COMMIT if revision in KNOWN_REVISIONS else revision
         directory = _download_moondream3(model, pin, hf_token)
-        return _load_directory(directory, MOONDREAM3_REVISION, device, dtype, source=f"{model}@{pin}")
+        return _load_directory(directory, MOONDREAM3_REVISION, device, dtype, source=f"{model}@{pin}", convert=convert)
     if model.startswith(("/", ".", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"MOONDREAM_MODEL={model} is not a directory here, nor a hub id like vikhyatk/moondream2 "
                              "(a checkpoint directory holds config.json, model.safetensors and tokenizer.json)")
     directory = _download(model, revision, hf_token)
-    return _load_directory(directory, revision, device, dtype, source=f"{model}@{revision}")
+    return _load_directory(directory, revision, device, dtype, source=f"{model}@{revision}", convert=convert)
 
 
 def _download(repo: str, revision: str, hf_token: str) -> str:
@@ -375,7 +377,7 @@ def _assemble_directory(config_path: str, weights_path: str, tokenizer_path: str
     return base
 
 
-def _load_directory(path: str, revision: str, device: str, dtype: str, source: str) -> Checkpoint:
+def _load_directory(path: str, revision: str, device: str, dtype: str, source: str, convert=None) -> Checkpoint:
     files = {name: os.path.join(path, name) for name in ("config.json", WEIGHTS_FILE, "tokenizer.json")}
     sharded = not os.path.isfile(files[WEIGHTS_FILE]) and os.path.isfile(os.path.join(path, WEIGHTS_INDEX))
     if sharded:  # the hub's large checkpoints: model.safetensors.index.json names the shards
@@ -391,7 +393,7 @@ def _load_directory(path: str, revision: str, device: str, dtype: str, source: s
     config = ModelConfig.from_json(raw, revision)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config.revision)
-    weights = _read_weights(files[WEIGHTS_FILE], config, dev, dt)
+    weights = _read_weights(files[WEIGHTS_FILE], config, dev, dt, convert(config) if convert else None)
     tokenizer = _read_tokenizer(files["tokenizer.json"])
     # Decided from the model itself, never its path: anything narrower than Moondream 2's
     # real text width (2048) is one of the tiny random-weight test models.
@@ -399,7 +401,7 @@ def _load_directory(path: str, revision: str, device: str, dtype: str, source: s
     return Checkpoint(config, weights, tokenizer, source, test_model)
 
 
-def _read_weights(path: str, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict:
+def _read_weights(path: str, config: ModelConfig, device: torch.device, dtype: torch.dtype, hook=None) -> dict:
     """Tensor by tensor from safetensors (one file, or the shards an index names) straight
     to the device in the serving dtype, so the host never holds a float32 copy of the whole
     model.  A missing or misshapen tensor is one line naming it."""
@@ -423,6 +425,8 @@ def _read_weights(path: str, config: ModelConfig, device: torch.device, dtype: t
                 if actual != shape:
                     raise ModelLoadError(f"{path}: weight {key} has shape {actual}, expected {shape}")
                 weights[name] = handles[key].get_tensor(key).to(device=device, dtype=dtype)
+                if hook is not None:
+                    hook(weights, name)
     except ModelLoadError:
         raise
     except Exception as err:
@@ -449,13 +453,27 @@ def _read_tokenizer(path: str):
         raise ModelLoadError(f"{path} is not a valid tokenizer.json: {err}") from None
 
 
-def _random_checkpoint(model: str, revision: str, device: str, dtype: str) -> Checkpoint:
-    """Seeded random weights with the full (or tiny) geometry, built directly on the device."""
+RANDOM_CONFIGS = {
+    "full": {}, "tiny": TINY_CONFIG,
+    # Moondream 3's real geometry, and a tiny one shaped like its conformance models
+    "md3-full": {"model": MOONDREAM3},
+    "md3-tiny": {**TINY_CONFIG, "model": MOONDREAM3, "text": {
+        **TINY_CONFIG["text"], "n_layers": 4, "max_context": 1024,
+        "moe": {"num_experts": 8, "start_layer": 2, "experts_per_token": 3, "expert_inner_dim": 64}}, "region": {}},
+}
+
+
+def _random_checkpoint(model: str, revision: str, device: str, dtype: str, convert=None) -> Checkpoint:
+    """Seeded random weights with the full (or tiny) geometry, built directly on the device,
+    tensor by tensor (each through `convert`'s hook when given)."""
     size = model.split(":", 1)[1]
-    if size not in ("full", "tiny"):
-        raise ModelLoadError(f"MOONDREAM_MODEL={model}: use random:full or random:tiny")
-    raw = {"revision": revision, **(TINY_CONFIG if size == "tiny" else {})}
+    if size not in RANDOM_CONFIGS:
+        raise ModelLoadError(f"MOONDREAM_MODEL={model}: use one of " + ", ".join(f"random:{s}" for s in RANDOM_CONFIGS))
+    raw = {"revision": revision, **RANDOM_CONFIGS[size]}
+    if raw.get("model") == MOONDREAM3:
+        raw["revision"] = MOONDREAM3_REVISION
     config = ModelConfig.from_json(raw, revision)
+    hook = convert(config) if convert else None
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config.revision)
     gen = torch.Generator(device=dev).manual_seed(1234)
@@ -471,6 +489,8 @@ def _random_checkpoint(model: str, revision: str, device: str, dtype: str) -> Ch
             t = torch.empty(shape, device=dev, dtype=dt)
             t.normal_(0.0, std, generator=gen)
         weights[name] = t
+        if hook is not None:
+            hook(weights, name)
     tokenizer = _byte_level_tokenizer(config.vocab_size)
     return Checkpoint(config, weights, tokenizer, model, test_model=True)
 
