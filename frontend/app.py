@@ -420,7 +420,8 @@ class HealthResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = self._client.status(timeout=1.0)
-        model = {"name": self._config.model, "revision": self._config.revision, "id": self._config.model_name}
+        model = {"name": self._config.model, "revision": self._config.revision,
+                 "id": models.ModelNames(self._config).base}
         reason = None
         if status is None:
             state, ready, workers, queue = "unavailable", False, {"preprocess": 0, "gpu": 0}, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 from shared.config import Config
+from shared.model_family import DEFAULT_ALIASES, MODEL_IDS, family_of
 from shared.variant_ids import BadVariantId, check_variant_id
 
 
@@ -27,8 +28,10 @@ class ConflictingVariants(ValueError):
 
 class ModelNames:
     def __init__(self, config: Config):
-        self.base = config.model_name
-        self.aliases = tuple(a.strip() for a in config.model_aliases.split(",") if a.strip())
+        family = family_of(config.model)  # MODEL_NAME / MODEL_ALIASES left empty: the family's names
+        self.base = config.model_name or MODEL_IDS[family]
+        given = tuple(a.strip() for a in config.model_aliases.split(",") if a.strip())
+        self.aliases = tuple(a for a in (given or DEFAULT_ALIASES[family]) if a != self.base)
 
     def names_base(self, name: str) -> bool:
         return name == self.base or name in self.aliases

@@ -37,8 +37,8 @@ class Config:
     image_cache_mb: int = field(default=2048, metadata={"env": "IMAGE_CACHE_MB", "help": "bytes budget (MiB) of encoded-image KV prefixes kept for reuse"})
 
     # --- fine-tuned variants (LoRA adapters; docs/operations.md "Variants")
-    model_name: str = field(default="moondream2", metadata={"env": "MODEL_NAME", "help": "name of the base model in `model` fields (`<name>/<variant id>` selects a variant)"})
-    model_aliases: str = field(default="moondream3-preview,vikhyatk/moondream2", metadata={"env": "MODEL_ALIASES", "help": "other names (comma-separated) accepted for the base model, e.g. clients' defaults"})
+    model_name: str = field(default="", metadata={"env": "MODEL_NAME", "help": "name of the base model in `model` fields (`<name>/<variant id>` selects a variant); empty: the family's id, moondream2 or moondream3-preview"})
+    model_aliases: str = field(default="", metadata={"env": "MODEL_ALIASES", "help": "other names (comma-separated) accepted for the base model, e.g. clients' defaults; empty: moondream3-preview,vikhyatk/moondream2 for Moondream 2, moondream/moondream3-preview for Moondream 3"})
     variant_dir: str = field(default="", metadata={"env": "VARIANT_DIR", "help": "directory of variants (`<dir>/<id>/final.pt`), searched before the official cache `<HF hub cache>/md_variants`"})
     max_loaded_variants: int = field(default=8, metadata={"env": "MAX_LOADED_VARIANTS", "help": "variants kept loaded at once (least recently used out)"})
     variant_cache_mb: int = field(default=1024, metadata={"env": "VARIANT_CACHE_MB", "help": "bytes budget (MiB) of loaded variant adapters"})

@@ -356,3 +356,20 @@ def test_batched_rows_on_different_experts_equal_each_row_alone():
     for i, p in enumerate(prompts):
         alone = engine.forward(embeds[i:i + 1], [0], [i], engine.new_cache(4))
         assert rel_err(together[i], alone[0]) <= 1e-6, i
+
+
+def test_the_served_family_decides_the_model_names():
+    """moondream3-preview names Moondream 3 when it is served, and is an alias of Moondream 2 otherwise."""
+    from frontend.models import ModelNames, ModelNotFound
+    from shared.config import Config
+
+    md3 = ModelNames(Config(model=MAIN))
+    assert md3.base == "moondream3-preview" and md3.variant_of("moondream3-preview") is None
+    assert md3.variant_of("moondream/moondream3-preview") is None
+    with pytest.raises(ModelNotFound, match="moondream3-preview"):
+        md3.variant_of("moondream2")
+    md2 = ModelNames(Config(model=os.path.join(CONFORMANCE, "main")))
+    assert md2.base == "moondream2" and md2.names_base("moondream3-preview") and md2.names_base("vikhyatk/moondream2")
+    assert ModelNames(Config(model="moondream/moondream3-preview")).base == "moondream3-preview"
+    mine = ModelNames(Config(model=MAIN, model_name="mine", model_aliases="mine,other"))
+    assert mine.base == "mine" and mine.aliases == ("other",)
