@@ -24,8 +24,8 @@ def _env(name: str, default, cast=str):
 @dataclass(frozen=True)
 class Config:
     # --- model / GPU worker
-    model: str = field(default="vikhyatk/moondream2", metadata={"env": "MOONDREAM_MODEL", "help": "hub id, local checkpoint directory, or random:full / random:tiny for benchmarks"})
-    revision: str = field(default="2025-06-21", metadata={"env": "MOONDREAM_REVISION", "help": "hub revision to pin (2025-06-21 or 2025-04-14)"})
+    model: str = field(default="vikhyatk/moondream2", metadata={"env": "MOONDREAM_MODEL", "help": "hub id (vikhyatk/moondream2, moondream/moondream3-preview), local checkpoint directory, or random:full / random:tiny / random:md3-full / random:md3-tiny for benchmarks"})
+    revision: str = field(default="2025-06-21", metadata={"env": "MOONDREAM_REVISION", "help": "hub revision to pin (2025-06-21 or 2025-04-14); for moondream/moondream3-preview any other value replaces its pinned commit"})
     device: str = field(default="auto", metadata={"env": "MOONDREAM_DEVICE", "help": "auto, cuda, cuda:N or cpu"})
     dtype: str = field(default="auto", metadata={"env": "MOONDREAM_DTYPE", "help": "auto (bf16 on CUDA, float32 on CPU), bfloat16, float16, float32, or int8 (CPU: int8 linears, PyTorch quantized kernels)"})
     engine: str = field(default="native", metadata={"env": "MOONDREAM_ENGINE", "help": "native (our batched engine) or transformers (official remote code, one request at a time)"})
