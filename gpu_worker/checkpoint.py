@@ -409,6 +409,8 @@ def _read_weights(path: str, config: ModelConfig, device: torch.device, dtype: t
 
     from safetensors import safe_open
 
+    from gpu_worker import engine_layout
+
     expected = config.weight_shapes()
     weights = {}
     try:
@@ -417,14 +419,26 @@ def _read_weights(path: str, config: ModelConfig, device: torch.device, dtype: t
             for file in _weight_files(path):
                 f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
                 handles.update((key, f) for key in f.keys())
+            # our name -> (checkpoint key, loader): the reference's keys, or Moondream's engine's mapped
+            if engine_layout.is_engine_layout(handles):
+                mapped = engine_layout.sources(handles, lambda key: handles[key].get_tensor(key))
+            else:
+                mapped = {key[len("model."):]: (key, lambda key=key: handles[key].get_tensor(key))
+                          for key in handles if key.startswith("model.")}
+            if "region.ln.weight" in mapped:  # Moondream 3.1: a LayerNorm before the region decoders
+                expected = {**expected, "region.ln.weight": (config.dim,), "region.ln.bias": (config.dim,)}
             for name, shape in expected.items():
-                key = "model." + name
-                if key not in handles:
-                    raise ModelLoadError(f"{path}: missing weight {key}")
-                actual = tuple(handles[key].get_slice(key).get_shape())
+                if name not in mapped:
+                    raise ModelLoadError(f"{path}: missing weight model.{name}")
+                key, load = mapped[name]
+                actual = tuple(handles[key].get_slice(key).get_shape()) if key == "model." + name else None
+                tensor = None
+                if actual is None:  # a mapped tensor: its shape once in our layout
+                    tensor = load()
+                    actual = tuple(tensor.shape)
                 if actual != shape:
                     raise ModelLoadError(f"{path}: weight {key} has shape {actual}, expected {shape}")
-                weights[name] = handles[key].get_tensor(key).to(device=device, dtype=dtype)
+                weights[name] = (tensor if tensor is not None else load()).to(device=device, dtype=dtype)
                 if hook is not None:
                     hook(weights, name)
     except ModelLoadError:

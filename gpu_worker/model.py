@@ -406,7 +406,10 @@ def encode_sizes(sizes: torch.Tensor, w: dict) -> torch.Tensor:
 
 
 def _region_decoder(hidden: torch.Tensor, w: dict, name: str) -> torch.Tensor:
-    """Moondream 2's decoders are two-layer MLPs; Moondream 3's a single linear."""
+    """Moondream 2's decoders are two-layer MLPs; Moondream 3's a single linear, after a
+    LayerNorm when the checkpoint has one (Moondream 3.1's `region_model.ln`)."""
+    if "region.ln.weight" in w:
+        hidden = _layer_norm(hidden, w, "region.ln")
     if name + ".weight" in w:
         return _linear(hidden, w, name)
     return _mlp(hidden, w, name)

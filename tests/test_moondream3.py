@@ -373,3 +373,110 @@ def test_the_served_family_decides_the_model_names():
     assert ModelNames(Config(model="moondream/moondream3-preview")).base == "moondream3-preview"
     mine = ModelNames(Config(model=MAIN, model_name="mine", model_aliases="mine,other"))
     assert mine.base == "mine" and mine.aliases == ("other",)
+
+
+# ------------------------------------------------------------------------- Moondream's engine layout (3.1)
+def to_engine_layout(tensors: dict) -> dict:
+    """The fixture model's tensors renamed the way Moondream's engine stores them (written out
+    by hand here, independently of gpu_worker/engine_layout.py)."""
+    out = {}
+    for key, t in tensors.items():
+        name = key[len("model."):]
+        parts = name.split(".")
+        if name == "text.wte":
+            out["text_model.transformer.embd.wte.weight"] = t
+        elif name.startswith("text.post_ln."):
+            out["text_model.lm_head.ln." + parts[-1]] = t
+        elif name.startswith("text.lm_head."):
+            out["text_model.lm_head.linear." + parts[-1]] = t
+        elif name.startswith("text.blocks."):
+            n, rest = parts[2], ".".join(parts[3:])
+            h = f"text_model.transformer.h.{n}."
+            renamed = {"attn.qkv.weight": "mixer.Wqkv.weight", "attn.qkv.bias": "mixer.Wqkv.bias",
+                       "attn.proj.weight": "mixer.out_proj.weight", "attn.proj.bias": "mixer.out_proj.bias",
+                       "attn.tau.wq": "tau_wq", "attn.tau.wv": "tau_wv", "attn.tau.alpha": "tau_alpha",
+                       "mlp.router.weight": "gate.weight", "mlp.router.bias": "gate.bias"}
+            if t.dim() == 3:  # stacked experts
+                rest = {"mlp.fc1.weight": "mlp.experts.weight", "mlp.fc2.weight": "mlp.output_experts.weight"}[rest]
+            out[h + renamed.get(rest, rest)] = t
+        elif name.startswith("vision.blocks."):
+            n, rest = parts[2], ".".join(parts[3:])
+            rest = rest.replace("ln1.", "norm1.").replace("ln2.", "norm2.")
+            out[f"vision_encoder.encoder.model.visual.blocks.{n}.{rest}"] = t
+        elif name.startswith("vision."):
+            renamed = {"vision.patch_emb.weight": "visual.patch_embed.linear.weight",
+                       "vision.patch_emb.bias": "visual.patch_embed.linear.bias", "vision.pos_emb": "visual.pos_embed",
+                       "vision.post_ln.weight": "visual.norm.weight", "vision.post_ln.bias": "visual.norm.bias"}
+            if name in renamed:
+                out["vision_encoder.encoder.model." + renamed[name]] = t
+            else:  # vision.proj_mlp.fc1.weight ...
+                out["vision_encoder.projection.mlp." + ".".join(parts[2:])] = t
+        else:
+            renamed = {"region.coord_encoder": "region_model.coordinate_encoder",
+                       "region.coord_decoder": "region_model.coordinate_head",
+                       "region.size_encoder": "region_model.size_encoder", "region.size_decoder": "region_model.size_head"}
+            if name in ("region.coord_features", "region.size_features"):
+                stem = "coordinate" if "coord" in name else "size"
+                out[f"region_model.{stem}_features.weight"] = t.t().contiguous()  # stored transposed
+            else:
+                out[renamed[".".join(parts[:2])] + "." + parts[-1]] = t
+    return out
+
+
+def test_moondream_engine_layout_gives_the_same_answers(tmp_path):
+    target, tensors = _copy_fixture(tmp_path)
+    engine_tensors = to_engine_layout(tensors)
+    assert not any(k.startswith("model.") for k in engine_tensors)
+    save_file(engine_tensors, str(target / "model.safetensors"))
+    converted = Engine(load_checkpoint(str(target), "", "cpu", "float32"))
+    whole = fixture_engine("md3-main").weights
+    assert converted.weights.keys() == whole.keys()
+    assert all(torch.equal(converted.weights[k], whole[k]) for k in whole)
+    with open(os.path.join(MAIN, "expected.json")) as f:
+        cases = [c for c in json.load(f)["cases"] if c["image"] in (None, "photo_773x767.jpg")]
+    from tests.engine_helpers import request_from_case
+
+    sched = Scheduler(converted, max_batch=4)
+    requests = [request_from_case(c, fixture_image("md3-main", c["image"]) if c["image"] else None) for c in cases]
+    outcomes = run_requests(sched, requests)
+    from tests.test_conformance import close_numbers
+
+    for case, req in zip(cases, requests):
+        assert close_numbers(outcomes[req.request_id].output, case["output"], 1e-6), case
+
+
+def test_fp8_experts_fused_tau_and_the_region_layer_norm(tmp_path):
+    """Moondream 3.1's file: FP8 experts with a scale per expert and output channel, tau_wq and
+    tau_wv stacked as tau_wqwv, and a LayerNorm before the region decoders."""
+    target, tensors = _copy_fixture(tmp_path)
+    engine_tensors = to_engine_layout(tensors)
+    fp8 = {}
+    for key in [k for k in engine_tensors if k.endswith(("mlp.experts.weight", "mlp.output_experts.weight"))]:
+        w = engine_tensors[key].float()
+        scale = w.abs().amax(dim=-1) / 448.0  # e4m3's largest value
+        engine_tensors[key] = (w / scale.unsqueeze(-1)).to(torch.float8_e4m3fn)
+        h = key.split(".mlp.")[0]
+        engine_tensors[h + (".moe_quant.up_scale" if "output" not in key else ".moe_quant.down_scale")] = scale
+        fp8[key] = (engine_tensors[key], scale)
+    for n in range(4):
+        h = f"text_model.transformer.h.{n}."
+        engine_tensors[h + "tau_wqwv"] = torch.cat([engine_tensors.pop(h + "tau_wq"), engine_tensors.pop(h + "tau_wv")])
+    gen = torch.Generator().manual_seed(11)
+    engine_tensors["region_model.ln.weight"] = 1 + 0.1 * torch.randn(128, generator=gen)
+    engine_tensors["region_model.ln.bias"] = 0.1 * torch.randn(128, generator=gen)
+    save_file(engine_tensors, str(target / "model.safetensors"))
+    engine = Engine(load_checkpoint(str(target), "", "cpu", "float32"))
+    w, whole = engine.weights, fixture_engine("md3-main").weights
+    for key, (stored, scale) in fp8.items():
+        n = key.split(".")[3]
+        ours = f"text.blocks.{n}.mlp." + ("fc2" if "output" in key else "fc1") + ".weight"
+        assert torch.equal(w[ours], stored.float() * scale.unsqueeze(-1))
+        assert rel_err(w[ours], whole[ours]) < 0.07  # e4m3 keeps ~2 significant digits
+    assert torch.equal(w["text.blocks.2.attn.tau.wv"], whole["text.blocks.2.attn.tau.wv"])
+    hidden = torch.randn(3, 128, generator=gen)
+    normed = F.layer_norm(hidden, (128,), w["region.ln.weight"], w["region.ln.bias"], eps=1e-5)
+    assert torch.equal(M.decode_coordinate_bins(hidden, w), F.linear(normed, w["region.coord_decoder.weight"],
+                                                                      w["region.coord_decoder.bias"]).argmax(-1))
+    sched = Scheduler(engine, max_batch=2)
+    req = EngineRequest("fp8", "detect", {"object": "cat"}, {"max_objects": 2}, fixture_image("md3-main", "square_378.png"))
+    assert run_requests(sched, [req])["fp8"].error is None
