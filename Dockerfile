@@ -61,4 +61,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
 
 # FRONTEND_WORKERS and PREPROCESS_WORKERS: as set, or sized from the container's CPUs (its --cpus quota);
 # the front ends' metrics files start afresh with the container (supervisord.conf).
-CMD ["sh", "-c", "rm -rf \"$RUN_DIR/frontend-metrics\" && eval \"$(python -m shared.host_size)\" && exec supervisord -c /app/supervisord.conf"]
+CMD ["sh", "-c", "rm -rf \"$RUN_DIR/frontend-metrics\" && eval \"$(python -m shared.host_size)\" && python -m shared.model_family \"$RUN_DIR/gpu_workers\" && exec supervisord -c /app/supervisord.conf"]

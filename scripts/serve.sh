@@ -9,6 +9,7 @@ export RUN_DIR=${RUN_DIR:-$PWD/run}
 # FRONTEND_WORKERS and PREPROCESS_WORKERS as set, or sized from the usable CPUs (supervisord needs numbers)
 eval "$(.venv/bin/python -m shared.host_size)"
 mkdir -p -m 700 "$RUN_DIR"  # logs and the control socket: the owner's only
+.venv/bin/python -m shared.model_family "$RUN_DIR/gpu_workers"  # a GPU worker program per extra MOONDREAM_MODELS entry
 rm -rf "$RUN_DIR/frontend-metrics"  # the front ends' counts (supervisord.conf) start from zero with the service
 # The terminal then shows one line once the service is ready (supervisord.conf, ready_notice).
 # As root, say so on purpose: supervisord otherwise logs a CRIT line about not dropping privileges.

@@ -25,6 +25,8 @@ def _env(name: str, default, cast=str):
 class Config:
     # --- model / GPU worker
     model: str = field(default="vikhyatk/moondream2", metadata={"env": "MOONDREAM_MODEL", "help": "hub id (vikhyatk/moondream2, moondream/moondream3-preview), local checkpoint directory, or random:full / random:tiny / random:md3-full / random:md3-tiny for benchmarks"})
+    models: str = field(default="", metadata={"env": "MOONDREAM_MODELS", "help": "several models at once, one GPU worker each: `id=<source>,...` (e.g. moondream2=vikhyatk/moondream2,moondream3-preview=moondream/moondream3-preview; an entry without `id=` takes its family's id); requests pick one by `model`, the first is the default. Empty: MOONDREAM_MODEL alone"})
+    model_index: int = field(default=0, metadata={"env": "MOONDREAM_MODEL_INDEX", "help": "which MOONDREAM_MODELS entry a GPU worker serves (0-based; supervisord sets it per worker program)"})
     revision: str = field(default="2025-06-21", metadata={"env": "MOONDREAM_REVISION", "help": "hub revision to pin (2025-06-21 or 2025-04-14); for moondream/moondream3-preview any other value replaces its pinned commit"})
     device: str = field(default="auto", metadata={"env": "MOONDREAM_DEVICE", "help": "auto, cuda, cuda:N or cpu"})
     dtype: str = field(default="auto", metadata={"env": "MOONDREAM_DTYPE", "help": "auto (bf16 on CUDA, float32 on CPU), bfloat16, float16, float32, or int8 (CPU: int8 linears, PyTorch quantized kernels)"})

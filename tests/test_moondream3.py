@@ -372,7 +372,7 @@ def test_the_served_family_decides_the_model_names():
     assert md2.base == "moondream2" and md2.names_base("moondream3-preview") and md2.names_base("vikhyatk/moondream2")
     assert ModelNames(Config(model="moondream/moondream3-preview")).base == "moondream3-preview"
     mine = ModelNames(Config(model=MAIN, model_name="mine", model_aliases="mine,other"))
-    assert mine.base == "mine" and mine.aliases == ("other",)
+    assert mine.base == "mine" and mine.aliases == ("moondream3-preview", "other")  # the family id stays an alias
 
 
 # ------------------------------------------------------------------------- Moondream's engine layout (3.1)
