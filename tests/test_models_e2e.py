@@ -120,3 +120,26 @@ def test_models_health_names_and_unknown_models(stack):
     assert status == 200 and got["model"] == "moondream3-preview"
     status, got = call(stack, "POST", "/v1/query", {**question, "model": "moondream3-preview/ft-alpha@100"})
     assert status == 422 and "variants are not supported" in json.dumps(got)
+
+
+def test_batch_cli_model_sends_every_line_to_that_model(stack, tmp_path):
+    import subprocess
+    import sys
+
+    chosen = [c for c in cases("md3-main") if c["skill"] in ("caption", "detect", "point")][:4]
+    source = tmp_path / "in.jsonl"
+    with open(source, "w") as f:
+        for i, case in enumerate(chosen):
+            f.write(json.dumps({"id": f"l{i}", "skill": case["skill"], **case["args"],
+                                "image": data_url("md3-main", case["image"])}) + "\n")
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "MOONDREAM_ENDPOINT": stack.url}
+    run = subprocess.run([sys.executable, "-m", "batch_cli", "submit", str(source), "--model", "moondream3-preview",
+                          "--wait", "--interval", "0.3", "-o", str(out)], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ok"] * len(chosen)
+    for row, case in zip(rows, chosen):
+        answer = {k: v for k, v in row["result"].items() if k in case["output"]}  # besides finish_reason
+        assert close_numbers(answer, expected(case), 1e-6), case
