@@ -1,13 +1,16 @@
-"""Finding and loading a Moondream 2 checkpoint: config, tokenizer, weights.
+"""Finding and loading a Moondream 2 or Moondream 3 checkpoint: config, tokenizer, weights.
 
-Sources:
+The family comes from config.json (`"model": "moondream3"` or a `text.moe` object; the hub's
+Moondream 3 preview by its repo id).  Sources:
 - a local directory with config.json, model.safetensors, tokenizer.json (the
   conformance fixtures use this form; a top-level "revision" in config.json
   selects revision behaviour);
 - the hub id `vikhyatk/moondream2` at a pinned revision, fetched with
   huggingface_hub (honours HF_TOKEN, HF_HOME, HF_HUB_OFFLINE);
-- `random:full` / `random:tiny`: seeded random weights with the real (or tiny)
-  geometry, for benchmarks without the checkpoint.
+- the hub id `moondream/moondream3-preview` (gated; sharded weights) at a pinned commit;
+- `random:full` / `random:tiny` (`random:md3-full` / `random:md3-tiny` for Moondream 3):
+  seeded random weights with the real (or tiny) geometry, for benchmarks without the checkpoint.
+Moondream's own engine's layout (Moondream 3.1) is mapped on load (engine_layout.py).
 
 Every failure is a `ModelLoadError` with a one-line message saying what is wrong.
 """

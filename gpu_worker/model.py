@@ -9,6 +9,9 @@ by step, and the KV slot layout) and checked against the conformance fixtures.  
 - `text_forward` runs B sequences of T new positions each against a slot-based KV
   cache (`KVCache`), each sequence at its own position.
 
+Moondream 3 runs through the same functions: its tau scaling and mixture-of-experts MLPs
+(`moondream3.py`) are called from `_text_blocks` when the config's family is Moondream 3.
+
 No sampling, prompts or control flow here: that is `programs.py` and `scheduler.py`.
 """
 from __future__ import annotations
