@@ -87,6 +87,15 @@ def run_requests(scheduler: Scheduler, requests: list[EngineRequest], record: bo
     return outcomes
 
 
+def assert_pool_holds_only_cached_images(scheduler: Scheduler) -> None:
+    """Every sequence gave its KV blocks back: the pool holds the image cache's prefixes, nothing else."""
+    pool = scheduler.cache
+    cached = sum(len(p.blocks) for p in scheduler.images.entries.values())
+    assert pool.allocator.reserved == 0
+    assert pool.n_blocks - pool.allocator.n_free == cached
+    assert pool.prefixes == set(scheduler.images.entries.values())
+
+
 def request_from_case(case: dict, image: ImageInput | None, seed: int | None = None) -> EngineRequest:
     args = dict(case["args"])
     settings = args.pop("settings", {})

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from gpu_worker.engine_types import EngineRequest, Finished
-from gpu_worker.scheduler import Scheduler
+from gpu_worker.scheduler import PromptTooLong, Scheduler
 from shared.protocol import BACKGROUND
 from tests.engine_helpers import fixture_engine, fixture_image, run_requests
 
@@ -207,15 +207,13 @@ def test_bfloat16_engine_tracks_float32_reference():
     assert int(got.argmax()) == int(ref.argmax())
 
 
-def test_prompt_longer_than_context_is_refused_as_client_error():
+def test_prompt_longer_than_context_is_refused_before_any_work():
     sched = Scheduler(fixture_engine("main"), max_batch=1, context=760)
     image = fixture_image("main", "small_96x64.png")
     req = EngineRequest("long", "query", {"question": "why " * 40}, {"temperature": 0, "max_tokens": 5}, image)
-    sched.add(req)
-    events = []
-    while sched.has_work():
-        events += sched.step()
-    assert len(events) == 1 and events[0].status == 422 and "context" in events[0].message
+    with pytest.raises(PromptTooLong, match="context holds 760"):  # the worker answers it 422
+        sched.add(req)
+    assert not sched.has_work() and sched.stats()["image_encodes"] == 0
 
 
 def test_new_images_are_encoded_a_few_at_a_time_while_others_decode():

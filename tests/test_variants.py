@@ -19,7 +19,7 @@ import torch
 from gpu_worker.engine_types import EngineRequest
 from gpu_worker.scheduler import Scheduler
 from gpu_worker.variants import BadVariantId, VariantNotFound, check_variant_id
-from tests.engine_helpers import VARIANTS_DIR, fixture_engine, fixture_image, run_requests, variant_store
+from tests.engine_helpers import VARIANTS_DIR, assert_pool_holds_only_cached_images, fixture_engine, fixture_image, run_requests, variant_store
 
 ALPHA, BETA = "ft-alpha@100", "ft-beta@7"
 IMAGES = ["small_96x64.png", "landscape_800x600.png", "photo_773x767.jpg"]
@@ -210,7 +210,8 @@ def test_malformed_files_are_422_and_others_keep_being_served(tmp_path):
         out = outcomes[req.request_id]
         assert out.output is None and words[name] in out.error, (name, out.error)
     assert outcomes[good.request_id].error is None and outcomes[good.request_id].output["caption"]
-    assert not sched.running and len(sched.free) == sched.max_batch
+    assert not sched.running and sched.free_rows() == sched.max_batch
+    assert_pool_holds_only_cached_images(sched)
 
 
 def test_bad_file_status_and_code(tmp_path):
