@@ -21,6 +21,11 @@ from shared.image_tiling import pixels_key, tile_image
 CONFORMANCE = os.path.join(os.path.dirname(__file__), "conformance")
 SETS = ("main", "edge", "edge-reasoning", "edge-grounding", "rev-2025-04-14", "variants")
 VARIANTS_DIR = os.path.join(CONFORMANCE, "variants", "variants")  # ft-alpha@100 (rank 4), ft-beta@7 (rank 8)
+# KV pool layouts the exactness tests run under: (block size, attention).  16 is the default
+# block size and "split" the CPU's attention; "gather" is what a GPU runs; 64 and 5 put the
+# 730-position image prefix's end at other places inside a block.
+KV_LAYOUTS = [(16, "split"), (64, "gather"), (5, "split")]
+KV_LAYOUT_IDS = [f"blocks{b}-{a}" for b, a in KV_LAYOUTS]
 
 
 @functools.lru_cache(maxsize=None)

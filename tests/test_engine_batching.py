@@ -10,7 +10,7 @@ import pytest
 from gpu_worker.engine_types import EngineRequest, Finished
 from gpu_worker.scheduler import PromptTooLong, Scheduler
 from shared.protocol import BACKGROUND
-from tests.engine_helpers import fixture_engine, fixture_image, run_requests
+from tests.engine_helpers import KV_LAYOUT_IDS, KV_LAYOUTS, fixture_engine, fixture_image, run_requests
 
 IMAGES = ["small_96x64.png", "landscape_800x600.png", "tall_300x1500.png", "photo_773x767.jpg", "wide_1920x1080.png"]
 
@@ -53,17 +53,19 @@ def serial_answers():
     return answers
 
 
-def test_batched_equals_serial(serial_answers):
-    sched = Scheduler(fixture_engine("main"), max_batch=16)
+@pytest.mark.parametrize("block_size,attention", KV_LAYOUTS, ids=KV_LAYOUT_IDS)
+def test_batched_equals_serial(serial_answers, block_size, attention):
+    sched = Scheduler(fixture_engine("main"), max_batch=16, block_size=block_size, attention=attention)
     reqs = mixed_requests()
     outcomes = run_requests(sched, reqs)
     assert [summary(outcomes[r.request_id]) for r in reqs] == serial_answers
     assert all(a[3] is None for a in serial_answers)
 
 
-def test_requests_joining_a_running_batch_equal_serial(serial_answers):
+@pytest.mark.parametrize("block_size,attention", KV_LAYOUTS, ids=KV_LAYOUT_IDS)
+def test_requests_joining_a_running_batch_equal_serial(serial_answers, block_size, attention):
     """Continuous batching: add requests while others are mid-generation."""
-    sched = Scheduler(fixture_engine("main"), max_batch=4)  # fewer slots than requests: some wait
+    sched = Scheduler(fixture_engine("main"), max_batch=4, block_size=block_size, attention=attention)  # rows < requests
     reqs = mixed_requests()
     results = {}
     pending = list(reqs)
@@ -139,8 +141,9 @@ def test_context_overflow_ends_with_length():
     assert out.metrics["output_tokens"] <= 760 - 730
 
 
-def test_shared_image_prefix_read_in_place_equals_serial():
-    """Sequences on one image share its prefix KV (not copied per slot); answers are unchanged."""
+@pytest.mark.parametrize("block_size,attention", KV_LAYOUTS, ids=KV_LAYOUT_IDS)
+def test_shared_image_prefix_read_in_place_equals_serial(block_size, attention):
+    """Sequences on one image share its prefix blocks (referenced, never copied); answers are unchanged."""
     engine = fixture_engine("main")
     image = fixture_image("main", "landscape_800x600.png")
 
@@ -154,7 +157,7 @@ def test_shared_image_prefix_read_in_place_equals_serial():
     serial = {}
     for req in requests():
         serial[req.request_id] = summary(run_requests(Scheduler(engine, max_batch=1), [req])[req.request_id])
-    sched = Scheduler(engine, max_batch=8)
+    sched = Scheduler(engine, max_batch=8, block_size=block_size, attention=attention)
     batched = run_requests(sched, requests())
     assert {rid: summary(o) for rid, o in batched.items()} == serial
     assert sched.stats()["image_encodes"] == 1
