@@ -133,7 +133,7 @@ class Scheduler:
         self.awaiting_variant: dict[str, list[tuple[EngineRequest, float]]] = {}  # variant downloads in progress
         self.running: dict[str, Sequence] = {}
         self.images = ImageCache(image_cache_bytes, self.cache)
-        self.waiting_for_blocks = 0  # requests at the queue's head that wait for KV blocks (not rows)
+        self.waiting_for_blocks = 0  # queued requests held back by a lack of free KV blocks (not of rows)
         self.max_images_per_step = max_images_per_step
         self.max_encode_crops = max_encode_crops
         # Rows batch lines may never take: an interactive request always finds one free.
@@ -315,7 +315,7 @@ class Scheduler:
             if need > blocks:
                 blocks += self.images.free_blocks(need - blocks, keep=used_keys)
                 if need > blocks:
-                    self.waiting_for_blocks = 1
+                    self.waiting_for_blocks = len(self.waiting)
                     break  # it waits for running sequences to give blocks back
             blocks -= need
             if needs_encode and crops_budget is not None:
