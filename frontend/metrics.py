@@ -54,6 +54,8 @@ GPU_STATS = {
     "waiting": ("moondream_gpu_waiting_sequences", "Sequences admitted to a GPU worker, waiting for a row or KV blocks", "gauge"),
     "waiting_for_blocks": ("moondream_gpu_waiting_for_blocks", "Sequences queued in GPU workers because KV blocks, not rows, ran out", "gauge"),
     "kv_bytes_total": ("moondream_kv_bytes_total", "Bytes of the KV block pools", "gauge"),
+    "running_peak": ("moondream_gpu_running_sequences_peak", "Most sequences decoding at once since the workers started", "gauge"),
+    "kv_bytes_used_peak": ("moondream_kv_bytes_used_peak", "Most bytes of KV blocks in use at once since the workers started", "gauge"),
     "kv_bytes_used": ("moondream_kv_bytes_used", "Bytes of KV blocks in use (sequences and encoded images)", "gauge"),
     "kv_bytes_shared": ("moondream_kv_bytes_shared", "Bytes of KV blocks referenced by more than one sequence or held by the image cache", "gauge"),
     "kv_blocks_total": ("moondream_kv_blocks", "KV blocks in the pools", "gauge"),

@@ -134,6 +134,8 @@ class Scheduler:
         self.running: dict[str, Sequence] = {}
         self.images = ImageCache(image_cache_bytes, self.cache)
         self.waiting_for_blocks = 0  # queued requests held back by a lack of free KV blocks (not of rows)
+        self.running_peak = 0  # most sequences running at once, and most pool bytes in use, since start
+        self.kv_used_peak = 0
         self.max_images_per_step = max_images_per_step
         self.max_encode_crops = max_encode_crops
         # Rows batch lines may never take: an interactive request always finds one free.
@@ -189,7 +191,8 @@ class Scheduler:
         pool = self.cache
         return {
             "running": len(self.running), "waiting": len(self.waiting), "free_slots": self.free_rows(),
-            "waiting_for_blocks": self.waiting_for_blocks,
+            "waiting_for_blocks": self.waiting_for_blocks, "running_peak": self.running_peak,
+            "kv_bytes_used_peak": self.kv_used_peak,
             "kv_bytes_total": pool.bytes(), "kv_bytes_used": pool.used_bytes(), "kv_bytes_shared": pool.shared_bytes(),
             "kv_blocks_total": pool.n_blocks, "kv_blocks_free": pool.allocator.n_free,
             "image_cache_entries": len(self.images.entries), "image_cache_bytes": self.images.bytes,
@@ -206,6 +209,8 @@ class Scheduler:
         self.events = []
         self._collect_downloads()
         self._admit()
+        self.running_peak = max(self.running_peak, len(self.running))
+        self.kv_used_peak = max(self.kv_used_peak, self.cache.used_bytes())
         if self.running:
             self._run_feeds()
         self.counters["steps"] += 1
