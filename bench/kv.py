@@ -5,8 +5,9 @@
 
 The slot design (a full-context KV slot per sequence, the image prefix copied into
 each) is measured from its own code: the script checks out `--baseline` (the last
-commit before the pool) in a temporary git worktree and runs its part there, in a
-subprocess, then its own part here.  Three comparisons, each a ratio of the two:
+commit before the pool) in a temporary git worktree and imports that tree's engine
+beside this one, in the same process, on the same weights.  Three comparisons, each a
+ratio of the two:
 
 1. sequences that fit in an 8 GiB KV budget, requests of ~800 positions (the image
    prefix, a short prompt, ~56 generated tokens), each on its own image (the worst
@@ -17,7 +18,9 @@ subprocess, then its own part here.  Three comparisons, each a ratio of the two:
 3. decode step time (forward + lm_head) at batch 8 and 32 with ~790 positions per
    sequence, each on its own image: the pool's attention over block tables against
    the slot design's dense path (rows read in place), every cache filled with random
-   values first (untouched memory would read as free zero pages).
+   values first (untouched memory would read as free zero pages).  The two alternate in
+   rounds, one design's cache at a time, and each step is timed in wall and in this
+   process's CPU seconds: on a shared machine the CPU time is what the step cost.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -60,7 +64,7 @@ def load(args):
 
 def fits_in_memory(engine, b: int, context: int) -> bool:
     """A shared host must not be pushed into swapping or the OOM killer: skip a batch whose
-    caches (the slot design's are the larger) would not fit in the memory free now."""
+    cache (the slot design's is the larger) would not fit in the memory free now."""
     from bench.engine import mem_available_bytes
 
     cfg = engine.config
@@ -71,40 +75,58 @@ def fits_in_memory(engine, b: int, context: int) -> bool:
     return False
 
 
-def step_seconds(engine, b, position, forward, reps, warmup) -> list[float]:
-    from bench.common import time_it
-
+def step_seconds(engine, b, position, forward, reps, warmup) -> list:
+    """[(wall seconds, CPU seconds)] per decode step (forward + lm_head)."""
     ids = torch.randint(1, engine.config.vocab_size, (b,)).tolist()
 
     def step():
         engine.logits(forward(engine.embed_tokens(ids).view(b, 1, -1), [position] * b))
 
-    return time_it(step, engine.device, reps=reps, warmup=warmup)
-
-
-# ------------------------------------------------------------------ the slot design (run in the baseline tree)
-def slots_part(args) -> dict:
-    from gpu_worker import model as M
-
-    engine = load(args)
-    cfg, dtype = engine.config, engine.kv_dtype
-    per_slot = M.KVCache(cfg, 1, cfg.max_context, "meta", dtype).bytes()
-    per_position = per_slot // (cfg.max_context + 1)
-    out = {"per_slot_bytes": per_slot,
-           "fit_in_budget": BUDGET // per_slot,  # as slots_that_fit counts them: the same for any image mix
-           "questions_bytes": M.KVCache(cfg, QUESTIONS, cfg.max_context, "meta", dtype).bytes() + cfg.prefix_attn * per_position,
-           "decode": {}}
-    for b in args.batches:
-        if not fits_in_memory(engine, b, args.context):
-            continue
-        cache = engine.new_cache(b, context=args.context + 8)
-        fill_random(cache.k + cache.v)
-        slots = list(range(b))
-        out["decode"][b] = step_seconds(engine, b, args.context - 1,
-                                        lambda embeds, pos: engine.forward(embeds, pos, slots, cache), args.reps, args.warmup)
-        del cache
-        gc.collect()
+    for _ in range(warmup):
+        step()
+    out = []
+    for _ in range(reps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        out.append((time.perf_counter() - wall, time.process_time() - cpu))
     return out
+
+
+# ------------------------------------------------------------------ the slot design (the baseline's own code)
+def baseline_modules(tree: str):
+    """The baseline tree's gpu_worker.model and gpu_worker.engine, imported beside this
+    tree's (the modules keep their own globals, so each engine runs its own code)."""
+    ours = {k: m for k, m in sys.modules.items() if k == "gpu_worker" or k.startswith("gpu_worker.")}
+    for k in ours:
+        del sys.modules[k]
+    sys.path.insert(0, tree)
+    try:
+        import gpu_worker.engine as old_engine
+        import gpu_worker.model as old_model
+    finally:
+        sys.path.remove(tree)
+        for k in [k for k in sys.modules if k == "gpu_worker" or k.startswith("gpu_worker.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+    return old_model, old_engine
+
+
+def slots_part(old_model, engine) -> dict:
+    cfg, dtype = engine.config, engine.kv_dtype
+    per_slot = old_model.KVCache(cfg, 1, cfg.max_context, "meta", dtype).bytes()
+    per_position = per_slot // (cfg.max_context + 1)
+    return {"per_slot_bytes": per_slot,
+            "fit_in_budget": BUDGET // per_slot,  # as slots_that_fit counts them: the same for any image mix
+            "questions_bytes": old_model.KVCache(cfg, QUESTIONS, cfg.max_context, "meta", dtype).bytes()
+            + cfg.prefix_attn * per_position}  # 32 slots, and the image cache's copy of the prefix
+
+
+def slots_decode(old_engine, b, context):
+    """A step on the slot design's dense path, and what to free afterwards."""
+    cache = old_engine.new_cache(b, context=context + 8)
+    fill_random(cache.k + cache.v)
+    slots = list(range(b))
+    return (lambda embeds, pos: old_engine.forward(embeds, pos, slots, cache)), cache
 
 
 # ------------------------------------------------------------------ the block pool (this tree)
@@ -159,7 +181,8 @@ def questions_on_one_image(engine, block_size) -> dict:
     return {"peak_bytes": peak, "peak_running": peak_running}
 
 
-def pool_decode(engine, b, context, reps, warmup, block_size) -> list[float]:
+def pool_decode(engine, b, context, block_size):
+    """A step on the block pool, each row on its own image, and what to free afterwards."""
     from gpu_worker import model as M
 
     cfg = engine.config
@@ -171,44 +194,55 @@ def pool_decode(engine, b, context, reps, warmup, block_size) -> list[float]:
         shape = (cfg.n_kv_heads, cfg.prefix_attn, cfg.head_dim)
         dense = M.PrefixKV(k=[torch.randn(shape) for _ in range(cfg.n_layers)],
                            v=[torch.randn(shape) for _ in range(cfg.n_layers)], length=cfg.prefix_attn)
-        prefix = pool.store_prefix(dense)
-        del dense
-        seq = pool.open_sequence(prefix, context + 8)
+        seq = pool.open_sequence(pool.store_prefix(dense), context + 8)
         pool.grow(seq, context)
         seqs.append(seq)
-    seconds = step_seconds(engine, b, context - 1,
-                           lambda embeds, pos: engine.forward(embeds, pos, seqs, pool), reps, warmup)
-    del pool, seqs
-    gc.collect()
-    return seconds
+    return (lambda embeds, pos: engine.forward(embeds, pos, seqs, pool)), (pool, seqs)
 
 
-def pool_part(args) -> dict:
-    engine = load(args)
-    out = {"fit_in_budget": fit_in_budget(engine, args.block_size, one_image=False),
-           "fit_in_budget_one_image": fit_in_budget(engine, args.block_size, one_image=True),
-           "decode": {}}
+def decode_ab(engine, old_engine, args) -> dict:
+    """Decode steps of both designs, alternating in rounds, one design's cache at a time
+    (at batch 32 either takes ~10 GB)."""
+    out = {}
     for b in args.batches:
-        if str(b) not in args.measured:  # the slot design's part skipped it: no ratio to take
+        if not fits_in_memory(engine, b, args.context):
             continue
-        out["decode"][b] = pool_decode(engine, b, args.context, args.reps, args.warmup, args.block_size)
-    out["questions"] = questions_on_one_image(engine, args.block_size)
+        times = {"slots": [], "pool": []}
+        for _ in range(args.rounds):
+            for design in ("slots", "pool"):
+                make = slots_decode if design == "slots" else pool_decode
+                forward, held = make(old_engine, b, args.context) if design == "slots" else \
+                    make(engine, b, args.context, args.block_size)
+                times[design] += step_seconds(engine, b, args.context - 1, forward, args.reps, args.warmup)
+                del forward, held
+                gc.collect()
+            print(f"decode batch {b}: a round done", file=sys.stderr, flush=True)
+        out[b] = times
     return out
 
 
 # ------------------------------------------------------------------ driver
-def run_baseline(args) -> dict:
+def run(args) -> tuple[dict, dict]:
     tree = tempfile.mkdtemp(prefix="bench-kv-baseline-")
     subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "--force", tree, args.baseline],
                    check=True, capture_output=True)
     try:
-        cmd = [sys.executable, os.path.abspath(__file__), "--part", "slots", "--tree", tree,
-               "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--context", str(args.context),
-               "--batches", ",".join(map(str, args.batches)), "--reps", str(args.reps), "--warmup", str(args.warmup)]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        old_model, old_engine_module = baseline_modules(tree)
     finally:
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], capture_output=True)
+    from gpu_worker.checkpoint import Checkpoint
+
+    engine = load(args)
+    old_engine = old_engine_module.Engine(Checkpoint(engine.config, engine.weights, engine.tokenizer, "baseline", True))
+    slots = slots_part(old_model, engine)
+    pool = {"fit_in_budget": fit_in_budget(engine, args.block_size, one_image=False),
+            "fit_in_budget_one_image": fit_in_budget(engine, args.block_size, one_image=True)}
+    pool["questions"] = questions_on_one_image(engine, args.block_size)
+    print("capacity and the 32 questions: done", file=sys.stderr, flush=True)
+    decode = decode_ab(engine, old_engine, args)
+    slots["decode"] = {b: t["slots"] for b, t in decode.items()}
+    pool["decode"] = {b: t["pool"] for b, t in decode.items()}
+    return slots, pool
 
 
 def report(args, slots, pool) -> dict:
@@ -224,9 +258,11 @@ def report(args, slots, pool) -> dict:
          round(pool["questions"]["peak_bytes"] / gib, 3), pool["questions"]["peak_bytes"] / slots["questions_bytes"], "<= 0.125"),
     ]
     for b in pool["decode"]:
-        s, p = median(slots["decode"][str(b)]), median(pool["decode"][b])
-        rows.append((f"decode step ms, batch {b}, {args.context} positions each", round(s * 1e3, 1), round(p * 1e3, 1),
-                     p / s, "<= 1.10"))
+        for i, clock in ((1, "CPU"), (0, "wall")):
+            s = median([t[i] for t in slots["decode"][b]])
+            p = median([t[i] for t in pool["decode"][b]])
+            rows.append((f"decode step {clock} ms, batch {b}, {args.context} positions each", round(s * 1e3, 1),
+                         round(p * 1e3, 1), p / s, "<= 1.10" if clock == "CPU" else ""))
     print(f"| measure | slot design ({args.baseline}) | block pool (block size {args.block_size}) | pool / slots | wanted |")
     print("|---|---|---|---|---|")
     for what, a, b, ratio, wanted in rows:
@@ -235,7 +271,7 @@ def report(args, slots, pool) -> dict:
     return {"rows": rows, "slots": slots, "pool": pool}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:full")
     p.add_argument("--device", default="cpu")
@@ -244,29 +280,22 @@ def main():
     p.add_argument("--batches", default="8,32")
     p.add_argument("--context", type=int, default=790, help="positions per sequence in the decode steps")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3, help="timed decode steps per round and design")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of slot-design-then-pool decode steps")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="2 repetitions, no warm-up")
+    p.add_argument("--quick", action="store_true", help="2 repetitions, one round, no warm-up")
     p.add_argument("--json", default="", help="also write the results here")
-    p.add_argument("--part", default="", help=argparse.SUPPRESS)  # "slots": the baseline's part, in --tree
-    p.add_argument("--tree", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.quick:
-        args.reps, args.warmup = 2, 0
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.part == "slots":
-        sys.path.insert(0, args.tree)  # the baseline's gpu_worker and bench.common
-        print(json.dumps(slots_part(args)))
-        return
+        args.reps, args.warmup, args.rounds = 2, 0, 1
     sys.path.insert(0, ROOT)
-    slots = run_baseline(args)
-    args.measured = set(slots["decode"])
-    pool = pool_part(args)
+    slots, pool = run(args)
     result = report(args, slots, pool)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -350,8 +350,7 @@ class Scheduler:
             except Exception as err:  # a broken request must not take the batch down
                 self._fail(req.request_id, f"could not start: {err}")
         for prefix in set(p for p in prefixes.values() if isinstance(p, PooledPrefix)):
-            if prefix.holders == 0:  # encoded, but neither cached nor started: its blocks go back
-                self.cache.drop_prefix(prefix)
+            self.cache.drop_prefix(prefix)  # _prefixes_for's hold; one neither cached nor started goes back
 
     def _blocks_needed(self, req: EngineRequest, needs_encode: bool) -> int:
         """KV blocks a request takes at most: its own positions, and its image's if encoded now."""
@@ -361,7 +360,8 @@ class Scheduler:
 
     def _prefixes_for(self, requests: list[EngineRequest], adapters: dict) -> tuple[dict, set]:
         """Prefix per request id, from the image cache or encoded now (several images per
-        forward, each under its request's variant), and the ids that were cache hits."""
+        forward, each under its request's variant), and the ids that were cache hits.
+        Each distinct prefix returned is held once more, for the caller to drop."""
         out, hits, to_encode = {}, set(), collections.OrderedDict()
         for req in requests:
             if req.image is None:
@@ -369,6 +369,8 @@ class Scheduler:
             key = self._image_cache_key(req)
             cached = self.images.get(key)
             if cached is not None:
+                if not any(p is cached for p in out.values()):
+                    self.cache.hold_prefix(cached)  # the cache may evict it while this step encodes others
                 self.images.hits += 1
                 hits.add(req.request_id)
                 out[req.request_id] = cached
@@ -386,6 +388,7 @@ class Scheduler:
                 if not isinstance(prefix, Exception):
                     self.counters["image_encodes"] += 1
                     prefix = self.cache.store_prefix(prefix)  # into pool blocks; sequences reference it
+                    self.cache.hold_prefix(prefix)  # until its requests started (_admit)
                     self.images.put(self._image_cache_key(reqs[0]), prefix)
                 for req in reqs:
                     out[req.request_id] = prefix

@@ -103,3 +103,18 @@ def test_batch_benchmark_runs(tmp_path, capsys):
     assert saved["throughput"]["job_failed_lines"] == saved["throughput"]["http_errors"] == 0
     assert saved["fairness"]["p50_ratio"] > 0
     assert saved["setup"]["code"] and saved["setup"]["machine"] and saved["settings"]["lines"] == 4
+
+
+def test_kv_benchmark_runs(tmp_path, capsys):
+    """The pool against the slot design, which it runs from its baseline commit in a git worktree."""
+    from bench import kv as kv_bench
+
+    out = tmp_path / "kv.json"
+    result = kv_bench.main(["--model", "random:tiny", "--quick", "--batches", "2", "--context", "760",
+                            "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| measure | slot design" in printed and "decode step CPU ms, batch 2" in printed
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == [list(r) for r in result["rows"]]
+    fit, fit_one_image, held = (row[3] for row in saved["rows"][:3])
+    assert fit > 1 and fit_one_image > fit and 0 < held < 1
