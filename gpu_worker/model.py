@@ -534,10 +534,12 @@ def text_forward(embeds: torch.Tensor, layout: BatchLayout, cache: PagedKVCache,
         def attend(q, k, v):
             # a pool in a narrower dtype than the model's (int8 weights: bfloat16) is
             # read in its own dtype; with equal dtypes the casts are no-ops
-            k_pool[:, layout.write] = k.transpose(0, 1).reshape(heads, b * t, -1).to(k_pool.dtype)
-            v_pool[:, layout.write] = v.transpose(0, 1).reshape(heads, b * t, -1).to(v_pool.dtype)
-            keys = k_pool[:, layout.read.view(-1)].view(heads, b, width, -1).transpose(0, 1)
-            values = v_pool[:, layout.read.view(-1)].view(heads, b, width, -1).transpose(0, 1)
+            # index_copy_ / index_select: plain advanced indexing on the pool's middle axis is
+            # many times slower on the CPU (measured: 7.8 ms against 0.014 ms per write)
+            k_pool.index_copy_(1, layout.write, k.transpose(0, 1).reshape(heads, b * t, -1).to(k_pool.dtype))
+            v_pool.index_copy_(1, layout.write, v.transpose(0, 1).reshape(heads, b * t, -1).to(v_pool.dtype))
+            keys = k_pool.index_select(1, layout.read.view(-1)).view(heads, b, width, -1).transpose(0, 1)
+            values = v_pool.index_select(1, layout.read.view(-1)).view(heads, b, width, -1).transpose(0, 1)
             q = q.to(k_pool.dtype)
             if not layout.groups:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.mask, enable_gqa=gqa)
@@ -545,11 +547,36 @@ def text_forward(embeds: torch.Tensor, layout: BatchLayout, cache: PagedKVCache,
                 mask = layout.mask if layout.mask is not None else torch.ones(
                     b, 1, t, width, dtype=torch.bool, device=q.device)
                 parts = [(k_pool[:, where], v_pool[:, where], members) for where, members in layout.groups]
-                out = _attention_with_shared_prefixes(q, keys, values, mask, parts)
+                attention = _attention_with_shared_prefixes_cpu if q.device.type == "cpu" else _attention_with_shared_prefixes
+                out = attention(q, keys, values, mask, parts)
             return out.to(embeds.dtype)
         return attend
 
     return _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer, lora)
+
+
+def _attention_with_shared_prefixes_cpu(q, k_own, v_own, mask, prefixes):
+    """The same as `_attention_with_shared_prefixes`, from PyTorch's CPU flash-attention
+    kernel, which also returns each query's log-sum-exp: the own part and each group's
+    prefix part are two attentions merged by their log-sum-exps (a common maximum), one
+    kernel call per part.  A plain matmul of one query row against a prefix is ~30x
+    slower on the CPU than this kernel (7.5 ms against 0.22 ms at full size)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    b, h, t, d = q.shape
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out, lse = flash(q, k_own, v_own, attn_mask=bias)
+    out, lse = out.float(), lse.float().unsqueeze(-1)  # (B, H, T, D), (B, H, T, 1)
+    for k_p, v_p, idx in prefixes:
+        # the group's rows side by side as one (1, H, n*T, D) query: one read of the prefix for all of them
+        q_g = q[idx].permute(1, 0, 2, 3).reshape(1, h, -1, d)
+        o_p, lse_p = flash(q_g, k_p.unsqueeze(0), v_p.unsqueeze(0))
+        o_p = o_p.float().view(h, len(idx), t, d).permute(1, 0, 2, 3)
+        lse_p = lse_p.float().view(h, len(idx), t, 1).permute(1, 0, 2, 3)
+        top = torch.maximum(lse[idx], lse_p)
+        w_own, w_p = torch.exp(lse[idx] - top), torch.exp(lse_p - top)
+        out[idx] = (out[idx] * w_own + o_p * w_p) / (w_own + w_p)
+        lse[idx] = top + torch.log(w_own + w_p)
+    return out.to(q.dtype)
 
 
 def _attention_with_shared_prefixes(q, k_slot, v_slot, mask, prefixes):

@@ -164,11 +164,11 @@ def test_shared_image_prefix_read_in_place_equals_serial(block_size, attention):
 
 
 def test_split_softmax_attention_equals_full_attention():
-    """The shared-prefix attention (prefix part + slot part, merged) is plain attention."""
+    """The shared-prefix attention (prefix part + own part, merged) is plain attention, both ways."""
     import torch
     import torch.nn.functional as F
 
-    from gpu_worker.model import _attention_with_shared_prefixes
+    from gpu_worker.model import _attention_with_shared_prefixes, _attention_with_shared_prefixes_cpu
 
     gen = torch.Generator().manual_seed(0)
     b, h, t, d, p, slot = 5, 2, 3, 16, 40, 9
@@ -177,11 +177,14 @@ def test_split_softmax_attention_equals_full_attention():
     k_slot, v_slot = torch.randn(b, h, slot, d, generator=gen), torch.randn(b, h, slot, d, generator=gen)
     mask = torch.rand(b, 1, t, slot, generator=gen) > 0.3
     mask[..., 0] = True
-    rows = torch.tensor([0, 2, 3, 1, 4])
+    rows = torch.tensor([0, 2, 4])  # rows 1 and 3 read no prefix
     got = _attention_with_shared_prefixes(q, k_slot, v_slot, mask, [(k_prefix, v_prefix, rows)])
+    got_cpu = _attention_with_shared_prefixes_cpu(q, k_slot, v_slot, mask, [(k_prefix, v_prefix, rows)])
+    assert torch.allclose(got_cpu, got, atol=1e-5, rtol=1e-5)  # the CPU kernel's way (merged by log-sum-exp)
+    in_group = torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool).view(b, 1, 1, 1)  # rows 1, 3: no prefix columns
     k_full = torch.cat([k_prefix.expand(b, h, p, d), k_slot], dim=2)
     v_full = torch.cat([v_prefix.expand(b, h, p, d), v_slot], dim=2)
-    full_mask = torch.cat([torch.ones(b, 1, t, p, dtype=torch.bool), mask], dim=-1)
+    full_mask = torch.cat([in_group.expand(b, 1, t, p), mask], dim=-1)
     want = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=full_mask)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
