@@ -284,11 +284,15 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="rounds of slot-design-then-pool decode steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="2 repetitions, one round, no warm-up")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 for an A/B on a "
+                   "shared machine, where waiting threads make many small kernels many times slower")
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.quick:
         args.reps, args.warmup, args.rounds = 2, 0, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sys.path.insert(0, ROOT)
     slots, pool = run(args)
     result = report(args, slots, pool)
