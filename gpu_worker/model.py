@@ -558,25 +558,31 @@ def text_forward(embeds: torch.Tensor, layout: BatchLayout, cache: PagedKVCache,
 def _attention_with_shared_prefixes_cpu(q, k_own, v_own, mask, prefixes):
     """The same as `_attention_with_shared_prefixes`, from PyTorch's CPU flash-attention
     kernel, which also returns each query's log-sum-exp: the own part and each group's
-    prefix part are two attentions merged by their log-sum-exps (a common maximum), one
-    kernel call per part.  A plain matmul of one query row against a prefix is ~30x
-    slower on the CPU than this kernel (7.5 ms against 0.22 ms at full size)."""
+    prefix part are separate attentions, merged once for all rows by their log-sum-exps
+    (a common maximum).  A plain matmul of one query row against a prefix is many times
+    slower on the CPU than this kernel."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     b, h, t, d = q.shape
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     out, lse = flash(q, k_own, v_own, attn_mask=bias)
-    out, lse = out.float(), lse.float().unsqueeze(-1)  # (B, H, T, D), (B, H, T, 1)
+    out_p = torch.zeros_like(out)
+    lse_p = torch.full_like(lse, float("-inf"))  # rows without a prefix: its weight is 0
     for k_p, v_p, idx in prefixes:
+        n = len(idx)
+        if n == 1:  # a row alone on its image: views, no copies
+            row = int(idx[0])
+            o, l = flash(q[row:row + 1], k_p.unsqueeze(0), v_p.unsqueeze(0))
+            out_p[row:row + 1], lse_p[row:row + 1] = o, l
+            continue
         # the group's rows side by side as one (1, H, n*T, D) query: one read of the prefix for all of them
-        q_g = q[idx].permute(1, 0, 2, 3).reshape(1, h, -1, d)
-        o_p, lse_p = flash(q_g, k_p.unsqueeze(0), v_p.unsqueeze(0))
-        o_p = o_p.float().view(h, len(idx), t, d).permute(1, 0, 2, 3)
-        lse_p = lse_p.float().view(h, len(idx), t, 1).permute(1, 0, 2, 3)
-        top = torch.maximum(lse[idx], lse_p)
-        w_own, w_p = torch.exp(lse[idx] - top), torch.exp(lse_p - top)
-        out[idx] = (out[idx] * w_own + o_p * w_p) / (w_own + w_p)
-        lse[idx] = top + torch.log(w_own + w_p)
-    return out.to(q.dtype)
+        q_g = q[idx].permute(1, 0, 2, 3).reshape(1, h, n * t, d)
+        o, l = flash(q_g, k_p.unsqueeze(0), v_p.unsqueeze(0))
+        out_p[idx] = o.view(h, n, t, d).permute(1, 0, 2, 3)
+        lse_p[idx] = l.view(h, n, t).permute(1, 0, 2)
+    lse, lse_p = lse.float().unsqueeze(-1), lse_p.float().unsqueeze(-1)
+    top = torch.maximum(lse, lse_p)
+    w_own, w_p = torch.exp(lse - top), torch.exp(lse_p - top)
+    return ((out.float() * w_own + out_p.float() * w_p) / (w_own + w_p)).to(q.dtype)
 
 
 def _attention_with_shared_prefixes(q, k_slot, v_slot, mask, prefixes):
