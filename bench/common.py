@@ -63,6 +63,16 @@ def load_engine(model: str, device: str, dtype: str) -> Engine:
 
 
 # --------------------------------------------------------------------- model sizes
+def kv_sequences(engine, b: int, positions: int, prefix=None):
+    """A KV pool with room for b sequences of `positions` positions, and the b sequences
+    (each on `prefix`, a dense model.PrefixKV stored once in the pool, when given)."""
+    block = 16
+    per_sequence = -(-positions // block) + 1
+    cache = engine.new_cache(b * per_sequence + (-(-prefix.length // block) if prefix is not None else 0), block)
+    pooled = cache.store_prefix(prefix) if prefix is not None else None
+    return cache, [cache.open_sequence(pooled, positions) for _ in range(b)]
+
+
 def param_groups(cfg) -> dict[str, int]:
     """Parameter count per part of the model, read off ModelConfig.weight_shapes()."""
     groups = {"vision": 0, "projection": 0, "text_blocks": 0, "lm_head": 0, "embedding": 0, "other": 0}

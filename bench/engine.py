@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (PREFIX_LEN, Cost, best_peaks, code_version, describe_device, fmt,  # noqa: E402
-                          image_encode_cost, kv_bytes_per_position, load_engine, markdown_table, measure_peaks,
+                          image_encode_cost, kv_bytes_per_position, kv_sequences, load_engine, markdown_table, measure_peaks,
                           median, sync, text_step_cost, time_it)
 from gpu_worker.engine_types import ImageInput  # noqa: E402
 from gpu_worker.model import PrefixKV  # noqa: E402
@@ -100,13 +100,12 @@ def random_prefix(engine) -> PrefixKV:
 
 
 def bench_prompt_prefill(engine, prompt_len, reps, warmup, elt) -> dict:
-    cache = engine.new_cache(1, context=PREFIX_LEN + prompt_len + 8)
-    cache.load_prefix(0, random_prefix(engine))
+    cache, seqs = kv_sequences(engine, 1, PREFIX_LEN + prompt_len + 8, random_prefix(engine))
     ids = torch.randint(1, engine.config.vocab_size, (prompt_len,)).tolist()
 
     def step():
         # every repetition writes the same positions 730..745 again: same work each time
-        hidden = engine.forward(engine.embed_tokens(ids).view(1, prompt_len, -1), [PREFIX_LEN], [0], cache)
+        hidden = engine.forward(engine.embed_tokens(ids).view(1, prompt_len, -1), [PREFIX_LEN], seqs, cache)
         engine.logits(hidden)
 
     seconds = time_it(step, engine.device, reps=reps, warmup=warmup)
@@ -125,14 +124,13 @@ def bench_decode(engine, batches, context, reps, warmup, elt) -> list[dict]:
                   file=sys.stderr)
             continue
         ids = torch.randint(1, cfg.vocab_size, (b,)).tolist()
-        slots = list(range(b))
         cache = None
         try:
-            cache = engine.new_cache(b, context=cache_context)
+            cache, seqs = kv_sequences(engine, b, cache_context)
 
             def step():
                 # same position each time: the context stays at `context` keys per sequence
-                hidden = engine.forward(engine.embed_tokens(ids).view(b, 1, -1), [context - 1] * b, slots, cache)
+                hidden = engine.forward(engine.embed_tokens(ids).view(b, 1, -1), [context - 1] * b, seqs, cache)
                 engine.logits(hidden)
 
             seconds = time_it(step, engine.device, reps=reps, warmup=warmup)
@@ -160,12 +158,12 @@ def profile_decode(engine, batches, context, path: str) -> list[str]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     summary, tables = [], []
     for b in batches:
-        cache = engine.new_cache(b, context=context + 8)
+        cache, seqs = kv_sequences(engine, b, context + 8)
         ids = list(range(1, b + 1))
 
         def step():
             embeds = engine.embed_tokens(ids).view(b, 1, -1)
-            engine.logits(engine.forward(embeds, [context - 1] * b, list(range(b)), cache))
+            engine.logits(engine.forward(embeds, [context - 1] * b, seqs, cache))
 
         for _ in range(3):
             step()

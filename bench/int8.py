@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import describe_device, markdown_table, median, save_json  # noqa: E402
+from bench.common import describe_device, kv_sequences, markdown_table, median, save_json  # noqa: E402
 from bench.engine import synthetic_image  # noqa: E402
 from gpu_worker.engine import load_model  # noqa: E402
 from gpu_worker.engine_types import EngineRequest  # noqa: E402
@@ -56,11 +56,11 @@ def serve(model: str, dtype: str, context: int) -> None:
     names on stdin ("decode" / "encode"), one CPU time per line."""
     engine = load_model(Config(model=model, device="cpu", dtype=dtype))
     rss = rss_bytes()
-    cache = engine.new_cache(1, context=context + 8)
+    cache, seqs = kv_sequences(engine, 1, context + 8)
     image = synthetic_image(2)
 
     def decode():
-        hidden = engine.forward(engine.embed_tokens([5]).view(1, 1, -1), [context - 1], [0], cache)
+        hidden = engine.forward(engine.embed_tokens([5]).view(1, 1, -1), [context - 1], seqs, cache)
         engine.logits(hidden)
 
     steps = {"decode": decode, "encode": lambda: engine.encode_images([image])}

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import markdown_table, median, save_json  # noqa: E402
+from bench.common import kv_sequences, markdown_table, median, save_json  # noqa: E402
 from gpu_worker.engine import load_model  # noqa: E402
 from shared.config import Config  # noqa: E402
 
@@ -61,12 +61,12 @@ def serve(model: str, context: int, threads: int) -> None:
             batch = int(line.split()[1])
             if batch not in caches:
                 caches.clear()  # one cache at a time: batch 32 of Moondream 3 is ~5 GB of keys and values
-                caches[batch] = engine.new_cache(batch, context=context + 8)
-            cache = caches[batch]
+                caches[batch] = kv_sequences(engine, batch, context + 8)
+            cache, seqs = caches[batch]
             tokens = torch.randint(10, engine.config.vocab_size, (batch,), generator=gen).tolist()
             start = time.process_time()
             hidden = engine.forward(engine.embed_tokens(tokens).view(batch, 1, -1), [context - 1] * batch,
-                                    list(range(batch)), cache)
+                                    seqs, cache)
             engine.logits(hidden)
             elapsed = time.process_time() - start
             print(RESULT + json.dumps({"cpu_s": elapsed, "rss_bytes": rss_bytes()}), flush=True)

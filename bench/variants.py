@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (code_version, describe_device, load_engine, markdown_table, median, save_json,  # noqa: E402
+from bench.common import (code_version, describe_device, kv_sequences, load_engine, markdown_table, median, save_json,  # noqa: E402
                           sync)
 from gpu_worker.variants import ADAPTED, adapter_from_state_dict  # noqa: E402
 
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     b, cfg = args.batch, engine.config
     per_row = [adapters[i % len(adapters)] for i in range(b)]
     ids = torch.randint(1, cfg.vocab_size, (b,), generator=torch.Generator().manual_seed(0)).tolist()
-    cache = engine.new_cache(b, context=args.context)
+    cache, seqs = kv_sequences(engine, b, args.context)
     position = args.context - 1
 
     def step(with_adapters: bool) -> tuple[float, float]:
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
         what the step itself cost, whatever else the machine runs."""
         sync(engine.device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        hidden = engine.forward(engine.embed_tokens(ids).view(b, 1, -1), [position] * b, list(range(b)), cache,
+        hidden = engine.forward(engine.embed_tokens(ids).view(b, 1, -1), [position] * b, seqs, cache,
                                 adapters=per_row if with_adapters else None)
         engine.logits(hidden)
         sync(engine.device)

@@ -474,6 +474,12 @@ def routing_id(req: falcon.Request) -> str:
     return req.context.request_id
 
 
+# /health's "kv_cache": the GPU workers' KV pools (Scheduler.stats(), summed over workers)
+KV_HEALTH = {"bytes_total": "kv_bytes_total", "bytes_used": "kv_bytes_used", "bytes_shared": "kv_bytes_shared",
+             "blocks_total": "kv_blocks_total", "blocks_free": "kv_blocks_free",
+             "running_sequences": "running", "waiting_sequences": "waiting", "waiting_for_blocks": "waiting_for_blocks"}
+
+
 class HealthResource:
     """GET /health: is a GPU worker ready?  200 if so, 503 otherwise."""
 
@@ -487,7 +493,7 @@ class HealthResource:
         names = models.ModelNames(self._config)
         model = {"name": names.models[0].source, "revision": self._config.revision, "id": names.base}
         served = [{"id": m.id, "name": m.source, "family": m.family, "ready": False} for m in names.models]
-        reason = None
+        reason, kv = None, {}
         if status is None:
             state, ready, workers, queue = "unavailable", False, {"preprocess": 0, "gpu": 0}, None
             reason = getattr(self._client, "problem", None) or "the broker is not answering"
@@ -500,6 +506,7 @@ class HealthResource:
                           else "no GPU worker has registered yet (its model may still be loading)")
             workers = {"preprocess": status.preprocess_workers, "gpu": status.gpu_workers}
             queue = {"queued": status.queued, "in_flight": status.in_flight}
+            kv = {name: status.gpu_stats[key] for name, key in KV_HEALTH.items() if key in status.gpu_stats}
             registered = {m.get("id", ""): m for m in status.models} or {"": status.model}
             model.update(registered.get(names.base) or registered.get("") or status.model)
             model["variants"] = {"loaded": list(status.variants.get("loaded", [])),
@@ -523,6 +530,8 @@ class HealthResource:
             body["reason"] = reason
         if queue is not None:
             body["queue"] = queue
+        if kv:
+            body["kv_cache"] = kv
         if self._batch_jobs is not None:
             jobs = self._batch_jobs.summary()["jobs"]
             body["batch"] = {"jobs_running": jobs.get("processing", 0) + jobs.get("chunking", 0)}

@@ -51,7 +51,15 @@ SLOT_STATUS = {
 # name, help, type).  Keys not listed here are not exported.
 GPU_STATS = {
     "running": ("moondream_gpu_running_sequences", "Sequences decoding", "gauge"),
-    "waiting": ("moondream_gpu_waiting_sequences", "Sequences admitted to a GPU worker, waiting for a slot", "gauge"),
+    "waiting": ("moondream_gpu_waiting_sequences", "Sequences admitted to a GPU worker, waiting for a row or KV blocks", "gauge"),
+    "waiting_for_blocks": ("moondream_gpu_waiting_for_blocks", "Sequences queued in GPU workers because KV blocks, not rows, ran out", "gauge"),
+    "kv_bytes_total": ("moondream_kv_bytes_total", "Bytes of the KV block pools", "gauge"),
+    "running_peak": ("moondream_gpu_running_sequences_peak", "Most sequences decoding at once since the workers started", "gauge"),
+    "kv_bytes_used_peak": ("moondream_kv_bytes_used_peak", "Most bytes of KV blocks in use at once since the workers started", "gauge"),
+    "kv_bytes_used": ("moondream_kv_bytes_used", "Bytes of KV blocks in use (sequences and encoded images)", "gauge"),
+    "kv_bytes_shared": ("moondream_kv_bytes_shared", "Bytes of KV blocks referenced by more than one sequence or held by the image cache", "gauge"),
+    "kv_blocks_total": ("moondream_kv_blocks", "KV blocks in the pools", "gauge"),
+    "kv_blocks_free": ("moondream_kv_blocks_free", "KV blocks free", "gauge"),
     "last_batch": ("moondream_gpu_batch_size", "Sequences in the last decode step", "gauge"),
     "free_slots": ("moondream_gpu_free_slots", "KV-cache slots free", "gauge"),
     "image_cache_entries": ("moondream_image_cache_entries", "Encoded images in the GPU worker's cache", "gauge"),

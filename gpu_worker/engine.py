@@ -98,76 +98,31 @@ class Engine:
             return M.encode_crops(crops, [tuple(im.tiling) for im in images], self.weights, self.config)
 
     # -- text
-    def new_cache(self, n_slots: int, context: int | None = None) -> M.KVCache:
-        return M.KVCache(self.config, n_slots, context or self.config.max_context, self.device, self.kv_dtype)
+    def new_cache(self, n_blocks: int, block_size: int = M.DEFAULT_BLOCK_SIZE, context: int | None = None,
+                  attention: str | None = None) -> M.PagedKVCache:
+        """A KV pool of `n_blocks` blocks of `block_size` positions (docs/model.md, "KV blocks").
+        `attention`: how batches read it, "split" or "gather" (see PagedKVCache); default:
+        "gather" on CUDA, "split" elsewhere."""
+        attention = attention or ("gather" if self.device.type == "cuda" else "split")
+        return M.PagedKVCache(self.config, n_blocks, block_size, context or self.config.max_context,
+                              self.device, self.kv_dtype, attention)
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, start_pos: list[int], slots: list[int], cache: M.KVCache,
-                prefixes: Optional[list] = None, adapters: Optional[list] = None) -> torch.Tensor:
-        """(B, T, C) new inputs, sequence i at positions start_pos[i].. of slot slots[i]
-        -> (B, C) raw hidden state of each sequence's last position.
+    def forward(self, embeds: torch.Tensor, start_pos: list[int], seqs: list, cache: M.PagedKVCache,
+                adapters: Optional[list] = None) -> torch.Tensor:
+        """(B, T, C) new inputs, sequence i (a `SequenceKV` of `cache`) at positions
+        start_pos[i].. -> (B, C) raw hidden state of each sequence's last position.
 
-        prefixes[i] is row i's image PrefixKV (also copied in its slot) or None; rows
-        of the batch on the same image read it once together (SharedPrefixPlan).
-        adapters[i] is row i's variant adapter or None (LoraBatch).
-
-        When the slots are nearly consecutive the batch is laid out over the slot range
-        lo..hi, padding rows for the missing slots, so attention reads the cache in
-        place instead of gathering every sequence's keys (the gather cost more than
-        the attention itself)."""
+        Each sequence takes the blocks these positions need (from what admission reserved
+        for it).  Rows on one image read its prefix blocks once together (the "split"
+        attention, see PagedKVCache).  adapters[i] is row i's variant adapter or None (LoraBatch)."""
         b, t, _ = embeds.shape
-        lo, hi = min(slots), max(slots) + 1
-        live = max(start_pos) + t
-        offsets = torch.arange(t, device=self.device).view(1, t)
-        if hi - lo <= 2 * b + 1:  # dense: row r is slot lo + r (padding rows cost less than a gather)
-            n = hi - lo
-            row_of = [s - lo for s in slots]
-            index = torch.tensor(row_of, device=self.device)
-            full = embeds.new_zeros(n, t, embeds.shape[-1])
-            full[index] = embeds
-            embeds = full
-            starts = torch.zeros(n, dtype=torch.long, device=self.device)
-            starts[index] = torch.tensor(start_pos, device=self.device)
-            positions = starts.view(n, 1) + offsets
-            write = torch.full((n, t), cache.discard_position, dtype=torch.long, device=self.device)
-            write[index] = positions[index]
-            rows = slice(lo, hi)
-        else:
-            row_of = list(range(b))
-            positions = write = torch.tensor(start_pos, device=self.device).view(b, 1) + offsets
-            rows = torch.tensor(slots, device=self.device)
-        plan = self._shared_prefix_plan(prefixes or [None] * b, row_of, slots, start_pos, t)
-        lora = None
-        if adapters and any(a is not None for a in adapters):
-            per_row = [None] * embeds.shape[0]  # padding rows of the dense layout get none
-            for i, adapter in enumerate(adapters):
-                per_row[row_of[i]] = adapter
-            lora = self.lora_batch(per_row)
-        hidden = M.text_forward(embeds, positions, write, rows, live, cache, self.weights, self.config,
-                                self.rope, plan, lora)
-        return hidden[torch.tensor(row_of, device=self.device), -1]
-
-    def _shared_prefix_plan(self, prefixes, row_of, slots, start_pos, t) -> Optional[M.SharedPrefixPlan]:
-        by_image: dict[int, list[int]] = {}
-        for i, prefix in enumerate(prefixes):
-            if prefix is not None:
-                by_image.setdefault(id(prefix), []).append(i)
-        shared = [i for members in by_image.values() if len(members) > 1 for i in members]
-        if not shared:
-            return None
-        private = [i for i in range(len(slots)) if i not in set(shared)]
-        position_in_shared = {i: j for j, i in enumerate(shared)}
-        groups = [(prefixes[members[0]], torch.tensor([position_in_shared[i] for i in members], device=self.device))
-                  for members in by_image.values() if len(members) > 1]
-
-        def tensor(values):
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        return M.SharedPrefixPlan(
-            private_rows=tensor([row_of[i] for i in private]), private_slots=tensor([slots[i] for i in private]),
-            private_live=max([start_pos[i] + t for i in private], default=0),
-            shared_rows=tensor([row_of[i] for i in shared]), shared_slots=tensor([slots[i] for i in shared]),
-            shared_live=max(start_pos[i] + t for i in shared), groups=groups)
+        for seq, start in zip(seqs, start_pos):
+            cache.grow(seq, start + t)
+        layout = M.batch_layout(cache, seqs, start_pos, t, split_prefixes=cache.attention == "split")
+        lora = self.lora_batch(adapters) if adapters and any(a is not None for a in adapters) else None
+        hidden = M.text_forward(embeds, layout, cache, self.weights, self.config, self.rope, lora)
+        return hidden[:, -1]
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         return M.lm_logits(hidden_last, self.weights)

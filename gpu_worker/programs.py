@@ -150,17 +150,6 @@ def answer_prefill(ctx) -> list[int]:
     return [_tok(ctx)["answer_id"]]
 
 
-def prompt_length(ctx, skill: str, params: dict, has_image: bool) -> int:
-    """How many positions a request's first prompt takes after its image (or from 0)."""
-    if skill == "caption":
-        return len(caption_prompt(ctx, params.get("length", "normal")))
-    if skill == "query":
-        reasoning = reasoning_wanted(ctx.engine.config, params)
-        ids = query_prompt(ctx, params["question"], reasoning, params.get("spatial_refs") or [])
-        return len(ids) + (0 if has_image else 1)  # a text-only query starts with BOS
-    return len(object_prompt(ctx, skill, params["object"]))
-
-
 def object_prompt(ctx, skill: str, obj: str) -> list[int]:
     t = _tok(ctx)["templates"][skill]
     return list(t["prefix"]) + encode_text(ctx, " " + obj) + list(t["suffix"])
@@ -314,6 +303,28 @@ def _spec(settings: dict, suppress: tuple = ()) -> SampleSpec:
 def _suppress_answer(ctx) -> tuple:
     """2025-06-21 never lets the answer token out after the prefill step."""
     return () if ctx.engine.config.revision == "2025-04-14" else (_tok(ctx)["answer_id"],)
+
+
+def prompt_length(engine, skill: str, params: dict, has_image: bool) -> int:
+    """Positions of the prompt a program feeds first (after the image prefix, if any)."""
+    ctx = ProgramContext(engine=engine, emit=lambda _: None)
+    if skill == "caption":
+        return len(caption_prompt(ctx, params.get("length", "normal")))
+    if skill == "query":
+        reasoning = reasoning_wanted(engine.config, params)
+        prompt = query_prompt(ctx, params["question"], reasoning, params.get("spatial_refs") or [])
+        return len(prompt) + (0 if has_image else 1)  # a text-only query starts with BOS
+    return len(object_prompt(ctx, skill, params["object"]))
+
+
+def generated_positions(config, skill: str, params: dict, settings: dict) -> int:
+    """Most positions a program feeds after its prompt (the KV blocks admission reserves):
+    an answer feeds back at most max_tokens - 1 tokens; reasoning feeds all its max_tokens,
+    the answer token, then an answer; each object takes 3 positions (detect) or 2 (point)."""
+    if skill in ("detect", "point"):
+        return (3 if skill == "detect" else 2) * int(settings["max_objects"])
+    tokens = int(settings["max_tokens"])
+    return 2 * tokens if reasoning_wanted(config, params) else tokens
 
 
 def start_program(ctx: ProgramContext, skill: str, params: dict, settings: dict, has_image: bool) -> Program:

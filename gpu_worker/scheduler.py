@@ -1,10 +1,12 @@
 """Continuous batching over the engine.
 
-Each request becomes a `Sequence`: a KV-cache slot plus its skill's program
-(programs.py).  One `step()`:
-  1. admits waiting requests into free slots: images not in the image cache are
-     encoded together (one vision forward, one prefix prefill), cached prefixes
-     are copied into the slots;
+Each request becomes a `Sequence`: a block table in the KV pool plus its skill's
+program (programs.py).  One `step()`:
+  1. admits waiting requests while rows (BATCH_SIZE) and KV blocks last: a request
+     starts when the blocks for its prefix + prompt + max_tokens fit (they are
+     reserved, and taken as it grows); images not in the image cache are encoded
+     together (one vision forward, one prefix prefill) into pool blocks, which every
+     sequence on the image then references (never copies);
   2. runs every running sequence's pending feed: all single-position feeds
      (decode steps) as one batch, longer feeds (prompt prefills) batched by length;
   3. samples / decodes what each feed asked for, in one batch, with one host sync;
@@ -13,7 +15,7 @@ Requests join and leave at every step; nothing in a sequence's arithmetic
 depends on the others in its batch.
 
 Batch lines (priority BACKGROUND) yield to interactive requests: they wait behind
-them, never take the last `reserved_slots` slots, start their image encodes only
+them, never take the last `reserved_slots` rows, start their image encodes only
 in steps where no interactive request starts (one image per step while
 interactive sequences decode), and, with `batch_yield_s` > 0, decode at most one
 step per `batch_yield_s` while interactive sequences run (on a CPU, where every
@@ -22,7 +24,6 @@ row costs step time), so a bulk job costs interactive users little.
 from __future__ import annotations
 
 import collections
-import heapq
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch
 
 from gpu_worker import programs as P
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, TextChunk
-from gpu_worker.model import PrefixKV
+from gpu_worker.model import DEFAULT_BLOCK_SIZE, PagedKVCache, PooledPrefix, SequenceKV, kv_bytes_per_position
 from gpu_worker.variants import Adapter, VariantError, VariantNotFound, VariantsUnsupported
 from shared.protocol import INTERACTIVE, background_slots
 
@@ -44,37 +45,63 @@ class PromptTooLong(ValueError):
 
 
 class ImageCache:
-    """Encoded image prefixes by pixel hash, least recently used first out, bounded in bytes."""
+    """Encoded image prefixes by pixel hash, least recently used first out, bounded in bytes.
 
-    def __init__(self, max_bytes: int):
+    The prefixes live in the KV pool's blocks; the cache holds a reference to each (the
+    pool frees an image's blocks once neither the cache nor any sequence holds it)."""
+
+    def __init__(self, max_bytes: int, pool: PagedKVCache):
         self.max_bytes = max_bytes
-        self.entries: collections.OrderedDict[str, PrefixKV] = collections.OrderedDict()
+        self.pool = pool
+        self.entries: collections.OrderedDict[str, PooledPrefix] = collections.OrderedDict()
         self.bytes = 0
         self.hits = 0
 
-    def get(self, key: str) -> Optional[PrefixKV]:
+    def _size(self, prefix: PooledPrefix) -> int:
+        return len(prefix.blocks) * self.pool.block_bytes
+
+    def get(self, key: str) -> Optional[PooledPrefix]:
         prefix = self.entries.get(key) if key else None
         if prefix is not None:
             self.entries.move_to_end(key)
         return prefix
 
-    def put(self, key: str, prefix: PrefixKV) -> None:
+    def put(self, key: str, prefix: PooledPrefix) -> None:
         if not key or key in self.entries:
             return
-        size = prefix.bytes()
+        size = self._size(prefix)
         if size > self.max_bytes:
             return
         while self.bytes + size > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.bytes()
+            self._evict(next(iter(self.entries)))
         self.entries[key] = prefix
         self.bytes += size
+        prefix.cached = True
+        self.pool.hold_prefix(prefix)
+
+    def _evict(self, key: str) -> None:
+        prefix = self.entries.pop(key)
+        self.bytes -= self._size(prefix)
+        prefix.cached = False
+        self.pool.drop_prefix(prefix)
+
+    def free_blocks(self, wanted: int, keep: set) -> int:
+        """Evict unused images (no sequence holds them), least recently used first, until
+        `wanted` blocks went back to the pool; `keep` names keys not to touch.  Returns
+        the blocks freed."""
+        freed = 0
+        for key in [k for k, p in self.entries.items() if p.holders == 1 and k not in keep]:
+            if freed >= wanted:
+                break
+            freed += len(self.entries[key].blocks)
+            self._evict(key)
+        return freed
 
 
 @dataclass
 class Sequence:
     request: EngineRequest
-    slot: int
+    kv: SequenceKV  # its block table (and the image prefix it references) in the pool
     ctx: P.ProgramContext
     program: P.Program
     feed: Optional[P.Feed] = None
@@ -83,7 +110,6 @@ class Sequence:
     input_tokens: int = 0
     image_cache_hit: bool = False
     released: bool = False
-    prefix: Optional[PrefixKV] = None  # its image's KV (also copied into its slot): batch rows on one image read it once
     adapter: Optional[Adapter] = None  # its variant's adapter, held for its whole life (eviction cannot touch it)
     t_added: float = 0.0
     t_started: float = 0.0
@@ -93,22 +119,26 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, engine, max_batch: int = 32, image_cache_bytes: int = 1 << 30,
-                 max_images_per_step: int = 8, context: Optional[int] = None, share_prefixes: bool = True,
+                 max_images_per_step: int = 8, context: Optional[int] = None,
                  max_encode_crops: int = 40, variants=None, reserved_slots: Optional[int] = None,
-                 batch_yield_s: float = 0.0):
+                 batch_yield_s: float = 0.0, kv_cache_bytes: Optional[int] = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, attention: Optional[str] = None):
         self.engine = engine
         self.variants = variants  # gpu_worker.variants.VariantStore, or None: base model only
-        self.max_batch = slots_that_fit(engine, max_batch, context)
-        self.cache = engine.new_cache(self.max_batch, context)
-        self.free = list(range(self.max_batch))  # a heap: the lowest free slot is taken first, keeping batches dense
+        self.max_batch = max_batch  # rows decoding together; the KV pool bounds them too
+        context = context or engine.config.max_context
+        n_blocks = kv_pool_blocks(engine, max_batch, context, block_size, kv_cache_bytes)
+        self.cache = engine.new_cache(n_blocks, block_size, context, attention)
         self.waiting: collections.deque[tuple[EngineRequest, float]] = collections.deque()
         self.awaiting_variant: dict[str, list[tuple[EngineRequest, float]]] = {}  # variant downloads in progress
         self.running: dict[str, Sequence] = {}
-        self.images = ImageCache(image_cache_bytes)
-        self.share_prefixes = share_prefixes
+        self.images = ImageCache(image_cache_bytes, self.cache)
+        self.waiting_for_blocks = 0  # queued requests held back by a lack of free KV blocks (not of rows)
+        self.running_peak = 0  # most sequences running at once, and most pool bytes in use, since start
+        self.kv_used_peak = 0
         self.max_images_per_step = max_images_per_step
         self.max_encode_crops = max_encode_crops
-        # Slots batch lines may never take: an interactive request always finds one free.
+        # Rows batch lines may never take: an interactive request always finds one free.
         self.reserved_slots = self.max_batch - background_slots(self.max_batch) if reserved_slots is None else reserved_slots
         self.batch_yield_s = batch_yield_s
         self.batch_last_step = 0.0  # perf_counter of the last step batch lines took part in
@@ -150,12 +180,21 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or any(self.awaiting_variant.values()))
 
+    def free_rows(self) -> int:
+        return self.max_batch - len(self.running)
+
     def free_slots(self) -> int:
-        return len(self.free) - len(self.waiting)
+        """Requests this worker would start now: free rows less those already queued."""
+        return self.free_rows() - len(self.waiting)
 
     def stats(self) -> dict:
+        pool = self.cache
         return {
-            "running": len(self.running), "waiting": len(self.waiting), "free_slots": len(self.free),
+            "running": len(self.running), "waiting": len(self.waiting), "free_slots": self.free_rows(),
+            "waiting_for_blocks": self.waiting_for_blocks, "running_peak": self.running_peak,
+            "kv_bytes_used_peak": self.kv_used_peak,
+            "kv_bytes_total": pool.bytes(), "kv_bytes_used": pool.used_bytes(), "kv_bytes_shared": pool.shared_bytes(),
+            "kv_blocks_total": pool.n_blocks, "kv_blocks_free": pool.allocator.n_free,
             "image_cache_entries": len(self.images.entries), "image_cache_bytes": self.images.bytes,
             "image_cache_hits": self.images.hits, "image_encodes": self.counters["image_encodes"],
             "steps": self.counters["steps"], "last_batch": self.counters["last_batch"],
@@ -170,6 +209,8 @@ class Scheduler:
         self.events = []
         self._collect_downloads()
         self._admit()
+        self.running_peak = max(self.running_peak, len(self.running))
+        self.kv_used_peak = max(self.kv_used_peak, self.cache.used_bytes())
         if self.running:
             self._run_feeds()
         self.counters["steps"] += 1
@@ -201,12 +242,28 @@ class Scheduler:
         if self.engine.config.is_moondream3:
             self._check_context(req, s)
         req.settings = s
+        self._check_fits(req)
+
+    def _check_fits(self, req: EngineRequest) -> None:
+        """Refuse, before any work, a request that could never run: a prompt longer than
+        the context, or more KV blocks than the whole pool holds.  Sets req.kv_positions,
+        what admission reserves for it."""
+        cfg, pool = self.engine.config, self.cache
+        prefix = cfg.prefix_attn if req.image is not None else 0
+        prompt = P.prompt_length(self.engine, req.skill, req.params, req.image is not None)
+        if prefix + prompt > pool.context:
+            raise PromptTooLong(f"the prompt needs {prefix + prompt} positions; the model's context holds {pool.context}")
+        req.kv_positions = min(pool.context, prefix + prompt + P.generated_positions(cfg, req.skill, req.params, req.settings))
+        need = pool.blocks_for(prefix) + pool.blocks_for(req.kv_positions - prefix)
+        if need > pool.n_blocks:
+            raise ValueError(f"this request may need {need * pool.block_size} KV positions (image, prompt and "
+                             f"max_tokens or max_objects); the KV cache (KV_CACHE_GB) holds "
+                             f"{pool.n_blocks * pool.block_size}: ask for fewer tokens")
 
     def _check_context(self, req: EngineRequest, settings: dict) -> None:
         """Moondream 3: the prompt plus max_tokens must fit in the context (4,096 positions),
         checked before any work; its reference does not check and fails past the end."""
-        ctx = P.ProgramContext(engine=self.engine, emit=lambda _: None)
-        needed = P.prompt_length(ctx, req.skill, req.params, req.image is not None)
+        needed = P.prompt_length(self.engine, req.skill, req.params, req.image is not None)
         if req.image is not None:
             needed += self.engine.config.prefix_attn
         if req.skill in ("caption", "query"):
@@ -244,22 +301,30 @@ class Scheduler:
         return f"{req.variant}|{req.image.key}" if req.variant else req.image.key
 
     def _admit(self) -> None:
-        """Start waiting requests in free slots.  While others are decoding, only
-        `max_encode_crops` crops of new images are encoded per step, so a burst of
-        large images delays the running streams by one bounded step, not by all of it.
-        Batch lines come last (the queue keeps them at its tail) and yield, see the module's doc."""
+        """Start waiting requests, in queue order, while rows and KV blocks last: a request
+        needs the blocks for its image prefix (unless the image is in the pool already)
+        plus its own prompt + max_tokens; unused cached images are evicted to make room.
+        The head of the queue waits for blocks rather than being overtaken.  While others
+        are decoding, only `max_encode_crops` crops of new images are encoded per step, so
+        a burst of large images delays the running streams by one bounded step, not by all
+        of it.  Batch lines come last (the queue keeps them at its tail) and yield, see
+        the module's doc."""
         batch: list[tuple[EngineRequest, float]] = []
         crops_budget = self.max_encode_crops if self.running else None
         new_keys: set[str] = set()
+        used_keys: set[str] = set()  # cached images this batch will reference: not to be evicted for it
         interactive_running = any(s.request.priority >= INTERACTIVE for s in self.running.values())
         background_encodes = 0
-        while self.waiting and len(batch) < len(self.free):
+        free_rows = self.free_rows()
+        blocks = self.cache.allocator.available()
+        self.waiting_for_blocks = 0
+        while self.waiting and len(batch) < free_rows:
             req = self.waiting[0][0]
             key = self._image_cache_key(req)
             needs_encode = req.image is not None and key not in new_keys and self.images.get(key) is None
             if req.priority < INTERACTIVE:
-                if len(self.free) - len(batch) <= self.reserved_slots:
-                    break  # the last slots stay free for interactive requests
+                if free_rows - len(batch) <= self.reserved_slots:
+                    break  # the last rows stay free for interactive requests
                 if needs_encode:
                     starting_interactive = any(r.priority >= INTERACTIVE for r, _ in batch)
                     if starting_interactive or (interactive_running and background_encodes >= 1):
@@ -268,9 +333,19 @@ class Scheduler:
             if needs_encode and crops_budget is not None:
                 if batch and crops_budget < len(req.image.crops):
                     break
+            need = self._blocks_needed(req, needs_encode)
+            if need > blocks:
+                blocks += self.images.free_blocks(need - blocks, keep=used_keys)
+                if need > blocks:
+                    self.waiting_for_blocks = len(self.waiting)
+                    break  # it waits for running sequences to give blocks back
+            blocks -= need
+            if needs_encode and crops_budget is not None:
                 crops_budget -= len(req.image.crops)
             if needs_encode and key:
                 new_keys.add(key)
+            elif key:
+                used_keys.add(key)
             batch.append(self.waiting.popleft())
         if not batch:
             return
@@ -291,10 +366,19 @@ class Scheduler:
                 self._start(req, prefix, t_added, req.request_id in cache_hits, adapters[req.request_id])
             except Exception as err:  # a broken request must not take the batch down
                 self._fail(req.request_id, f"could not start: {err}")
+        for prefix in set(p for p in prefixes.values() if isinstance(p, PooledPrefix)):
+            self.cache.drop_prefix(prefix)  # _prefixes_for's hold; one neither cached nor started goes back
+
+    def _blocks_needed(self, req: EngineRequest, needs_encode: bool) -> int:
+        """KV blocks a request takes at most: its own positions, and its image's if encoded now."""
+        prefix = self.engine.config.prefix_attn if req.image is not None else 0
+        own = self.cache.blocks_for(req.kv_positions - prefix)
+        return own + (self.cache.blocks_for(prefix) if needs_encode else 0)
 
     def _prefixes_for(self, requests: list[EngineRequest], adapters: dict) -> tuple[dict, set]:
         """Prefix per request id, from the image cache or encoded now (several images per
-        forward, each under its request's variant), and the ids that were cache hits."""
+        forward, each under its request's variant), and the ids that were cache hits.
+        Each distinct prefix returned is held once more, for the caller to drop."""
         out, hits, to_encode = {}, set(), collections.OrderedDict()
         for req in requests:
             if req.image is None:
@@ -302,6 +386,8 @@ class Scheduler:
             key = self._image_cache_key(req)
             cached = self.images.get(key)
             if cached is not None:
+                if not any(p is cached for p in out.values()):
+                    self.cache.hold_prefix(cached)  # the cache may evict it while this step encodes others
                 self.images.hits += 1
                 hits.add(req.request_id)
                 out[req.request_id] = cached
@@ -318,35 +404,33 @@ class Scheduler:
             for (key, reqs), prefix in zip(chunk, encoded):
                 if not isinstance(prefix, Exception):
                     self.counters["image_encodes"] += 1
+                    prefix = self.cache.store_prefix(prefix)  # into pool blocks; sequences reference it
+                    self.cache.hold_prefix(prefix)  # until its requests started (_admit)
                     self.images.put(self._image_cache_key(reqs[0]), prefix)
                 for req in reqs:
                     out[req.request_id] = prefix
         return out, hits
 
-    def _start(self, req: EngineRequest, prefix: Optional[PrefixKV], t_added: float, cache_hit: bool,
+    def _start(self, req: EngineRequest, prefix: Optional[PooledPrefix], t_added: float, cache_hit: bool,
                adapter: Optional[Adapter] = None) -> None:
-        slot = heapq.heappop(self.free)
+        kv = self.cache.open_sequence(prefix, req.kv_positions)
         try:
-            seq = self._new_sequence(req, slot, prefix, t_added, cache_hit, adapter)
+            seq = self._new_sequence(req, kv, t_added, cache_hit, adapter)
         except BaseException:
-            heapq.heappush(self.free, slot)  # not registered yet: nobody else would give the slot back
+            self.cache.close_sequence(kv)  # not registered yet: nobody else would give the blocks back
             raise
         self.running[req.request_id] = seq
         self._advance(seq, None)
         if seq.feed is not None:
             seq.input_tokens = seq.feed.length  # the prompt
 
-    def _new_sequence(self, req: EngineRequest, slot: int, prefix: Optional[PrefixKV], t_added: float,
+    def _new_sequence(self, req: EngineRequest, kv: SequenceKV, t_added: float,
                       cache_hit: bool, adapter: Optional[Adapter]) -> Sequence:
         ctx = P.ProgramContext(engine=self.engine, emit=lambda text, rid=req.request_id: self._emit(rid, text),
-                               context=self.cache.context)
-        if prefix is not None:
-            self.cache.load_prefix(slot, prefix)
-            ctx.position = prefix.length
+                               context=self.cache.context, position=kv.start)
         program = P.start_program(ctx, req.skill, req.params, req.settings, req.image is not None)
-        seq = Sequence(request=req, slot=slot, ctx=ctx, program=program, settings=req.settings,
-                       t_added=t_added, t_started=time.perf_counter(), image_cache_hit=cache_hit,
-                       prefix=prefix if self.share_prefixes else None, adapter=adapter)
+        seq = Sequence(request=req, kv=kv, ctx=ctx, program=program, settings=req.settings,
+                       t_added=t_added, t_started=time.perf_counter(), image_cache_hit=cache_hit, adapter=adapter)
         seq.generator = torch.Generator(device="cpu")
         seq.generator.manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
         return seq
@@ -387,8 +471,8 @@ class Scheduler:
         else:
             embeds = torch.stack([s.feed.embeds if s.feed.embeds is not None else engine.embed_tokens(s.feed.tokens)
                                   for s in seqs])
-        hidden = engine.forward(embeds, [s.ctx.position for s in seqs], [s.slot for s in seqs], self.cache,
-                                [s.prefix for s in seqs], [s.adapter for s in seqs])
+        hidden = engine.forward(embeds, [s.ctx.position for s in seqs], [s.kv for s in seqs], self.cache,
+                                [s.adapter for s in seqs])
         self.counters["last_batch"] = len(seqs)
         results = [P.StepResult() for _ in seqs]
         self._sample(seqs, hidden, results)
@@ -497,10 +581,8 @@ class Scheduler:
         if seq.released:
             return
         seq.released = True
-        seq.prefix = None
         seq.adapter = None
-        if seq.slot not in self.free:
-            heapq.heappush(self.free, seq.slot)
+        self.cache.close_sequence(seq.kv)
 
 
 # ---------------------------------------------------------------------- per-skill rules
@@ -559,13 +641,18 @@ class Recorder:
             rec["feeds"].append(feed.tokens)
 
 
-def slots_that_fit(engine, wanted: int, context: Optional[int] = None, share: float = 0.8) -> int:
-    """Admission control starts here: never allocate more KV slots than memory holds.
-    On CUDA: `share` of the free device memory (weights are already loaded); on the
-    CPU: a quarter of the RAM available now.  BATCH_SIZE is the upper bound."""
+def kv_pool_blocks(engine, max_batch: int, context: int, block_size: int, kv_cache_bytes: Optional[int] = None,
+                   share: float = 0.8) -> int:
+    """Blocks of the KV pool: KV_CACHE_GB when set, else what the slot design used to take:
+    room for `max_batch` sequences of the full context (image prefix included), within
+    `share` of the free device memory on CUDA (weights are already loaded) or a quarter
+    of the RAM available now on the CPU.  At least one full-context sequence's worth."""
     cfg = engine.config
-    positions = (context or cfg.max_context) + 1
-    per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * positions * torch.finfo(engine.kv_dtype).bits // 8
+    block_bytes = kv_bytes_per_position(cfg, engine.kv_dtype) * block_size
+    prefix = min(cfg.prefix_attn, context)
+    per_sequence = -(-prefix // block_size) + -(-(context - prefix) // block_size)
+    if kv_cache_bytes:
+        return max(1, int(kv_cache_bytes // block_bytes))
     if engine.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(engine.device)
         budget = free * share
@@ -576,7 +663,7 @@ def slots_that_fit(engine, wanted: int, context: Optional[int] = None, share: fl
             budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
         except (ValueError, OSError, AttributeError):
             budget = float("inf")
-    return max(1, min(wanted, int(budget // per_slot)))
+    return max(per_sequence, min(max_batch * per_sequence, int(budget // block_bytes)))
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -93,6 +93,8 @@ class GpuWorker:
         # the native engine's continuous batching, or the transformers engine's one-at-a-time
         extra = {"variants": variant_store(config, model), "batch_yield_s": batch_yield_ms(config, model) / 1000} \
             if model.kind == "native" else {}
+        if model.kind == "native":
+            extra.update(kv_cache_bytes=int(config.kv_cache_gb * 1e9) or None, block_size=config.kv_block_size)
         self.scheduler = model.create_scheduler(max_batch=config.batch_size, image_cache_bytes=config.image_cache_mb << 20,
                                                 **extra)
         self.active: set[str] = set()  # request ids the scheduler holds for the broker

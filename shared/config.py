@@ -40,10 +40,12 @@ class Config:
     engine: str = field(default="native", metadata={"env": "MOONDREAM_ENGINE", "help": "native (our batched engine) or transformers (official remote code, one request at a time)"})
     hf_token: str = field(default="", metadata={"env": "HF_TOKEN", "help": "Hugging Face token (optional)", "secret": True})
     batch_size: int = field(default=32, metadata={"env": "BATCH_SIZE", "help": "max sequences decoding together in the GPU worker"})
+    kv_cache_gb: float = field(default=0.0, metadata={"env": "KV_CACHE_GB", "help": "size (GB, 10^9 bytes) of the GPU worker's KV block pool, encoded images included; 0: room for BATCH_SIZE full-context sequences within 80% of the free GPU memory (a quarter of the available RAM on the CPU)"})
+    kv_block_size: int = field(default=16, metadata={"env": "KV_BLOCK_SIZE", "help": "positions per KV block: a sequence takes blocks as it grows"})
     batch_timeout: float = field(default=0.005, metadata={"env": "BATCH_TIMEOUT", "help": "seconds the GPU worker waits to gather new requests when idle"})
     torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS", "help": "CPU threads of the GPU worker's torch; 0: on a GPU the CPUs it may use (affinity and cgroup quota), on the CPU those less one per front end, preprocess worker and the broker, at least 1. On a shared host set it to its share"})
     gpu_step_timeout: float = field(default=120.0, metadata={"env": "GPU_STEP_TIMEOUT", "help": "seconds one GPU step may take; a GPU worker stuck longer exits (supervisord restarts it)"})
-    image_cache_mb: int = field(default=2048, metadata={"env": "IMAGE_CACHE_MB", "help": "bytes budget (MiB) of encoded-image KV prefixes kept for reuse"})
+    image_cache_mb: int = field(default=2048, metadata={"env": "IMAGE_CACHE_MB", "help": "bytes budget (MiB) of encoded-image KV prefixes kept for reuse (in the KV pool; unused ones also make way for new requests)"})
 
     # --- fine-tuned variants (LoRA adapters; docs/operations.md "Variants")
     model_name: str = field(default="", metadata={"env": "MODEL_NAME", "help": "name of the base model in `model` fields (`<name>/<variant id>` selects a variant); empty: the family's id, moondream2 or moondream3-preview"})

@@ -22,6 +22,11 @@ CONFORMANCE = os.path.join(os.path.dirname(__file__), "conformance")
 SETS = ("main", "edge", "edge-reasoning", "edge-grounding", "rev-2025-04-14", "variants", "md3-main", "md3-edge")
 MD3_SETS = ("md3-main", "md3-edge")
 VARIANTS_DIR = os.path.join(CONFORMANCE, "variants", "variants")  # ft-alpha@100 (rank 4), ft-beta@7 (rank 8)
+# KV pool layouts the exactness tests run under: (block size, attention).  16 is the default
+# block size and "split" the CPU's attention; "gather" is what a GPU runs; 64 and 5 put the
+# 730-position image prefix's end at other places inside a block.
+KV_LAYOUTS = [(16, "split"), (64, "gather"), (5, "split")]
+KV_LAYOUT_IDS = [f"blocks{b}-{a}" for b, a in KV_LAYOUTS]
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,6 +91,15 @@ def run_requests(scheduler: Scheduler, requests: list[EngineRequest], record: bo
             out.recording = scheduler.recorder.records.get(rid)
         scheduler.recorder = None
     return outcomes
+
+
+def assert_pool_holds_only_cached_images(scheduler: Scheduler) -> None:
+    """Every sequence gave its KV blocks back: the pool holds the image cache's prefixes, nothing else."""
+    pool = scheduler.cache
+    cached = sum(len(p.blocks) for p in scheduler.images.entries.values())
+    assert pool.allocator.reserved == 0
+    assert pool.n_blocks - pool.allocator.n_free == cached
+    assert pool.prefixes == set(scheduler.images.entries.values())
 
 
 def request_from_case(case: dict, image: ImageInput | None, seed: int | None = None) -> EngineRequest:

@@ -124,3 +124,18 @@ def test_stop_match_benchmark_runs(capsys):
     result = stop_match.main(["--quick"])
     assert result["worst_ms"] > 0 and result["ordinary_ms"] > 0
     assert "characters that every piece may start" in capsys.readouterr().out
+
+
+def test_kv_benchmark_runs(tmp_path, capsys):
+    """The pool against the slot design, which it runs from its baseline commit in a git worktree."""
+    from bench import kv as kv_bench
+
+    out = tmp_path / "kv.json"
+    result = kv_bench.main(["--model", "random:tiny", "--quick", "--batches", "2", "--context", "760",
+                            "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| measure | slot design" in printed and "decode step CPU ms, batch 2" in printed
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == [list(r) for r in result["rows"]]
+    fit, fit_one_image, held = (row[3] for row in saved["rows"][:3])
+    assert fit > 1 and fit_one_image > fit and 0 < held < 1

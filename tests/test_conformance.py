@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from gpu_worker.scheduler import top_p_filter
 from shared.image_tiling import tile_image
-from tests.engine_helpers import (CONFORMANCE, MD3_SETS, SETS, fixture_engine, fixture_image, fixture_scheduler,
+from tests.engine_helpers import (CONFORMANCE, KV_LAYOUT_IDS, KV_LAYOUTS, MD3_SETS, SETS, fixture_engine, fixture_image,
+                                  fixture_scheduler,
                                   request_from_case, run_requests)
 
 
@@ -95,10 +96,12 @@ def test_vision_output_and_image_embedding(set_name):
         assert rel_err(embedding, ref[f"{name}.image_embedding"]) <= tolerance(set_name), name
 
 
-@pytest.fixture(scope="module")
-def schedulers():
-    # one scheduler per set for all its cases: a cache that mixed up variants would fail the next case
-    return {s: fixture_scheduler(s, max_batch=2) for s in SETS}
+@pytest.fixture(scope="module", params=KV_LAYOUTS[:2], ids=KV_LAYOUT_IDS[:2])
+def schedulers(request):
+    # one scheduler per set for all its cases: a cache that mixed up variants would fail the next case;
+    # every case under the default KV block size with the CPU's attention and under another with the GPU's
+    block_size, attention = request.param
+    return {s: fixture_scheduler(s, max_batch=2, block_size=block_size, attention=attention) for s in SETS}
 
 
 @pytest.mark.parametrize("set_name,index,case", list(all_cases()))

@@ -8,9 +8,9 @@ import uuid
 import pytest
 
 from gpu_worker.engine_types import EngineRequest, Finished
-from gpu_worker.scheduler import Scheduler
+from gpu_worker.scheduler import PromptTooLong, Scheduler
 from shared.protocol import BACKGROUND
-from tests.engine_helpers import fixture_engine, fixture_image, run_requests
+from tests.engine_helpers import KV_LAYOUT_IDS, KV_LAYOUTS, fixture_engine, fixture_image, run_requests
 
 IMAGES = ["small_96x64.png", "landscape_800x600.png", "tall_300x1500.png", "photo_773x767.jpg", "wide_1920x1080.png"]
 
@@ -59,17 +59,19 @@ def serial_answers(model_set):
     return answers
 
 
-def test_batched_equals_serial(model_set, serial_answers):
-    sched = Scheduler(fixture_engine(model_set), max_batch=16)
+@pytest.mark.parametrize("block_size,attention", KV_LAYOUTS, ids=KV_LAYOUT_IDS)
+def test_batched_equals_serial(model_set, serial_answers, block_size, attention):
+    sched = Scheduler(fixture_engine(model_set), max_batch=16, block_size=block_size, attention=attention)
     reqs = mixed_requests()
     outcomes = run_requests(sched, reqs)
     assert [summary(outcomes[r.request_id]) for r in reqs] == serial_answers
     assert all(a[3] is None for a in serial_answers)
 
 
-def test_requests_joining_a_running_batch_equal_serial(model_set, serial_answers):
+@pytest.mark.parametrize("block_size,attention", KV_LAYOUTS, ids=KV_LAYOUT_IDS)
+def test_requests_joining_a_running_batch_equal_serial(model_set, serial_answers, block_size, attention):
     """Continuous batching: add requests while others are mid-generation."""
-    sched = Scheduler(fixture_engine(model_set), max_batch=4)  # fewer slots than requests: some wait
+    sched = Scheduler(fixture_engine(model_set), max_batch=4, block_size=block_size, attention=attention)  # rows < requests
     reqs = mixed_requests()
     results = {}
     pending = list(reqs)
@@ -146,8 +148,9 @@ def test_context_overflow_ends_with_length():
 
 
 @pytest.mark.parametrize("model_name", ["main", "md3-main"])
-def test_shared_image_prefix_read_in_place_equals_serial(model_name):
-    """Sequences on one image share its prefix KV (not copied per slot); answers are unchanged."""
+@pytest.mark.parametrize("block_size,attention", KV_LAYOUTS, ids=KV_LAYOUT_IDS)
+def test_shared_image_prefix_read_in_place_equals_serial(model_name, block_size, attention):
+    """Sequences on one image share its prefix blocks (referenced, never copied); answers are unchanged."""
     engine = fixture_engine(model_name)
     image = fixture_image("main", "landscape_800x600.png")
 
@@ -161,18 +164,18 @@ def test_shared_image_prefix_read_in_place_equals_serial(model_name):
     serial = {}
     for req in requests():
         serial[req.request_id] = summary(run_requests(Scheduler(engine, max_batch=1), [req])[req.request_id])
-    sched = Scheduler(engine, max_batch=8)
+    sched = Scheduler(engine, max_batch=8, block_size=block_size, attention=attention)
     batched = run_requests(sched, requests())
     assert {rid: summary(o) for rid, o in batched.items()} == serial
     assert sched.stats()["image_encodes"] == 1
 
 
 def test_split_softmax_attention_equals_full_attention():
-    """The shared-prefix attention (prefix part + slot part, merged) is plain attention."""
+    """The shared-prefix attention (prefix part + own part, merged) is plain attention, both ways."""
     import torch
     import torch.nn.functional as F
 
-    from gpu_worker.model import _attention_with_shared_prefixes
+    from gpu_worker.model import _attention_with_shared_prefixes, _attention_with_shared_prefixes_cpu
 
     gen = torch.Generator().manual_seed(0)
     b, h, t, d, p, slot = 5, 2, 3, 16, 40, 9
@@ -181,11 +184,14 @@ def test_split_softmax_attention_equals_full_attention():
     k_slot, v_slot = torch.randn(b, h, slot, d, generator=gen), torch.randn(b, h, slot, d, generator=gen)
     mask = torch.rand(b, 1, t, slot, generator=gen) > 0.3
     mask[..., 0] = True
-    rows = torch.tensor([0, 2, 3, 1, 4])
+    rows = torch.tensor([0, 2, 4])  # rows 1 and 3 read no prefix
     got = _attention_with_shared_prefixes(q, k_slot, v_slot, mask, [(k_prefix, v_prefix, rows)])
+    got_cpu = _attention_with_shared_prefixes_cpu(q, k_slot, v_slot, mask, [(k_prefix, v_prefix, rows)])
+    assert torch.allclose(got_cpu, got, atol=1e-5, rtol=1e-5)  # the CPU kernel's way (merged by log-sum-exp)
+    in_group = torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool).view(b, 1, 1, 1)  # rows 1, 3: no prefix columns
     k_full = torch.cat([k_prefix.expand(b, h, p, d), k_slot], dim=2)
     v_full = torch.cat([v_prefix.expand(b, h, p, d), v_slot], dim=2)
-    full_mask = torch.cat([torch.ones(b, 1, t, p, dtype=torch.bool), mask], dim=-1)
+    full_mask = torch.cat([in_group.expand(b, 1, t, p), mask], dim=-1)
     want = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=full_mask)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
@@ -214,15 +220,13 @@ def test_bfloat16_engine_tracks_float32_reference():
     assert int(got.argmax()) == int(ref.argmax())
 
 
-def test_prompt_longer_than_context_is_refused_as_client_error():
+def test_prompt_longer_than_context_is_refused_before_any_work():
     sched = Scheduler(fixture_engine("main"), max_batch=1, context=760)
     image = fixture_image("main", "small_96x64.png")
     req = EngineRequest("long", "query", {"question": "why " * 40}, {"temperature": 0, "max_tokens": 5}, image)
-    sched.add(req)
-    events = []
-    while sched.has_work():
-        events += sched.step()
-    assert len(events) == 1 and events[0].status == 422 and "context" in events[0].message
+    with pytest.raises(PromptTooLong, match="context holds 760"):  # the worker answers it 422
+        sched.add(req)
+    assert not sched.has_work() and sched.stats()["image_encodes"] == 0
 
 
 def test_new_images_are_encoded_a_few_at_a_time_while_others_decode():

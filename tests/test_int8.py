@@ -39,13 +39,13 @@ def test_big_linears_converted_rest_float(int8_engine):
 
 
 def test_int8_keeps_keys_and_values_in_bfloat16(int8_engine):
-    cache = int8_engine.new_cache(2, context=800)
+    cache = int8_engine.new_cache(100)
     assert all(t.dtype == torch.bfloat16 for t in cache.k + cache.v)
     [prefix] = int8_engine.encode_images([fixture_image("variants", "photo_773x767.jpg")])
     assert all(t.dtype == torch.bfloat16 for t in prefix.k + prefix.v)
     # the decode step reads that cache and still answers in the model's dtype
-    cache.load_prefix(1, prefix)
-    hidden = int8_engine.forward(int8_engine.embed_tokens([5]).view(1, 1, -1), [prefix.length], [1], cache)
+    seq = cache.open_sequence(cache.store_prefix(prefix), 800)
+    hidden = int8_engine.forward(int8_engine.embed_tokens([5]).view(1, 1, -1), [prefix.length], [seq], cache)
     assert hidden.dtype == torch.float32 and bool(torch.isfinite(hidden).all())
 
 

@@ -123,16 +123,17 @@ def test_every_block_matches_the_reference_prefill_and_decode(unit):
 
 
 def test_engine_forward_reproduces_the_last_block(unit):
-    """The serving path (KV slots, batched forward) ends where the reference's last block ends."""
+    """The serving path (KV blocks, batched forward) ends where the reference's last block ends."""
     info, case, ref = unit
     engine = fixture_engine("md3-main")
     last = engine.config.n_layers - 1
-    cache = engine.new_cache(2)
+    cache = engine.new_cache(8)
+    seq = cache.open_sequence(None, info["decode0_position"] + 1)
     embeds = engine.embed_tokens(case["prompt_tokens"]).unsqueeze(0)
-    hidden = engine.forward(embeds, [0], [1], cache)
+    hidden = engine.forward(embeds, [0], [seq], cache)
     want = sum(ref[f"unit.prefill.block{last}.{part}"][-1] for part in ("in", "attn_out", "mlp_out"))
     assert rel_err(hidden[0], want) <= 1e-5
-    step = engine.forward(engine.embed_tokens([info["decode0_token"]]).unsqueeze(0), [info["decode0_position"]], [1], cache)
+    step = engine.forward(engine.embed_tokens([info["decode0_token"]]).unsqueeze(0), [info["decode0_position"]], [seq], cache)
     want = sum(ref[f"unit.decode0.block{last}.{part}"][0] for part in ("in", "attn_out", "mlp_out"))
     assert rel_err(step[0], want) <= 1e-5
 
@@ -352,9 +353,10 @@ def test_batched_rows_on_different_experts_equal_each_row_alone():
     cache = engine.new_cache(4)
     prompts = [[1, 304, 2, 64, 81, 3], [1, 300, 2, 301, 3, 7], [1, 305, 306, 2, 40, 3], [1, 307, 2, 9, 9, 3]]
     embeds = torch.stack([engine.embed_tokens(p) for p in prompts])
-    together = engine.forward(embeds, [0] * 4, [0, 1, 2, 3], cache)
+    together = engine.forward(embeds, [0] * 4, [cache.open_sequence(None, len(p)) for p in prompts], cache)
     for i, p in enumerate(prompts):
-        alone = engine.forward(embeds[i:i + 1], [0], [i], engine.new_cache(4))
+        alone_cache = engine.new_cache(1)
+        alone = engine.forward(embeds[i:i + 1], [0], [alone_cache.open_sequence(None, len(p))], alone_cache)
         assert rel_err(together[i], alone[0]) <= 1e-6, i
 
 

@@ -6,7 +6,7 @@ import uuid
 from gpu_worker import programs as P
 from gpu_worker.engine_types import EngineRequest
 from gpu_worker.scheduler import Scheduler
-from tests.engine_helpers import fixture_engine, fixture_image, run_requests
+from tests.engine_helpers import assert_pool_holds_only_cached_images, fixture_engine, fixture_image, run_requests
 
 
 def caption(max_tokens=4):
@@ -14,7 +14,7 @@ def caption(max_tokens=4):
                          fixture_image("main", "small_96x64.png"))
 
 
-def test_a_request_that_fails_to_start_returns_its_slot(monkeypatch):
+def test_a_request_that_fails_to_start_returns_its_blocks(monkeypatch):
     sched = Scheduler(fixture_engine("main"), max_batch=2)
     real_start = P.start_program
     broken = caption()
@@ -29,7 +29,8 @@ def test_a_request_that_fails_to_start_returns_its_slot(monkeypatch):
     outcomes = run_requests(sched, [broken, good])
     assert "injected" in outcomes[broken.request_id].error
     assert outcomes[good.request_id].error is None
-    assert sorted(sched.free) == [0, 1] and not sched.running
-    # both slots really usable again: two more requests run side by side
+    assert sched.free_rows() == 2 and not sched.running
+    assert_pool_holds_only_cached_images(sched)
+    # both rows really usable again: two more requests run side by side
     again = [caption(), caption()]
     assert all(o.error is None for o in run_requests(sched, again).values())

@@ -20,7 +20,7 @@ from gpu_worker.engine_types import EngineRequest
 from gpu_worker.scheduler import Scheduler
 from gpu_worker import variants
 from gpu_worker.variants import BadVariantId, VariantNotFound, check_variant_id
-from tests.engine_helpers import VARIANTS_DIR, fixture_engine, fixture_image, run_requests, variant_store
+from tests.engine_helpers import KV_LAYOUT_IDS, KV_LAYOUTS, VARIANTS_DIR, assert_pool_holds_only_cached_images, fixture_engine, fixture_image, run_requests, variant_store
 
 ALPHA, BETA = "ft-alpha@100", "ft-beta@7"
 IMAGES = ["small_96x64.png", "landscape_800x600.png", "photo_773x767.jpg"]
@@ -80,8 +80,9 @@ def test_variants_change_answers(serial_answers):
     assert len({str(base), str(alpha), str(beta)}) == 3
 
 
-def test_mixed_batch_equals_serial(serial_answers):
-    sched = new_scheduler(max_batch=32)
+@pytest.mark.parametrize("block_size,attention", KV_LAYOUTS, ids=KV_LAYOUT_IDS)
+def test_mixed_batch_equals_serial(serial_answers, block_size, attention):
+    sched = new_scheduler(max_batch=32, block_size=block_size, attention=attention)
     reqs = [clone(r) for r in mixed_requests()]
     for r in reqs:
         sched.add(r)
@@ -96,8 +97,9 @@ def test_mixed_batch_equals_serial(serial_answers):
     assert [outcomes[r.request_id] for r in reqs] == serial_answers
 
 
-def test_rows_joining_mid_run_equal_serial(serial_answers):
-    sched = new_scheduler(max_batch=5)  # fewer slots than requests: some wait, all join mid-run
+@pytest.mark.parametrize("block_size,attention", KV_LAYOUTS, ids=KV_LAYOUT_IDS)
+def test_rows_joining_mid_run_equal_serial(serial_answers, block_size, attention):
+    sched = new_scheduler(max_batch=5, block_size=block_size, attention=attention)  # rows < requests: all join mid-run
     reqs = [clone(r) for r in mixed_requests()]
     pending = list(reqs)
     outcomes, chunks = {}, {r.request_id: [] for r in reqs}
@@ -211,7 +213,8 @@ def test_malformed_files_are_422_and_others_keep_being_served(tmp_path):
         out = outcomes[req.request_id]
         assert out.output is None and words[name] in out.error, (name, out.error)
     assert outcomes[good.request_id].error is None and outcomes[good.request_id].output["caption"]
-    assert not sched.running and len(sched.free) == sched.max_batch
+    assert not sched.running and sched.free_rows() == sched.max_batch
+    assert_pool_holds_only_cached_images(sched)
 
 
 def test_bad_file_status_and_code(tmp_path):
