@@ -27,8 +27,8 @@ import time
 from typing import Optional
 
 from batch_worker import chunking, lines
-from frontend import models
-from frontend.app import wait_events
+from api import models
+from broker_client.waiting import wait_events
 from shared import protocol
 from shared.batch_store import CANCELLED, CHUNKING, PROCESSING, BatchStore, batch_store_for
 

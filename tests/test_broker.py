@@ -12,7 +12,7 @@ import pytest
 import zmq
 from PIL import Image
 
-from frontend.broker_client import BrokerClient
+from broker_client.client import BrokerClient
 from shared import protocol
 from shared.config import EXIT_CONFIG
 from shared.protocol import Error, Ready, Refused, Result, Submit

@@ -9,7 +9,7 @@ import time
 import pytest
 import zmq
 
-from frontend.broker_client import BrokerClient
+from broker_client.client import BrokerClient
 from shared import protocol
 from shared.protocol import Generate, Heartbeat, Ready, Result, Submit
 from tests.stack import ProcessGroup, config_from_env, stack_env

@@ -190,8 +190,8 @@ def test_a_client_request_id_cannot_pose_as_an_internal_one(stack):
 
 # ---------------------------------------------------------------- 4. MEDIUM: no silent open door
 def run_config(**env) -> subprocess.CompletedProcess:
-    """`python -m shared.host_size`, as scripts/serve.sh runs it before supervisord."""
-    return subprocess.run([sys.executable, "-m", "shared.host_size"], env={**os.environ, "HOST": "127.0.0.1",
+    """`python -m shared.sizes`, as scripts/serve.sh runs it before supervisord."""
+    return subprocess.run([sys.executable, "-m", "shared.sizes"], env={**os.environ, "HOST": "127.0.0.1",
                           "VLM_API_KEY": "", "ALLOW_UNAUTHENTICATED": "", **env},
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 

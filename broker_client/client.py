@@ -1,4 +1,4 @@
-"""How the HTTP front end talks to the broker.
+"""How the HTTP front end and the batch worker talk to the broker.
 
 Many waitress threads use one BrokerClient.  ZeroMQ sockets are not thread
 safe, so one background I/O thread owns the DEALER connected to the broker
@@ -31,6 +31,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from broker_client.waiting import wait_events
 from shared import keys, protocol
 from shared.protocol import Cancel, Chunk, Error, Result, Status, StatusQuery, Submit
 
@@ -48,7 +49,7 @@ def _unavailable(request_id: str, why: str) -> Error:
 
 class ReplyStream:
     """The events of one request, in order, ending with one Result or Error.  The
-    front end reads them with next_event() through frontend.app.wait_events, which
+    front end reads them with next_event() through broker_client.waiting.wait_events, which
     also enforces the deadline and watches the HTTP client."""
 
     def __init__(self, client: "BrokerClient", request_id: str, replies: queue.Queue, deadline: float):
@@ -71,8 +72,6 @@ class ReplyStream:
     def __iter__(self) -> Iterator[Event]:
         """Every event to the end, for scripts and tests: the front end's own loop
         (one deadline rule, one grace period), without an HTTP client to watch."""
-        from frontend.app import wait_events  # here: app imports this module
-
         return wait_events(self, self._deadline, client_gone=None)
 
     def cancel(self) -> None:
