@@ -4,7 +4,8 @@ _response, streamed).  frontend/openapi.py, chat_openapi.py and batch_openapi.py
 on them; this module imports none of them."""
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+import copy
+from typing import Any, Literal, Optional, Union
 
 import msgspec
 from msgspec import UNSET, UnsetType
