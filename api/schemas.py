@@ -178,7 +178,9 @@ class QueryRequest(msgspec.Struct):
         Meta(description="Optional image as a base64 data URL; without it the model answers from text alone."),
     ] = None
     stream: Annotated[bool, Meta(description="Answer with server-sent events as text is generated.")] = False
-    reasoning: Annotated[bool, Meta(description="Let the model reason (grounded in the image) before answering.")] = False
+    reasoning: Annotated[Optional[bool], Meta(
+        description="Let the model reason (grounded in the image) before answering. Left out: the model's "
+                    "default (Moondream 2: false; Moondream 3: true, as in Moondream's cloud).")] = None
     spatial_refs: Annotated[
         Optional[list[SpatialRef]],
         Meta(description="Image regions the question refers to (needs an image).",

@@ -1,6 +1,6 @@
 """`moondream-batch`: bulk jobs through the Batch API, against this server or Moondream's cloud.
 
-    moondream-batch submit FILE.jsonl [--wait] [-o results.jsonl]
+    moondream-batch submit FILE.jsonl [--model ID] [--wait] [-o results.jsonl]
     moondream-batch status ID
     moondream-batch list [--limit N]
     moondream-batch cancel ID
@@ -9,7 +9,8 @@
 The endpoint and key come from --endpoint / --api-key or the environment
 (MOONDREAM_ENDPOINT, MOONDREAM_API_KEY or VLM_API_KEY).  The file is uploaded in
 parts (--part-mb, 8 MiB by default: below the server's MAX_BODY_BYTES), then
---wait shows a progress bar (tqdm) of lines done and failed, lines/s and ETA.
+--wait shows a progress bar (tqdm) of lines done and failed, lines/s and ETA.  --model names
+the model for every line that names none (a server with several models, MOONDREAM_MODELS).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -131,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="upload a JSONL file and start a job; prints its id")
     s.add_argument("file")
+    s.add_argument("--model", help="the model for every line that names none (e.g. moondream3-preview)")
     s.add_argument("--wait", action="store_true", help="show progress until the job ends")
     s.add_argument("-o", "--output", help="with --wait: download the results here")
     s.add_argument("--part-mb", type=float, default=8.0, help="upload part size in MiB (default 8)")
@@ -147,12 +150,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def with_model(path: str, model: str) -> str:
+    """A copy of the JSONL file whose lines (JSON objects without a `model`) name `model`; other
+    lines are copied as they are (the server reports what is wrong with them).  Returns its path."""
+    out = tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False)
+    with open(path, "rb") as f, out:
+        for raw in f:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = None
+            if isinstance(line, dict) and "model" not in line:
+                raw = json.dumps({**line, "model": model}).encode() + b"\n"
+            out.write(raw)
+    return out.name
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     client = BatchClient(args.endpoint, args.api_key)
     try:
         if args.command == "submit":
-            job = client.submit(args.file, max(1, int(args.part_mb * 1024 * 1024)))
+            upload = with_model(args.file, args.model) if args.model else args.file
+            try:
+                job = client.submit(upload, max(1, int(args.part_mb * 1024 * 1024)))
+            finally:
+                if upload != args.file:
+                    os.remove(upload)
             print(job["id"], flush=True)
             if args.wait:
                 job = client.wait(job["id"], args.interval)

@@ -45,7 +45,7 @@ class BatchLine(msgspec.Struct):
     images: Optional[list[str]] = None
     length: str = "normal"
     question: Optional[str] = None
-    reasoning: bool = False
+    reasoning: Optional[bool] = None  # None: the model's default (Moondream 3 reasons)
     spatial_refs: Optional[list[list[float]]] = None
     object: Optional[str] = None
     settings: Optional[schemas.Settings] = None
@@ -86,6 +86,7 @@ def to_submit(raw: bytes, request_id: str, config, names: models.ModelNames) -> 
         params, settings = _checked(line, image_text, config)
         variant = models.choose_variant(names, line.model, line.variant,
                                         line.settings.variant if line.settings else None)
+        model_id = names.resolve(line.model)[0]
     except (schemas.InvalidValue, models.ModelNotFound, models.BadVariantId, models.ConflictingVariants) as ex:
         raise LineError(INVALID_REQUEST, str(ex)) from None
     if variant is not None:
@@ -99,7 +100,7 @@ def to_submit(raw: bytes, request_id: str, config, names: models.ModelNames) -> 
             raise LineError(IMAGE_DECODE_FAILED, ex.message) from None
     submit = protocol.Submit(request_id=request_id, skill=line.skill, params=params, settings=settings,
                              has_image=image is not None, deadline=time.time() + config.request_timeout,
-                             priority=protocol.BACKGROUND)
+                             priority=protocol.BACKGROUND, model=names.submit_model(model_id))
     return submit, image
 
 

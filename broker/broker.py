@@ -233,6 +233,7 @@ class Broker:
             gpu_workers=len(gpus),
             gpu_ready=bool(gpus),
             model=dict(gpus[-1].model) if gpus else {},
+            models=list({w.model.get("id", ""): dict(w.model) for w in gpus}.values()),
             queued=queued,
             in_flight=len(self.requests) - queued,
             broker_id=self.broker_id,
@@ -426,15 +427,22 @@ class Broker:
             worker.jobs.add(req.request_id)
             job = PreprocessJob(request_id=req.request_id, deadline=req.deadline, want_pixels=self._gpu_wants_pixels())
             self.send_to_worker(worker.identity, protocol.encode(job, req.image))
-        while self.gpu_queue:
-            # The queue holds interactive requests first; a batch line at its head means none wait.
-            background = self._priority(self.gpu_queue[0]) < protocol.INTERACTIVE
-            worker = self._pick(protocol.GPU, background)
-            if worker is None:
-                break
-            req = self.requests.get(self.gpu_queue.popleft())
+        # The queue holds interactive requests first; each goes to a worker of its model, and a
+        # model whose workers are full does not hold up the others' requests behind it.
+        full = set()  # (model, background) with no free worker this round
+        for rid in list(self.gpu_queue):
+            req = self.requests.get(rid)
             if req is None:
+                self.gpu_queue.remove(rid)
                 continue
+            background = req.submit.priority < protocol.INTERACTIVE
+            if (req.submit.model, background) in full:
+                continue
+            worker = self._pick(protocol.GPU, background, req.submit.model)
+            if worker is None:
+                full.add((req.submit.model, background))
+                continue
+            self.gpu_queue.remove(rid)
             req.stage, req.worker = GENERATING, worker.identity
             req.marks["gpu_start"] = time.monotonic()
             worker.jobs.add(req.request_id)
@@ -443,9 +451,11 @@ class Broker:
             frame, req.resized_frame = req.resized_frame, None  # the GPU worker holds it from now on
             self.send_to_worker(worker.identity, protocol.encode(req.generate, frame))
 
-    def _pick(self, kind: str, background: bool = False) -> Optional[Worker]:
+    def _pick(self, kind: str, background: bool = False, model: str = "") -> Optional[Worker]:
+        """A free worker of `kind` (GPU: serving `model`, any when "")."""
         candidates = [w for w in self.workers.values()
-                      if w.kind == kind and w.free > 0 and (not background or w.takes_background())]
+                      if w.kind == kind and w.free > 0 and (not background or w.takes_background())
+                      and (not model or w.model.get("id", "") == model)]
         if not candidates:
             return None
         if kind == protocol.GPU:
@@ -501,11 +511,15 @@ class Broker:
         for req in [r for r in self.requests.values() if r.deadline <= wall]:
             self.cancel(req.request_id, Error(req.request_id, 504, "timeout", "request timed out"))
         grace = self.config.no_gpu_grace
-        if not any(w.kind == protocol.GPU for w in self.workers.values()):
-            for rid in list(self.gpu_queue):
-                req = self.requests[rid]
-                if now - max(req.waiting_since, self.no_gpu_since) > grace:
-                    self.finish(req, None, Error(rid, 503, "no_gpu_worker", "no GPU worker is available"))
+        serving = {w.model.get("id", "") for w in self.workers.values() if w.kind == protocol.GPU}
+        for rid in list(self.gpu_queue):
+            req = self.requests[rid]
+            want = req.submit.model
+            if serving and (not want or want in serving):
+                continue
+            if now - max(req.waiting_since, self.no_gpu_since) > grace:
+                why = f"no GPU worker serves model {want} now" if serving else "no GPU worker is available"
+                self.finish(req, None, Error(rid, 503, "no_gpu_worker", why))
         if not any(w.kind == protocol.PREPROCESS for w in self.workers.values()):
             for rid in list(self.preprocess_queue):
                 req = self.requests[rid]

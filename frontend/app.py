@@ -143,7 +143,8 @@ class SkillResource:
             raise ApiError(422, "invalid_value", str(ex)) from None
         if variant is not None:
             settings["variant"] = variant  # travels to the GPU worker like the reference's field
-        req.context.model_id = self._names.model_id(variant)  # for /metrics
+        model_id = self._names.resolve(getattr(request, "model", None))[0]  # checked by requested_variant
+        req.context.model_id = self._names.model_id(variant, model_id)  # for /metrics
         image_url = getattr(request, "image_url", None)
         if image_part is not None:
             if not image_part:
@@ -154,7 +155,7 @@ class SkillResource:
         streaming = bool(getattr(request, "stream", False)) and self._skill in TEXT_SKILLS
 
         first, events, stream = start_request(self._client, self._config, req, self._skill, params,
-                                              settings, image, streaming)
+                                              settings, image, streaming, self._names.submit_model(model_id))
         if not streaming:
             resp.media = result_body(req.context.request_id, self._skill, first)
             return
@@ -185,7 +186,9 @@ class HealthResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = self._client.status(timeout=1.0)
-        model = {"name": self._config.model, "revision": self._config.revision, "id": self._config.model_name}
+        names = models.ModelNames(self._config)
+        model = {"name": names.models[0].source, "revision": self._config.revision, "id": names.base}
+        served = [{"id": m.id, "name": m.source, "family": m.family, "ready": False} for m in names.models]
         reason = None
         if status is None:
             state, ready, workers, queue = "unavailable", False, {"preprocess": 0, "gpu": 0}, None
@@ -199,13 +202,19 @@ class HealthResource:
                           else "no GPU worker has registered yet (its model may still be loading)")
             workers = {"preprocess": status.preprocess_workers, "gpu": status.gpu_workers}
             queue = {"queued": status.queued, "in_flight": status.in_flight}
-            model.update(status.model)
+            registered = {m.get("id", ""): m for m in status.models} or {"": status.model}
+            model.update(registered.get(names.base) or registered.get("") or status.model)
             model["variants"] = {"loaded": list(status.variants.get("loaded", [])),
                                  "available": list(status.variants.get("available", []))}
+            for entry in served:  # every model served: its worker's Ready.model once registered
+                info = registered.get(entry["id"]) or (registered.get("") if len(served) == 1 else None)
+                if info:
+                    entry.update({k: v for k, v in info.items() if k != "id"}, ready=True)
         body = {
             "status": state,
             "ready": ready,
-            "model": model,
+            "model": model,  # the default model (the first of MOONDREAM_MODELS)
+            "models": served,
             "auth_required": bool(self._config.api_key),
             # which deployment answers (a digest of DEPLOYMENT_ID): ready_notice checks it is its own
             "deployment": self._config.deployment_tag,

@@ -175,7 +175,7 @@ def served_models(client, names: models.ModelNames) -> list[str]:
     status = client.status(timeout=1.0)
     variants = status.variants if status is not None else {}
     ids = set(variants.get("available", [])) | set(variants.get("loaded", []))
-    return [names.base] + [names.model_id(v) for v in sorted(ids)]
+    return list(names.ids) + [names.model_id(v) for v in sorted(ids)]
 
 
 class ChatResource:
@@ -206,18 +206,20 @@ class ChatResource:
         cutter = StopCutter(stop_sequences(request))
         if variant is not None:
             settings["variant"] = variant
-        model = self._names.model_id(variant)
+        model_id = self._names.resolve(request.model)[0]  # checked by requested_variant
+        model = self._names.model_id(variant, model_id)
         req.context.model_id = model  # for /metrics
         # The same params /v1/query sends for a question without spatial references.
-        # total_cap: max_completion_tokens counts reasoning and answer together (docs/chat.md)
-        params = {"question": conversation.question, "reasoning": bool(request.reasoning), "spatial_refs": [],
+        # total_cap: max_completion_tokens counts reasoning and answer together (docs/chat.md);
+        # reasoning None: the model's default (Moondream 3 reasons, Moondream 2 does not)
+        params = {"question": conversation.question, "reasoning": request.reasoning, "spatial_refs": [],
                   "total_cap": True}
         image_url = conversation.image_url
         image = decode_image_url(image_url, self._fetch_remote) if image_url is not None else None
         streaming = bool(request.stream)
 
         first, events, stream = start_request(self._client, self._config, req, "query", params,
-                                                   settings, image, streaming)
+                                              settings, image, streaming, self._names.submit_model(model_id))
         completion = Completion(id=f"chatcmpl-{req.context.request_id}", created=int(time.time()), model=model)
         if not streaming:
             resp.media = completion.body(first, cutter)

@@ -86,7 +86,7 @@ class EventStreamBody:
 
 
 def start_request(client, config: Config, req: falcon.Request, skill: str, params: dict, settings: dict,
-                  image: Optional[bytes], streaming: bool) -> tuple:
+                  image: Optional[bytes], streaming: bool, model: str = "") -> tuple:
     """Submit a validated request to the broker -> (first event, the events after it, its stream).
 
     Non-streaming: the first event is the final Result.  Streaming: it is the
@@ -102,6 +102,7 @@ def start_request(client, config: Config, req: falcon.Request, skill: str, param
         stream=streaming,
         has_image=image is not None,
         deadline=deadline,
+        model=model,  # which served model's GPU workers take it ("": the only one)
     )
     stream = client.submit(submit, image)
     events = wait_events(stream, deadline, req.env.get("waitress.client_disconnected"))

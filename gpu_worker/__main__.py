@@ -11,7 +11,7 @@ import signal
 import sys
 
 from gpu_worker.engine import ModelLoadError, load_model
-from shared import host_size, keys, protocol
+from shared import host_size, keys, model_family, protocol
 from shared.config import EXIT_CONFIG, StartupError, load_config, stay_down
 from shared.logs import setup_logging
 
@@ -32,7 +32,8 @@ def main() -> int:
     log = setup_logging("gpu_worker", config)
     try:  # before the minutes a model load can take
         keys.require_keys_beyond_loopback(config, {"BROKER_BACKEND_ADDR": config.broker_backend_addr})
-    except StartupError as exc:
+        config = model_family.config_for_worker(config)  # its MOONDREAM_MODELS entry, named
+    except (StartupError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
     size_torch_threads(config, log)
@@ -49,6 +50,7 @@ def main() -> int:
     except Exception as exc:
         log.error("model load failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return 2
+    model.info["id"] = config.model_name  # the broker routes requests for this id here
     log.info("model ready: %s", model.info)
 
     from gpu_worker.worker import GpuWorker  # after loading: import errors in the loop show up as such

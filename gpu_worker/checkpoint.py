@@ -1,13 +1,16 @@
-"""Finding and loading a Moondream 2 checkpoint: config, tokenizer, weights.
+"""Finding and loading a Moondream 2 or Moondream 3 checkpoint: config, tokenizer, weights.
 
-Sources:
+The family comes from config.json (`"model": "moondream3"` or a `text.moe` object; the hub's
+Moondream 3 preview by its repo id).  Sources:
 - a local directory with config.json, model.safetensors, tokenizer.json (the
   conformance fixtures use this form; a top-level "revision" in config.json
   selects revision behaviour);
 - the hub id `vikhyatk/moondream2` at a pinned revision, fetched with
   huggingface_hub (honours HF_TOKEN, HF_HOME, HF_HUB_OFFLINE);
-- `random:full` / `random:tiny`: seeded random weights with the real (or tiny)
-  geometry, for benchmarks without the checkpoint.
+- the hub id `moondream/moondream3-preview` (gated; sharded weights) at a pinned commit;
+- `random:full` / `random:tiny` (`random:md3-full` / `random:md3-tiny` for Moondream 3):
+  seeded random weights with the real (or tiny) geometry, for benchmarks without the checkpoint.
+Moondream's own engine's layout (Moondream 3.1) is mapped on load (engine_layout.py).
 
 Every failure is a `ModelLoadError` with a one-line message saying what is wrong.
 """
@@ -21,11 +24,29 @@ from dataclasses import dataclass, field
 import torch
 
 HUB_REPO = "vikhyatk/moondream2"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 KNOWN_REVISIONS = ("2025-06-21", "2025-04-14")
 # Where each revision's tokenizer lives on the hub (the checkpoint repo does not ship it).
 TOKENIZER_SOURCES = {
     "2025-06-21": ("moondream/starmie-v1", None),
     "2025-04-14": ("vikhyatk/moondream2", "2025-01-09"),
+}
+
+
+# Moondream 3: how a config names the family, its revision label and the defaults that differ
+# from Moondream 2's (the hub's config.json is empty: these are the real model's sizes).
+MOONDREAM3 = "moondream3"
+MOONDREAM3_REVISION = "moondream3-preview"
+# The preview on the hub: gated (access is granted on accepting the licence), sharded weights,
+# an empty config.json, the tokenizer of moondream/starmie-v1.  MOONDREAM_REVISION set to
+# anything but a Moondream 2 revision replaces the pinned commit.
+MOONDREAM3_HUB_REPO = "moondream/moondream3-preview"
+MOONDREAM3_HUB_COMMIT = "5112966d1a723413b1c9a1e8bea272b72e647b35"
+MOONDREAM3_LICENSE_PAGE = "https://huggingface.co/moondream/moondream3-preview/blob/main/LICENSE.md"
+MOONDREAM3_DEFAULTS = {
+    "revision": MOONDREAM3_REVISION, "family": MOONDREAM3, "max_context": 4096, "rope_theta": 1.5e6,
+    "n_experts": 64, "moe_start_layer": 4, "experts_per_token": 8, "expert_inner_dim": 1024, "region_inner_dim": 0,
 }
 
 
@@ -85,6 +106,15 @@ class ModelConfig:
     size_out_dim: int = 2048
     # tokenizer ids and prompt templates
     tokenizer: dict = field(default_factory=lambda: _TOKENIZER_2025_06_21)
+    # Moondream 3 (family "moondream3"): tau attention in every layer, mixture-of-experts
+    # MLPs from `moe_start_layer` on, single-linear region decoders (region_inner_dim 0)
+    family: str = "moondream2"
+    rope_theta: float = 10000.0
+    n_experts: int = 0  # 0: every text layer has a dense MLP
+    moe_start_layer: int = 0
+    experts_per_token: int = 0
+    expert_inner_dim: int = 0
+    tau_gelu: str = "erf"  # the GELU of the tau features: "erf" (the preview's reference) or "tanh"
 
     @property
     def head_dim(self) -> int:
@@ -94,15 +124,25 @@ class ModelConfig:
     def reasoning_supported(self) -> bool:
         return self.revision != "2025-04-14"
 
+    @property
+    def is_moondream3(self) -> bool:
+        return self.family == "moondream3"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer >= self.moe_start_layer
+
     @classmethod
     def from_json(cls, raw: dict, revision: str) -> "ModelConfig":
         """Moondream's config.json layout: {"text": {..}, "vision": {..}, "region": {..},
-        "tokenizer": {..}}; the hub's files carry {"config": {}} = all defaults."""
-        revision = raw.get("revision", revision)
+        "tokenizer": {..}}; the hub's files carry {"config": {}} = all defaults.  A top-level
+        `"model": "moondream3"` (or a `text.moe` object) selects Moondream 3 and its defaults."""
         inner = raw.get("config", raw)
         text, vision, region = inner.get("text", {}), inner.get("vision", {}), inner.get("region", {})
+        moondream3 = raw.get("model") == MOONDREAM3 or inner.get("model") == MOONDREAM3 or "moe" in text
+        revision = raw.get("revision", MOONDREAM3_REVISION if moondream3 else revision)
         default_tok = _TOKENIZER_2025_04_14 if revision == "2025-04-14" else _TOKENIZER_2025_06_21
-        d = cls()
+        d = cls(**MOONDREAM3_DEFAULTS) if moondream3 else cls()
+        moe = text.get("moe") or {}
         return cls(
             revision=revision,
             dim=text.get("dim", d.dim), ff_dim=text.get("ff_dim", d.ff_dim),
@@ -118,6 +158,11 @@ class ModelConfig:
             region_inner_dim=region.get("inner_dim", d.region_inner_dim),
             coord_out_dim=region.get("coord_out_dim", d.coord_out_dim), size_out_dim=region.get("size_out_dim", d.size_out_dim),
             tokenizer=inner.get("tokenizer", default_tok),
+            family=d.family, rope_theta=float(text.get("rope_theta", d.rope_theta)),
+            n_experts=moe.get("num_experts", d.n_experts), moe_start_layer=moe.get("start_layer", d.moe_start_layer),
+            experts_per_token=moe.get("experts_per_token", d.experts_per_token),
+            expert_inner_dim=moe.get("expert_inner_dim", d.expert_inner_dim),
+            tau_gelu=text.get("tau_gelu", d.tau_gelu),
         )
 
     def weight_shapes(self) -> dict[str, tuple]:
@@ -154,19 +199,31 @@ class ModelConfig:
             norm(b + ".ln", d)
             lin(b + ".attn.qkv", (self.n_heads + 2 * self.n_kv_heads) * hd, d)
             lin(b + ".attn.proj", d, d)
-            lin(b + ".mlp.fc1", self.ff_dim, d)
-            lin(b + ".mlp.fc2", d, self.ff_dim)
+            if self.is_moondream3:  # per-head temperatures over the whole qkv output
+                qkv_dim = (self.n_heads + 2 * self.n_kv_heads) * hd
+                s[b + ".attn.tau.wq"] = (self.n_heads, qkv_dim)
+                s[b + ".attn.tau.wv"] = (self.n_heads, qkv_dim)
+                s[b + ".attn.tau.alpha"] = (self.n_heads,)
+            if self.is_moe_layer(i):  # experts stacked: fc1 [expert, 2 x inner, dim], fc2 [expert, dim, inner]
+                lin(b + ".mlp.router", self.n_experts, d)
+                s[b + ".mlp.fc1.weight"] = (self.n_experts, 2 * self.expert_inner_dim, d)
+                s[b + ".mlp.fc2.weight"] = (self.n_experts, d, self.expert_inner_dim)
+            else:
+                lin(b + ".mlp.fc1", self.ff_dim, d)
+                lin(b + ".mlp.fc2", d, self.ff_dim)
         norm("text.post_ln", d)
         lin("text.lm_head", self.vocab_size, d)
 
         s["region.coord_features"] = (1, self.coord_feat_dim // 2)
         lin("region.coord_encoder", d, self.coord_feat_dim)
-        lin("region.coord_decoder.fc1", self.region_inner_dim, d)
-        lin("region.coord_decoder.fc2", self.coord_out_dim, self.region_inner_dim)
         s["region.size_features"] = (2, self.size_feat_dim // 2)
         lin("region.size_encoder", d, self.size_feat_dim)
-        lin("region.size_decoder.fc1", self.region_inner_dim, d)
-        lin("region.size_decoder.fc2", self.size_out_dim, self.region_inner_dim)
+        for decoder, out_dim in (("region.coord_decoder", self.coord_out_dim), ("region.size_decoder", self.size_out_dim)):
+            if self.region_inner_dim:  # Moondream 2: two-layer MLPs
+                lin(decoder + ".fc1", self.region_inner_dim, d)
+                lin(decoder + ".fc2", out_dim, self.region_inner_dim)
+            else:  # Moondream 3: one linear on the hidden state
+                lin(decoder, out_dim, d)
         return s
 
 
@@ -214,17 +271,23 @@ def resolve_dtype(dtype: str, device: torch.device, revision: str) -> torch.dtyp
 
 
 def load_checkpoint(model: str, revision: str, device: str = "auto", dtype: str = "auto",
-                    hf_token: str = "") -> Checkpoint:
-    """Load from a local directory, the hub, or random weights (see module doc)."""
+                    hf_token: str = "", convert=None) -> Checkpoint:
+    """Load from a local directory, the hub, or random weights (see module doc).
+    `convert(config)`, when given, returns a hook called after each tensor is added
+    (`hook(weights, name)`), which may replace tensors (int8: gpu_worker/quantize.py)."""
     if model.startswith("random:"):
-        return _random_checkpoint(model, revision, device, dtype)
+        return _random_checkpoint(model, revision, device, dtype, convert)
     if os.path.isdir(model):
-        return _load_directory(model, revision, device, dtype, source=model)
+        return _load_directory(model, revision, device, dtype, source=model, convert=convert)
+    if model == MOONDREAM3_HUB_REPO:
+        pin = MOONDREAM3_HUB_COMMIT if revision in KNOWN_REVISIONS else revision
+        directory = _download_moondream3(model, pin, hf_token)
+        return _load_directory(directory, MOONDREAM3_REVISION, device, dtype, source=f"{model}@{pin}", convert=convert)
     if model.startswith(("/", ".", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"MOONDREAM_MODEL={model} is not a directory here, nor a hub id like vikhyatk/moondream2 "
                              "(a checkpoint directory holds config.json, model.safetensors and tokenizer.json)")
     directory = _download(model, revision, hf_token)
-    return _load_directory(directory, revision, device, dtype, source=f"{model}@{revision}")
+    return _load_directory(directory, revision, device, dtype, source=f"{model}@{revision}", convert=convert)
 
 
 def _download(repo: str, revision: str, hf_token: str) -> str:
@@ -251,6 +314,53 @@ def _download(repo: str, revision: str, hf_token: str) -> str:
     return _assemble_directory(config, weights, tokenizer, revision)
 
 
+def _download_moondream3(repo: str, pin: str, hf_token: str) -> str:
+    """Fetch the Moondream 3 preview (config, every weight shard, the tokenizer) into the HF
+    cache; returns a directory laid out like a local checkpoint.  A refusal of the gated
+    repository is one line naming the licence page."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
+    except ImportError as err:  # pragma: no cover - it is a dependency
+        raise ModelLoadError(f"huggingface_hub is not installed: {err}") from None
+    token = hf_token or None
+    try:
+        config = hf_hub_download(repo, "config.json", revision=pin, token=token)
+        try:
+            index = hf_hub_download(repo, WEIGHTS_INDEX, revision=pin, token=token)
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except EntryNotFoundError:
+            index, shards = None, [WEIGHTS_FILE]
+        shard_paths = {name: hf_hub_download(repo, name, revision=pin, token=token) for name in shards}
+        tok_repo, tok_rev = TOKENIZER_SOURCES["2025-06-21"]
+        tokenizer = hf_hub_download(tok_repo, "tokenizer.json", revision=tok_rev, token=token)
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"access to {repo} was refused: the repository is gated; accept the Moondream 3 licence at "
+            f"{MOONDREAM3_LICENSE_PAGE} with your Hugging Face account and set HF_TOKEN to a token of that account"
+        ) from None
+    except Exception as err:  # network, auth, offline mode, missing file: all one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"could not fetch {repo}@{pin} from the Hugging Face hub ({type(err).__name__}: {reason}); "
+            "check network access and HF_TOKEN, or set MOONDREAM_MODEL to a local checkpoint directory"
+        ) from None
+    base = os.path.join(os.path.dirname(os.path.dirname(config)), f"moondream-serving-{MOONDREAM3_REVISION}")
+    os.makedirs(base, exist_ok=True)
+    links = {**shard_paths, "tokenizer.json": tokenizer, **({WEIGHTS_INDEX: index} if index else {})}
+    for name, src in links.items():
+        dst = os.path.join(base, name)
+        if os.path.lexists(dst):
+            os.remove(dst)
+        os.symlink(os.path.realpath(src), dst)
+    with open(config) as f:
+        raw = json.load(f)
+    with open(os.path.join(base, "config.json"), "w") as f:  # the hub's file does not say which model it is
+        json.dump({**raw, "model": MOONDREAM3, "revision": MOONDREAM3_REVISION}, f)
+    return base
+
+
 def _assemble_directory(config_path: str, weights_path: str, tokenizer_path: str, revision: str) -> str:
     """Link the three cached files into one directory (the hub keeps them in different repos)."""
     base = os.path.join(os.path.dirname(os.path.dirname(weights_path)), f"moondream-serving-{revision}")
@@ -270,8 +380,11 @@ def _assemble_directory(config_path: str, weights_path: str, tokenizer_path: str
     return base
 
 
-def _load_directory(path: str, revision: str, device: str, dtype: str, source: str) -> Checkpoint:
-    files = {name: os.path.join(path, name) for name in ("config.json", "model.safetensors", "tokenizer.json")}
+def _load_directory(path: str, revision: str, device: str, dtype: str, source: str, convert=None) -> Checkpoint:
+    files = {name: os.path.join(path, name) for name in ("config.json", WEIGHTS_FILE, "tokenizer.json")}
+    sharded = not os.path.isfile(files[WEIGHTS_FILE]) and os.path.isfile(os.path.join(path, WEIGHTS_INDEX))
+    if sharded:  # the hub's large checkpoints: model.safetensors.index.json names the shards
+        files[WEIGHTS_FILE] = os.path.join(path, WEIGHTS_INDEX)
     for name, full in files.items():
         if not os.path.isfile(full):
             raise ModelLoadError(f"checkpoint directory {path} has no {name}")
@@ -283,7 +396,7 @@ def _load_directory(path: str, revision: str, device: str, dtype: str, source: s
     config = ModelConfig.from_json(raw, revision)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config.revision)
-    weights = _read_weights(files["model.safetensors"], config, dev, dt)
+    weights = _read_weights(files[WEIGHTS_FILE], config, dev, dt, convert(config) if convert else None)
     tokenizer = _read_tokenizer(files["tokenizer.json"])
     # Decided from the model itself, never its path: anything narrower than Moondream 2's
     # real text width (2048) is one of the tiny random-weight test models.
@@ -291,29 +404,61 @@ def _load_directory(path: str, revision: str, device: str, dtype: str, source: s
     return Checkpoint(config, weights, tokenizer, source, test_model)
 
 
-def _read_weights(path: str, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensor by tensor from safetensors straight to the device in the serving dtype,
-    so the host never holds a float32 copy of the whole model."""
+def _read_weights(path: str, config: ModelConfig, device: torch.device, dtype: torch.dtype, hook=None) -> dict:
+    """Tensor by tensor from safetensors (one file, or the shards an index names) straight
+    to the device in the serving dtype, so the host never holds a float32 copy of the whole
+    model.  A missing or misshapen tensor is one line naming it."""
+    import contextlib
+
     from safetensors import safe_open
+
+    from gpu_worker import engine_layout
 
     expected = config.weight_shapes()
     weights = {}
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            keys = set(f.keys())
+        with contextlib.ExitStack() as stack:
+            handles = {}  # checkpoint key -> the open file holding it
+            for file in _weight_files(path):
+                f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                handles.update((key, f) for key in f.keys())
+            # our name -> (checkpoint key, loader): the reference's keys, or Moondream's engine's mapped
+            if engine_layout.is_engine_layout(handles):
+                mapped = engine_layout.sources(handles, lambda key: handles[key].get_tensor(key))
+            else:
+                mapped = {key[len("model."):]: (key, lambda key=key: handles[key].get_tensor(key))
+                          for key in handles if key.startswith("model.")}
+            if "region.ln.weight" in mapped:  # Moondream 3.1: a LayerNorm before the region decoders
+                expected = {**expected, "region.ln.weight": (config.dim,), "region.ln.bias": (config.dim,)}
             for name, shape in expected.items():
-                key = "model." + name
-                if key not in keys:
-                    raise ModelLoadError(f"{path}: missing weight {key}")
-                actual = tuple(f.get_slice(key).get_shape())
+                if name not in mapped:
+                    raise ModelLoadError(f"{path}: missing weight model.{name}")
+                key, load = mapped[name]
+                actual = tuple(handles[key].get_slice(key).get_shape()) if key == "model." + name else None
+                tensor = None
+                if actual is None:  # a mapped tensor: its shape once in our layout
+                    tensor = load()
+                    actual = tuple(tensor.shape)
                 if actual != shape:
                     raise ModelLoadError(f"{path}: weight {key} has shape {actual}, expected {shape}")
-                weights[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+                weights[name] = (tensor if tensor is not None else load()).to(device=device, dtype=dtype)
+                if hook is not None:
+                    hook(weights, name)
     except ModelLoadError:
         raise
     except Exception as err:
-        raise ModelLoadError(f"{path} is not a readable safetensors file: {err}") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {reason}") from None
     return weights
+
+
+def _weight_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint: the file itself, or the shards its index names."""
+    if not path.endswith(".json"):
+        return [path]
+    with open(path) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(os.path.dirname(path), shard) for shard in shards]
 
 
 def _read_tokenizer(path: str):
@@ -325,13 +470,27 @@ def _read_tokenizer(path: str):
         raise ModelLoadError(f"{path} is not a valid tokenizer.json: {err}") from None
 
 
-def _random_checkpoint(model: str, revision: str, device: str, dtype: str) -> Checkpoint:
-    """Seeded random weights with the full (or tiny) geometry, built directly on the device."""
+RANDOM_CONFIGS = {
+    "full": {}, "tiny": TINY_CONFIG,
+    # Moondream 3's real geometry, and a tiny one shaped like its conformance models
+    "md3-full": {"model": MOONDREAM3},
+    "md3-tiny": {**TINY_CONFIG, "model": MOONDREAM3, "text": {
+        **TINY_CONFIG["text"], "n_layers": 4, "max_context": 1024,
+        "moe": {"num_experts": 8, "start_layer": 2, "experts_per_token": 3, "expert_inner_dim": 64}}, "region": {}},
+}
+
+
+def _random_checkpoint(model: str, revision: str, device: str, dtype: str, convert=None) -> Checkpoint:
+    """Seeded random weights with the full (or tiny) geometry, built directly on the device,
+    tensor by tensor (each through `convert`'s hook when given)."""
     size = model.split(":", 1)[1]
-    if size not in ("full", "tiny"):
-        raise ModelLoadError(f"MOONDREAM_MODEL={model}: use random:full or random:tiny")
-    raw = {"revision": revision, **(TINY_CONFIG if size == "tiny" else {})}
+    if size not in RANDOM_CONFIGS:
+        raise ModelLoadError(f"MOONDREAM_MODEL={model}: use one of " + ", ".join(f"random:{s}" for s in RANDOM_CONFIGS))
+    raw = {"revision": revision, **RANDOM_CONFIGS[size]}
+    if raw.get("model") == MOONDREAM3:
+        raw["revision"] = MOONDREAM3_REVISION
     config = ModelConfig.from_json(raw, revision)
+    hook = convert(config) if convert else None
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config.revision)
     gen = torch.Generator(device=dev).manual_seed(1234)
@@ -347,6 +506,8 @@ def _random_checkpoint(model: str, revision: str, device: str, dtype: str) -> Ch
             t = torch.empty(shape, device=dev, dtype=dt)
             t.normal_(0.0, std, generator=gen)
         weights[name] = t
+        if hook is not None:
+            hook(weights, name)
     tokenizer = _byte_level_tokenizer(config.vocab_size)
     return Checkpoint(config, weights, tokenizer, model, test_model=True)
 

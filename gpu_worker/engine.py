@@ -26,7 +26,7 @@ class Engine:
         embedding = self.weights["text.wte"]  # always a plain tensor, in the compute dtype
         self.device, self.dtype = embedding.device, embedding.dtype
         self.kv_dtype = kv_dtype or self.dtype  # the KV cache's and encoded images' keys and values
-        self.rope = M.rotary_table(self.config.max_context, self.device)
+        self.rope = M.rotary_table(self.config.max_context, self.device, self.config.rope_theta)
         self.info = {
             "name": checkpoint.source,
             "revision": self.config.revision,
@@ -205,14 +205,17 @@ def _load_int8(config) -> Engine:
     """MOONDREAM_DTYPE=int8: load in float32 on the CPU, then convert the big linears
     once (gpu_worker/quantize.py); keys and values are kept in INT8_KV_DTYPE."""
     from gpu_worker.checkpoint import resolve_device
-    from gpu_worker.quantize import INT8_KV_DTYPE, quantize_weights
+    from gpu_worker.quantize import INT8_KV_DTYPE, Int8Converter, _give_memory_back
 
     if config.device.startswith("cuda") or resolve_device(config.device).type != "cpu":
         raise ModelLoadError("MOONDREAM_DTYPE=int8 runs on the CPU (PyTorch's fbgemm kernels); "
                              "on a GPU use bfloat16, or set MOONDREAM_DEVICE=cpu")
-    checkpoint = load_checkpoint(config.model, config.revision, "cpu", "float32", config.hf_token)
-    try:
-        quantize_weights(checkpoint.weights, checkpoint.config)
+    try:  # converted tensor by tensor as they load: the float32 model is never whole in memory
+        checkpoint = load_checkpoint(config.model, config.revision, "cpu", "float32", config.hf_token,
+                                     convert=Int8Converter)
     except RuntimeError as err:
+        if isinstance(err, ModelLoadError):
+            raise
         raise ModelLoadError(f"MOONDREAM_DTYPE=int8: {err}") from None
+    _give_memory_back()
     return Engine(checkpoint, weight_format="int8", kv_dtype=INT8_KV_DTYPE)

@@ -9,6 +9,9 @@ by step, and the KV slot layout) and checked against the conformance fixtures.  
 - `text_forward` runs B sequences of T new positions each against a slot-based KV
   cache (`KVCache`), each sequence at its own position.
 
+Moondream 3 runs through the same functions: its tau scaling and mixture-of-experts MLPs
+(`moondream3.py`) are called from `_text_blocks` when the config's family is Moondream 3.
+
 No sampling, prompts or control flow here: that is `programs.py` and `scheduler.py`.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gpu_worker import moondream3
 from gpu_worker.checkpoint import ModelConfig
 
 PREFIX_LEN = 730  # BOS + 729 image tokens: attends bidirectionally within itself (config's prefix_attn)
@@ -124,10 +128,11 @@ def _spans(counts):
 
 
 # ------------------------------------------------------------------------- text
-def rotary_table(max_context: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_context, ROTARY_DIMS // 2), computed in float32."""
+def rotary_table(max_context: int, device, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_context, ROTARY_DIMS // 2), computed in float32
+    (theta: 10,000 for Moondream 2, 1,500,000 for Moondream 3)."""
     half = ROTARY_DIMS // 2
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, ROTARY_DIMS, 2, dtype=torch.float32)[:half] / ROTARY_DIMS))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, ROTARY_DIMS, 2, dtype=torch.float32)[:half] / ROTARY_DIMS))
     angles = torch.arange(max_context, dtype=torch.float32).unsqueeze(1) * inv_freq.unsqueeze(0)
     rot = torch.polar(torch.ones_like(angles), angles)
     return rot.real.contiguous().to(device), rot.imag.contiguous().to(device)
@@ -180,14 +185,17 @@ class PrefixKV:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def _text_attention(x, w, name, cfg, cos, sin, attend, adapt=None):
+def _text_attention(x, w, name, cfg, cos, sin, attend, adapt=None, tau=None):
     """x (B, T, C). `attend(q, k_new, v_new) -> (B, H, T, head_dim)` stores the new
     keys and values where they belong and attends.  A variant's qkv and proj terms
-    both take x, the block's layer-normed input (docs/model.md)."""
+    both take x, the block's layer-normed input (docs/model.md).  `tau(qkv)` (Moondream 3)
+    scales q and v per head before rotary and the cache."""
     b, t, _ = x.shape
     qkv = _linear(x, w, name + ".qkv")
     if adapt is not None:
         qkv = qkv + adapt("attn.qkv", x)
+    if tau is not None:
+        qkv = tau(qkv)
     q_dim = cfg.n_heads * cfg.head_dim
     kv_dim = cfg.n_kv_heads * cfg.head_dim
     # rotary on the q and k heads in one go (fewer small ops per layer)
@@ -236,13 +244,21 @@ def concat_adapters(adapters: tuple) -> tuple[list, list[tuple[int, int]]]:
     return layers, spans
 
 
-def _text_blocks(x, w, cfg, cos, sin, attend_for_layer, lora: "LoraBatch | None" = None):
+def _text_blocks(x, w, cfg, cos, sin, attend_for_layer, lora: "LoraBatch | None" = None, positions=None):
+    """The decoder blocks.  `positions` (B or 1, T) are the rows' absolute positions,
+    needed by Moondream 3's tau (Moondream 2 reads them only through cos/sin)."""
+    log_pos = moondream3.log_positions(positions) if cfg.is_moondream3 else None
     for i in range(cfg.n_layers):
         b = f"text.blocks.{i}"
         adapt = lora.adapter_for(i) if lora is not None else None
         h = _layer_norm(x, w, b + ".ln")
-        attn = _text_attention(h, w, b + ".attn", cfg, cos, sin, attend_for_layer(i), adapt)
-        x = x + attn + _mlp(h, w, b + ".mlp", adapt)
+        tau = None
+        if log_pos is not None:
+            def tau(qkv, name=b + ".attn"):
+                return moondream3.tau_scale(qkv, w, name, cfg, log_pos)
+        attn = _text_attention(h, w, b + ".attn", cfg, cos, sin, attend_for_layer(i), adapt, tau)
+        mlp = moondream3.moe_mlp(h, w, b + ".mlp", cfg) if cfg.is_moe_layer(i) else _mlp(h, w, b + ".mlp", adapt)
+        x = x + attn + mlp
     return x
 
 
@@ -266,7 +282,7 @@ def prefill_prefixes(embeds: torch.Tensor, w: dict, cfg: ModelConfig, rope,
             return F.scaled_dot_product_attention(q, k, v)  # no mask: bidirectional within the prefix
         return attend
 
-    hidden = _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer, lora)
+    hidden = _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer, lora, positions.view(1, t))
     prefixes = [PrefixKV(k=[k[i] for k in ks], v=[v[i] for v in vs], length=t) for i in range(b)]
     return hidden, prefixes
 
@@ -342,7 +358,7 @@ def text_forward(embeds: torch.Tensor, positions: torch.Tensor, write_positions:
             return out
         return attend
 
-    return _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer, lora)
+    return _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer, lora, positions)
 
 
 def _attention_with_shared_prefixes(q, k_slot, v_slot, mask, prefixes):
@@ -392,14 +408,24 @@ def encode_sizes(sizes: torch.Tensor, w: dict) -> torch.Tensor:
     return _linear(torch.cat([f.cos(), f.sin()], dim=-1), w, "region.size_encoder")
 
 
+def _region_decoder(hidden: torch.Tensor, w: dict, name: str) -> torch.Tensor:
+    """Moondream 2's decoders are two-layer MLPs; Moondream 3's a single linear, after a
+    LayerNorm when the checkpoint has one (Moondream 3.1's `region_model.ln`)."""
+    if "region.ln.weight" in w:
+        hidden = _layer_norm(hidden, w, "region.ln")
+    if name + ".weight" in w:
+        return _linear(hidden, w, name)
+    return _mlp(hidden, w, name)
+
+
 def decode_coordinate_bins(hidden: torch.Tensor, w: dict) -> torch.Tensor:
     """(N, C) raw hidden -> (N,) argmax coordinate bins (value = bin / 1024)."""
-    return _mlp(hidden, w, "region.coord_decoder").argmax(dim=-1)
+    return _region_decoder(hidden, w, "region.coord_decoder").argmax(dim=-1)
 
 
 def decode_size_bins(hidden: torch.Tensor, w: dict) -> torch.Tensor:
     """(N, C) raw hidden -> (N, 2) argmax (width, height) bins."""
-    logits = _mlp(hidden, w, "region.size_decoder")
+    logits = _region_decoder(hidden, w, "region.size_decoder")
     return logits.view(hidden.shape[0], 2, -1).argmax(dim=-1)
 
 

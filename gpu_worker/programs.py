@@ -14,6 +14,18 @@ from typing import Callable, Generator, Optional
 import torch
 
 DEFAULT_SETTINGS = {"temperature": 0.5, "top_p": 0.3, "max_tokens": 768, "max_objects": 50}
+MOONDREAM3_SETTINGS = {**DEFAULT_SETTINGS, "top_p": 0.9, "max_objects": 150}
+
+
+def default_settings(cfg) -> dict:
+    """The settings a request leaves out take the model's defaults."""
+    return dict(MOONDREAM3_SETTINGS if cfg.is_moondream3 else DEFAULT_SETTINGS)
+
+
+def reasoning_wanted(cfg, params: dict) -> bool:
+    """Moondream 3 reasons unless the request says not to; Moondream 2 only when asked."""
+    flag = params.get("reasoning")
+    return bool(cfg.is_moondream3 if flag is None else flag)
 
 
 @dataclass(frozen=True)
@@ -21,6 +33,7 @@ class SampleSpec:
     temperature: float
     top_p: float
     suppress: tuple[int, ...] = ()  # token ids whose logit is set to -inf first
+    choices: tuple[int, ...] = ()  # greedy choice among only these ids; the first wins a tie
 
 
 @dataclass
@@ -124,8 +137,28 @@ def query_prompt(ctx, question: str, reasoning: bool, spatial_refs: list) -> lis
     refs = []
     for ref in spatial_refs or []:
         refs += [tok["coord_id"], tok["coord_id"]] + ([tok["size_id"]] if len(ref) == 4 else [])
+    if ctx.engine.config.is_moondream3:  # one answer token; the thinking token takes its place
+        return list(t["prefix"]) + refs + encode_text(ctx, question) + ([tok["thinking_id"]] if reasoning else list(t["suffix"]))
     last = tok["thinking_id"] if reasoning else tok["answer_id"]
     return list(t["prefix"]) + refs + encode_text(ctx, question) + list(t["suffix"]) + [last]
+
+
+def answer_prefill(ctx) -> list[int]:
+    """What is prefilled after the reasoning, before the answer."""
+    if ctx.engine.config.is_moondream3:
+        return list(_tok(ctx)["templates"]["query"]["suffix"])
+    return [_tok(ctx)["answer_id"]]
+
+
+def prompt_length(ctx, skill: str, params: dict, has_image: bool) -> int:
+    """How many positions a request's first prompt takes after its image (or from 0)."""
+    if skill == "caption":
+        return len(caption_prompt(ctx, params.get("length", "normal")))
+    if skill == "query":
+        reasoning = reasoning_wanted(ctx.engine.config, params)
+        ids = query_prompt(ctx, params["question"], reasoning, params.get("spatial_refs") or [])
+        return len(ids) + (0 if has_image else 1)  # a text-only query starts with BOS
+    return len(object_prompt(ctx, skill, params["object"]))
 
 
 def object_prompt(ctx, skill: str, obj: str) -> list[int]:
@@ -189,7 +222,7 @@ def run_caption(ctx: ProgramContext, params: dict, settings: dict) -> Program:
 def run_query(ctx: ProgramContext, params: dict, settings: dict, has_image: bool) -> Program:
     tok = _tok(ctx)
     refs = params.get("spatial_refs") or []
-    reasoning = bool(params.get("reasoning"))
+    reasoning = reasoning_wanted(ctx.engine.config, params)
     prompt = query_prompt(ctx, params["question"], reasoning, refs)
     if not has_image:
         prompt = [tok["bos_id"]] + prompt
@@ -209,7 +242,7 @@ def run_query(ctx: ProgramContext, params: dict, settings: dict, has_image: bool
             budget -= ctx.output_tokens - before
             if budget < 1:
                 return {"answer": "", **output}, "length"
-        first = yield Feed(tokens=[tok["answer_id"]], sample=_spec(settings))
+        first = yield Feed(tokens=answer_prefill(ctx), sample=_spec(settings))
     answer, finish = yield from text_answer(ctx, first, _spec(settings, _suppress_answer(ctx)),
                                            tok["eos_id"], budget)
     return {"answer": answer, **output}, finish
@@ -253,6 +286,9 @@ def run_objects(ctx: ProgramContext, skill: str, params: dict, settings: dict) -
     engine = ctx.engine
     eos = _tok(ctx)["eos_id"]
     greedy = SampleSpec(0.0, 0.0)
+    # after an object Moondream 3 only chooses between `coord` (on a tie too) and EOS;
+    # Moondream 2 takes the argmax over the whole vocabulary and goes on unless it is EOS
+    after_object = SampleSpec(0.0, 0.0, choices=(_tok(ctx)["coord_id"], eos)) if engine.config.is_moondream3 else greedy
     with_size = skill == "detect"
     result = yield Feed(tokens=object_prompt(ctx, skill, params["object"]), sample=greedy, coord=True)
     found: list[dict] = []
@@ -267,7 +303,7 @@ def run_objects(ctx: ProgramContext, skill: str, params: dict, settings: dict) -
             found.append({"x": x, "y": y})
             next_input = engine.encode_coordinates([y])
         ctx.output_tokens += 1
-        result = yield Feed(embeds=next_input, sample=greedy, coord=True)
+        result = yield Feed(embeds=next_input, sample=after_object, coord=True)
     return ({"objects": found} if with_size else {"points": found}), None
 
 

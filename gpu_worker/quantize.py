@@ -10,6 +10,11 @@ steps are memory-bound, so reading 1 byte per weight instead of 4 is most of the
 win; the vision encoder and prefix prefill are compute-bound, where fbgemm's int8
 GEMM is faster than float32 as well.
 
+Moondream 3's experts are converted too, one Int8Linear per expert (`Int8Experts`);
+its router and tau weights are small and stay float32.  Conversion happens tensor by
+tensor while loading (`Int8Converter`), so the float32 model (37 GB for Moondream 3)
+never exists in memory at once.
+
 Kept in float32: embeddings, layer norms, the patch embedding, the region heads
 (coordinates must stay exact enough to land in the right bins) and variants'
 adapters.  The KV cache is bfloat16 (INT8_KV_DTYPE).  Answers differ from float32's;
@@ -57,14 +62,56 @@ class Int8Linear:
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class Int8Experts:
+    """A mixture-of-experts layer's stacked weights [expert, out, in] as one Int8Linear per
+    expert (no bias); `experts[e](x)` is x @ W_e^T, as gpu_worker/moondream3.py expects."""
+
+    def __init__(self, stacked: torch.Tensor):
+        self.experts = [Int8Linear(stacked[e], None) for e in range(stacked.shape[0])]
+        self.shape = tuple(stacked.shape)
+        self.nbytes = sum(e.nbytes for e in self.experts)
+
+    def __getitem__(self, expert: int) -> Int8Linear:
+        return self.experts[expert]
+
+
 def quantizable(cfg) -> dict[str, list[str]]:
-    """The linears converted, by the part of the model they belong to."""
-    text = [f"text.blocks.{i}.{lin}" for i in range(cfg.n_layers) for lin in _TEXT_LINEARS] + ["text.lm_head"]
+    """The linears converted, by the part of the model they belong to; "experts" are
+    Moondream 3's stacked expert weights (converted to Int8Experts)."""
+    text, experts = [], []
+    for i in range(cfg.n_layers):
+        b = f"text.blocks.{i}"
+        text += [f"{b}.attn.qkv", f"{b}.attn.proj"]
+        if cfg.is_moe_layer(i):
+            experts += [f"{b}.mlp.fc1", f"{b}.mlp.fc2"]
+        else:
+            text += [f"{b}.mlp.fc1", f"{b}.mlp.fc2"]
+    text.append("text.lm_head")
     vision = [f"vision.blocks.{i}.{lin}" for i in range(cfg.enc_n_layers) for lin in _VISION_LINEARS]
-    return {"text": text, "vision": vision + ["vision.proj_mlp.fc1", "vision.proj_mlp.fc2"]}
+    return {"text": text, "vision": vision + ["vision.proj_mlp.fc1", "vision.proj_mlp.fc2"], "experts": experts}
 
 
-def _engine_for(part: str) -> str:
+class Int8Converter:
+    """Called by the loader after each tensor it adds (`convert(weights, name)`): once a
+    converted linear's weight and bias (experts: the weight) are both in, they are replaced
+    by their int8 form, so at most one float32 linear is held at a time."""
+
+    def __init__(self, cfg):
+        self.part_of = {name: part for part, names in quantizable(cfg).items() for name in names}
+
+    def __call__(self, weights: dict, name: str) -> None:
+        base = name.rsplit(".", 1)[0]
+        part = self.part_of.get(base)
+        if part is None or not isinstance(weights.get(base + ".weight"), torch.Tensor):
+            return
+        torch.backends.quantized.engine = _engine_for(part)
+        if part == "experts":
+            weights[base + ".weight"] = Int8Experts(weights.pop(base + ".weight"))
+        elif base + ".bias" in weights:
+            weights[base + ".weight"] = Int8Linear(weights.pop(base + ".weight"), weights.pop(base + ".bias"))
+
+
+def _engine_for(part: str) -> str:  # "experts" are text decoder weights: fbgemm
     """Which of PyTorch's quantized backends packs a part's linears (packing is per backend;
     the kernel follows the packed weight, so both can serve one model).  The vision encoder
     multiplies hundreds of rows per crop: oneDNN, 2-4x faster there, though it keeps a second
@@ -85,9 +132,13 @@ def quantize_weights(weights: dict, cfg) -> dict:
         torch.backends.quantized.engine = _engine_for(part)
         for name in names:
             weight = weights.pop(name + ".weight")
-            bias = weights.pop(name + ".bias", None)
-            weights[name + ".weight"] = Int8Linear(weight, bias)
-            del weight, bias
+            if part == "experts":
+                weights[name + ".weight"] = Int8Experts(weight)
+            else:
+                bias = weights.pop(name + ".bias", None)
+                weights[name + ".weight"] = Int8Linear(weight, bias)
+                del bias
+            del weight
     gc.collect()
     _give_memory_back()
     return weights

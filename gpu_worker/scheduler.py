@@ -33,7 +33,7 @@ import torch
 from gpu_worker import programs as P
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, TextChunk
 from gpu_worker.model import PrefixKV
-from gpu_worker.variants import Adapter, VariantError, VariantNotFound
+from gpu_worker.variants import Adapter, VariantError, VariantNotFound, VariantsUnsupported
 from shared.protocol import INTERACTIVE, background_slots
 
 VALID_LENGTHS = ("short", "normal", "long")
@@ -179,12 +179,15 @@ class Scheduler:
     def _validate(self, req: EngineRequest) -> None:
         """Check a request and fill in its settings (model defaults for those left out).
         Raises ValueError with a message for the client (422)."""
-        s = dict(P.DEFAULT_SETTINGS)
+        s = P.default_settings(self.engine.config)
         s.update({k: v for k, v in (req.settings or {}).items() if v is not None})
         if "seed" in s:  # the chat route's `seed`: this request's own sampler starts from it
             req.seed = int(s.pop("seed"))
         if "variant" in s:
             req.variant = s.pop("variant")
+        if req.variant is not None and self.engine.config.is_moondream3:
+            raise VariantsUnsupported(f"variants are not supported for {self.engine.config.revision}: "
+                                      "no Moondream 3 adapter format is pinned yet; ask the base model")
         check_skill = _SKILL_CHECKS.get(req.skill)
         if check_skill is None:
             raise ValueError(f"unknown skill {req.skill!r}")
@@ -195,7 +198,22 @@ class Scheduler:
             raise ValueError("max_tokens and max_objects must be at least 1")
         if float(s["temperature"]) < 0 or not (0.0 <= float(s["top_p"]) <= 1.0):
             raise ValueError("temperature must be >= 0 and top_p in [0, 1]")
+        if self.engine.config.is_moondream3:
+            self._check_context(req, s)
         req.settings = s
+
+    def _check_context(self, req: EngineRequest, settings: dict) -> None:
+        """Moondream 3: the prompt plus max_tokens must fit in the context (4,096 positions),
+        checked before any work; its reference does not check and fails past the end."""
+        ctx = P.ProgramContext(engine=self.engine, emit=lambda _: None)
+        needed = P.prompt_length(ctx, req.skill, req.params, req.image is not None)
+        if req.image is not None:
+            needed += self.engine.config.prefix_attn
+        if req.skill in ("caption", "query"):
+            needed += int(settings["max_tokens"])
+        if needed > self.cache.context:
+            raise PromptTooLong(f"the prompt and max_tokens need {needed} positions; "
+                                f"the model's context holds {self.cache.context}")
 
     # ------------------------------------------------------------------ variants
     def _variant_status(self, variant: str) -> str:
@@ -397,6 +415,10 @@ class Scheduler:
             if banned:
                 logits[[j for j, _ in banned], [t for _, t in banned]] = float("-inf")
             next_tokens = logits.argmax(dim=-1)
+            for j, spec in enumerate(specs):
+                if spec.choices:  # a greedy pick among a few ids (Moondream 3's coord-or-EOS)
+                    allowed = torch.tensor(spec.choices, device=logits.device)
+                    next_tokens[j] = allowed[logits[j, allowed].argmax()]
             sampled = [j for j, spec in enumerate(specs) if spec.temperature > 0]
             if sampled:
                 device = logits.device
@@ -490,7 +512,7 @@ def _check_caption(req: EngineRequest, cfg) -> None:
 def _check_query(req: EngineRequest, cfg) -> None:
     if not isinstance(req.params.get("question"), str):
         raise ValueError("question must be a string")
-    if req.params.get("reasoning") and not cfg.reasoning_supported:
+    if req.params.get("reasoning") and not cfg.reasoning_supported:  # None: the model's default
         raise ValueError(f"reasoning is not supported by revision {cfg.revision}")
     refs = req.params.get("spatial_refs") or []
     if refs and (req.image is None or not cfg.reasoning_supported):

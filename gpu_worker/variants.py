@@ -60,6 +60,14 @@ class VariantError(ValueError):
     code = "invalid_variant"
 
 
+class VariantsUnsupported(VariantError):
+    """The model has no pinned variant format (Moondream 3: no public adapter, and the
+    reference and Moondream's engine apply adapters to different layers)."""
+
+    status = 422
+    code = "variants_not_supported"
+
+
 class VariantNotFound(VariantError):
     status = 404
     code = "variant_not_found"

@@ -17,6 +17,7 @@ if [ -x .venv/bin/python ]; then .venv/bin/python -m shared.preflight; fi
 sizes=$(.venv/bin/python -m shared.sizes)
 eval "$sizes"
 mkdir -p -m 700 "$RUN_DIR"  # logs and the control socket: the owner's only
+.venv/bin/python -m shared.model_family "$RUN_DIR/gpu_workers"  # a GPU worker program per extra MOONDREAM_MODELS entry
 rm -rf "$RUN_DIR/frontend-metrics"  # the front ends' counts (supervisord.conf) start from zero with the service
 rm -f "$RUN_DIR/not-started"  # ready_notice writes it when a program stays down before the service is ready
 # The terminal then shows one line once the service is ready (supervisord.conf, ready_notice);

@@ -31,8 +31,10 @@ def _env(name: str, default, cast=str):
 @dataclass(frozen=True)
 class Config:
     # --- model / GPU worker
-    model: str = field(default="vikhyatk/moondream2", metadata={"env": "MOONDREAM_MODEL", "help": "hub id, local checkpoint directory, or random:full / random:tiny for benchmarks"})
-    revision: str = field(default="2025-06-21", metadata={"env": "MOONDREAM_REVISION", "help": "hub revision to pin (2025-06-21 or 2025-04-14)"})
+    model: str = field(default="vikhyatk/moondream2", metadata={"env": "MOONDREAM_MODEL", "help": "hub id (vikhyatk/moondream2, moondream/moondream3-preview), local checkpoint directory, or random:full / random:tiny / random:md3-full / random:md3-tiny for benchmarks"})
+    models: str = field(default="", metadata={"env": "MOONDREAM_MODELS", "help": "several models at once, one GPU worker each: `id=<source>,...` (e.g. moondream2=vikhyatk/moondream2,moondream3-preview=moondream/moondream3-preview; an entry without `id=` takes its family's id); requests pick one by `model`, the first is the default. Empty: MOONDREAM_MODEL alone"})
+    model_index: int = field(default=0, metadata={"env": "MOONDREAM_MODEL_INDEX", "help": "which MOONDREAM_MODELS entry a GPU worker serves (0-based; supervisord sets it per worker program)"})
+    revision: str = field(default="2025-06-21", metadata={"env": "MOONDREAM_REVISION", "help": "hub revision to pin (2025-06-21 or 2025-04-14); for moondream/moondream3-preview any other value replaces its pinned commit"})
     device: str = field(default="auto", metadata={"env": "MOONDREAM_DEVICE", "help": "auto, cuda, cuda:N or cpu"})
     dtype: str = field(default="auto", metadata={"env": "MOONDREAM_DTYPE", "help": "auto (bf16 on CUDA, float32 on CPU), bfloat16, float16, float32, or int8 (CPU: int8 linears, PyTorch quantized kernels)"})
     engine: str = field(default="native", metadata={"env": "MOONDREAM_ENGINE", "help": "native (our batched engine) or transformers (official remote code, one request at a time)"})
@@ -44,8 +46,8 @@ class Config:
     image_cache_mb: int = field(default=2048, metadata={"env": "IMAGE_CACHE_MB", "help": "bytes budget (MiB) of encoded-image KV prefixes kept for reuse"})
 
     # --- fine-tuned variants (LoRA adapters; docs/operations.md "Variants")
-    model_name: str = field(default="moondream2", metadata={"env": "MODEL_NAME", "help": "name of the base model in `model` fields (`<name>/<variant id>` selects a variant)"})
-    model_aliases: str = field(default="moondream3-preview,vikhyatk/moondream2", metadata={"env": "MODEL_ALIASES", "help": "other names (comma-separated) accepted for the base model, e.g. clients' defaults"})
+    model_name: str = field(default="", metadata={"env": "MODEL_NAME", "help": "name of the base model in `model` fields (`<name>/<variant id>` selects a variant); empty: the family's id, moondream2 or moondream3-preview"})
+    model_aliases: str = field(default="", metadata={"env": "MODEL_ALIASES", "help": "other names (comma-separated) accepted for the base model, e.g. clients' defaults; empty: moondream3-preview,vikhyatk/moondream2 for Moondream 2, moondream/moondream3-preview for Moondream 3"})
     variant_dir: str = field(default="", metadata={"env": "VARIANT_DIR", "help": "directory of variants (`<dir>/<id>/final.pt`), searched before the official cache `<HF hub cache>/md_variants`"})
     max_loaded_variants: int = field(default=8, metadata={"env": "MAX_LOADED_VARIANTS", "help": "variants kept loaded at once (least recently used out)"})
     variant_cache_mb: int = field(default=1024, metadata={"env": "VARIANT_CACHE_MB", "help": "bytes budget (MiB) of loaded variant adapters"})

@@ -45,6 +45,7 @@ class Submit(Message):
     has_image: bool = False
     deadline: float = 0.0  # absolute time.time(); 0 = none
     priority: int = 0  # INTERACTIVE, or BACKGROUND for batch lines: the broker queues those behind
+    model: str = ""  # the served model's id (MOONDREAM_MODELS); "" = whichever GPU worker
 
 
 # Submit.priority values: the broker's queues serve higher values first, in arrival order.
@@ -77,7 +78,7 @@ class Status(Message):
     preprocess_workers: int
     gpu_workers: int
     gpu_ready: bool
-    model: dict = {}  # from the GPU worker's Ready: name, revision, device, dtype, test_model
+    model: dict = {}  # from the GPU worker's Ready: id, name, revision, device, dtype, test_model
     queued: int = 0
     in_flight: int = 0
     broker_id: str = ""  # changes when the broker restarts: clients fail what they had in flight
@@ -89,11 +90,13 @@ class Status(Message):
     deployment: str = ""  # the broker's config.deployment_id: a front end of another deployment stops using it
     background: int = 0  # of queued + in_flight, the BACKGROUND ones (batch lines)
     cannot_start: dict = {}  # kind -> the reason its last worker gave for not starting (CannotStart)
+    models: list = []  # every served model's Ready.model, one per id (several models: MOONDREAM_MODELS)
 
 
 # ---------------------------------------------------------------- workers <-> broker
 class Ready(Message):
-    """First message of a worker on (re)connect."""
+    """First message of a worker on (re)connect.  A GPU worker's `model` carries the id of the
+    model it serves ("id"): the broker gives it only requests for that model."""
 
     kind: str  # PREPROCESS | GPU
     worker_id: str

@@ -19,7 +19,8 @@ from shared.config import Config
 from shared.image_tiling import pixels_key, tile_image
 
 CONFORMANCE = os.path.join(os.path.dirname(__file__), "conformance")
-SETS = ("main", "edge", "edge-reasoning", "edge-grounding", "rev-2025-04-14", "variants")
+SETS = ("main", "edge", "edge-reasoning", "edge-grounding", "rev-2025-04-14", "variants", "md3-main", "md3-edge")
+MD3_SETS = ("md3-main", "md3-edge")
 VARIANTS_DIR = os.path.join(CONFORMANCE, "variants", "variants")  # ft-alpha@100 (rank 4), ft-beta@7 (rank 8)
 
 

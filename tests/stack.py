@@ -208,6 +208,10 @@ def launch_stack(preprocess_workers: int = 2, **env_overrides) -> Stack:
     """Start supervisord with the whole service on free ports; returns at once (the caller stops it)."""
     run_dir = Path(tempfile.mkdtemp(prefix="md-"))  # short: the control socket path has a length limit
     env = stack_env(run_dir, PREPROCESS_WORKERS=preprocess_workers, **env_overrides)
+    # as scripts/serve.sh does: a GPU worker program per extra MOONDREAM_MODELS entry
+    from shared.model_family import write_worker_programs
+
+    write_worker_programs(config_from_env(env), str(run_dir / "gpu_workers"))
     with open(run_dir / "terminal.out", "wb") as terminal:  # what `bash scripts/serve.sh` would show
         proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(REPO / "supervisord.conf")],
                                 env=env, cwd=REPO, stdout=terminal, stderr=subprocess.STDOUT,

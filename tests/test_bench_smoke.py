@@ -73,6 +73,19 @@ def test_int8_benchmark_runs(tmp_path, capsys):
         assert fid["requests"] >= 1 and 0 <= fid["token_agreement"] <= 1 and fid["logit_rel_err_max"] >= 0
 
 
+def test_md3_benchmark_runs(tmp_path, capsys):
+    from bench import md3 as md3_bench
+
+    out = tmp_path / "md3.json"
+    result = md3_bench.main(["--md3", "random:md3-tiny", "--md2", "random:tiny", "--quick", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| batch | MD2 ms/step |" in printed and "batch-1 decode step" in printed
+    saved = json.loads(out.read_text())
+    assert saved["md3_over_md2_batch1"] == result["md3_over_md2_batch1"] > 0
+    assert saved["results"]["md3"]["family"] == "moondream3" and saved["results"]["md2"]["family"] == "moondream2"
+    assert set(saved["median_ms"]["md3"]) == {"1", "8", "32"} and saved["results"]["md3"]["rss_weights_bytes"] > 0
+
+
 @pytest.mark.timeout(300)
 def test_ceiling_benchmark_runs(tmp_path, capsys):
     from bench import ceiling

@@ -155,3 +155,42 @@ def test_a_gpu_worker_lists_its_variants_when_it_registers(services):
     s.start("gpu_worker", MOONDREAM_MODEL=f"{CONFORMANCE}/variants", VARIANT_DIR=VARIANTS_DIR)
     status = s.wait_for(gpu=1, timeout=60)
     assert status.variants["available"] == ["ft-alpha@100", "ft-beta@7"], status.variants
+
+
+def test_requests_go_to_their_models_workers_and_a_busy_model_blocks_no_other(tmp_path):
+    """Two real GPU workers of two models (MOONDREAM_MODELS): each request reaches a worker of its
+    model; while the Moondream 2 worker is full, a Moondream 3 request behind its queued ones
+    still runs at once; a model with no worker is a 503 after NO_GPU_GRACE."""
+    import os
+
+    from tests.engine_helpers import CONFORMANCE
+
+    models = (f"moondream2={os.path.join(CONFORMANCE, 'main')},"
+              f"moondream3-preview={os.path.join(CONFORMANCE, 'md3-main')}")
+    s = Services(tmp_path, NO_GPU_GRACE=1, MOONDREAM_MODELS=models)
+    try:
+        s.start("gpu_worker", MOONDREAM_MODEL_INDEX="0", BATCH_SIZE="1")
+        s.start("gpu_worker", MOONDREAM_MODEL_INDEX="1", BATCH_SIZE="1")
+        status = s.wait_for(gpu=2, timeout=60)
+        assert sorted(m["id"] for m in status.models) == ["moondream2", "moondream3-preview"]
+        families = {model: s.run(skill="query", params={"question": "hi?", "reasoning": False}, model=model)[-1]
+                    for model in ("moondream2", "moondream3-preview")}
+        assert all(isinstance(r, Result) for r in families.values())
+        assert families["moondream2"].output != families["moondream3-preview"].output
+        long = Submit(request_id="long", skill="query", params={"question": "go on", "reasoning": False},
+                      settings={"temperature": 0, "max_tokens": 1000}, stream=True, model="moondream2")
+        long_stream = s.client.submit(long, None)
+        next(iter(long_stream))  # the Moondream 2 worker's one slot is taken
+        queued = s.client.submit(Submit(request_id="queued", skill="query", params={"question": "hi?"},
+                                        settings={"max_tokens": 3}, model="moondream2"), None)
+        started = time.monotonic()
+        md3 = s.run(skill="query", params={"question": "hi?", "reasoning": False}, model="moondream3-preview")[-1]
+        assert isinstance(md3, Result) and md3.output == families["moondream3-preview"].output
+        assert time.monotonic() - started < 20
+        assert s.client.status().queued >= 1  # the second Moondream 2 request still waits
+        long_stream.cancel()
+        assert isinstance(list(queued)[-1], Result)
+        nobody = s.run(skill="query", params={"question": "hi?"}, model="moondream9")[-1]
+        assert (nobody.status, nobody.code) == (503, "no_gpu_worker") and "moondream9" in nobody.message
+    finally:
+        s.close()

@@ -1,7 +1,8 @@
 """Our engine against the numbers the public reference implementation produced on
 the conformance models (tests/conformance/*/expected.json), at the README's tolerances:
 tiling, crop hashes, prompt ids, every token, text and stream chunks exactly;
-detect/point coordinates within 1e-6; tensors within 1e-4 relative."""
+detect/point coordinates within 1e-6; tensors within 1e-4 relative (Moondream 2) or
+1e-5 relative (Moondream 3, tests/conformance/md3-*: at 1e-4 a tanh tau GELU would pass)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from gpu_worker.scheduler import top_p_filter
 from shared.image_tiling import tile_image
-from tests.engine_helpers import (CONFORMANCE, SETS, fixture_engine, fixture_image, fixture_scheduler,
+from tests.engine_helpers import (CONFORMANCE, MD3_SETS, SETS, fixture_engine, fixture_image, fixture_scheduler,
                                   request_from_case, run_requests)
 
 
@@ -27,6 +28,13 @@ def expected(set_name):
 
 def tensors(set_name):
     return load_file(os.path.join(CONFORMANCE, set_name, "expected_tensors.safetensors"))
+
+
+MAIN_SETS = ("main", "md3-main")  # the sets with vision tensors and sampling
+
+
+def tolerance(set_name):
+    return 1e-5 if set_name in MD3_SETS else 1e-4
 
 
 def rel_err(got, ref):
@@ -61,28 +69,30 @@ def test_tiling_and_crops_bit_exact(set_name):
         assert hashlib.sha256(tiled.crops.tobytes()).hexdigest() == exp["crops_uint8_sha256"], name
 
 
-def test_debug_crops_match():
-    ref = tensors("main")
+@pytest.mark.parametrize("set_name", MAIN_SETS)
+def test_debug_crops_match(set_name):
+    ref = tensors(set_name)
     for key in [k for k in ref if k.endswith(".crops_uint8")]:
         name = key[: -len(".crops_uint8")]
-        crops = fixture_image("main", name).crops
+        crops = fixture_image(set_name, name).crops
         assert torch.equal(torch.from_numpy(crops[: ref[key].shape[0]]), ref[key].to(torch.uint8)), name
 
 
-def test_vision_output_and_image_embedding():
-    engine = fixture_engine("main")
-    ref = tensors("main")
+@pytest.mark.parametrize("set_name", MAIN_SETS)
+def test_vision_output_and_image_embedding(set_name):
+    engine = fixture_engine(set_name)
+    ref = tensors(set_name)
     names = [k[: -len(".image_embedding")] for k in ref if k.endswith(".image_embedding")]
     assert names
     from gpu_worker import model as M
 
     for name in names:
-        image = fixture_image("main", name)
+        image = fixture_image(set_name, name)
         crops = M.crops_to_input(torch.from_numpy(image.crops), torch.float32)
         vision_global = M.vision_encoder(crops[:1], engine.weights, engine.config)[0]
-        assert rel_err(vision_global, ref[f"{name}.vision_encoder_out_global"]) <= 1e-4, name
+        assert rel_err(vision_global, ref[f"{name}.vision_encoder_out_global"]) <= tolerance(set_name), name
         embedding = engine.image_embeddings([image])[0]
-        assert rel_err(embedding, ref[f"{name}.image_embedding"]) <= 1e-4, name
+        assert rel_err(embedding, ref[f"{name}.image_embedding"]) <= tolerance(set_name), name
 
 
 @pytest.fixture(scope="module")
@@ -113,25 +123,30 @@ def test_case(schedulers, set_name, index, case):
     ref = tensors(set_name)[case["logits"]]
     got = torch.stack(rec["logits"][: ref.shape[0]])
     assert got.shape == ref.shape
-    assert rel_err(got, ref) <= 1e-4
+    assert rel_err(got, ref) <= tolerance(set_name)
 
 
-def test_spatial_ref_prompt_ids():
+@pytest.mark.parametrize("set_name", MAIN_SETS)
+def test_spatial_ref_prompt_ids(set_name):
     """Spatial-ref prompts are fed as embeddings; check their ids separately."""
     from gpu_worker.programs import ProgramContext, query_prompt
 
-    ctx = ProgramContext(engine=fixture_engine("main"), emit=lambda _: None)
-    for case in expected("main")["cases"]:
+    ctx = ProgramContext(engine=fixture_engine(set_name), emit=lambda _: None)
+    cases = [c for c in expected(set_name)["cases"] if c["args"].get("spatial_refs")]
+    assert cases
+    for case in cases:
         if case["args"].get("spatial_refs"):
-            ids = query_prompt(ctx, case["args"]["question"], False, case["args"]["spatial_refs"])
+            ids = query_prompt(ctx, case["args"]["question"], case["args"].get("reasoning", False),
+                               case["args"]["spatial_refs"])
             assert ids == case["prompt_tokens"]
 
 
-def test_top_p_filter_matches_reference():
-    exp = expected("main")
-    ref = tensors("main")
+@pytest.mark.parametrize("set_name", MAIN_SETS)
+def test_top_p_filter_matches_reference(set_name):
+    exp = expected(set_name)
+    ref = tensors(set_name)
     for entry in exp["sampling"]:
         name, row = entry["logits"].rsplit("[", 1)
         logits = ref[name][int(row.rstrip("]"))]
         probs = top_p_filter(torch.softmax(logits / entry["temperature"], dim=-1), entry["top_p"])
-        assert rel_err(probs, ref[entry["probs"]]) <= 1e-4
+        assert rel_err(probs, ref[entry["probs"]]) <= tolerance(set_name)

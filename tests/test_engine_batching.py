@@ -43,9 +43,15 @@ def summary(outcome):
     return outcome.output, outcome.finish_reason, outcome.chunks, outcome.error
 
 
+@pytest.fixture(scope="module", params=["main", "md3-main"])
+def model_set(request):
+    """Moondream 2's and Moondream 3's fixture models (MoE rows are grouped by expert per step)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def serial_answers():
-    engine = fixture_engine("main")
+def serial_answers(model_set):
+    engine = fixture_engine(model_set)
     answers = []
     for req in mixed_requests():
         sched = Scheduler(engine, max_batch=1)
@@ -53,17 +59,17 @@ def serial_answers():
     return answers
 
 
-def test_batched_equals_serial(serial_answers):
-    sched = Scheduler(fixture_engine("main"), max_batch=16)
+def test_batched_equals_serial(model_set, serial_answers):
+    sched = Scheduler(fixture_engine(model_set), max_batch=16)
     reqs = mixed_requests()
     outcomes = run_requests(sched, reqs)
     assert [summary(outcomes[r.request_id]) for r in reqs] == serial_answers
     assert all(a[3] is None for a in serial_answers)
 
 
-def test_requests_joining_a_running_batch_equal_serial(serial_answers):
+def test_requests_joining_a_running_batch_equal_serial(model_set, serial_answers):
     """Continuous batching: add requests while others are mid-generation."""
-    sched = Scheduler(fixture_engine("main"), max_batch=4)  # fewer slots than requests: some wait
+    sched = Scheduler(fixture_engine(model_set), max_batch=4)  # fewer slots than requests: some wait
     reqs = mixed_requests()
     results = {}
     pending = list(reqs)
@@ -139,9 +145,10 @@ def test_context_overflow_ends_with_length():
     assert out.metrics["output_tokens"] <= 760 - 730
 
 
-def test_shared_image_prefix_read_in_place_equals_serial():
+@pytest.mark.parametrize("model_name", ["main", "md3-main"])
+def test_shared_image_prefix_read_in_place_equals_serial(model_name):
     """Sequences on one image share its prefix KV (not copied per slot); answers are unchanged."""
-    engine = fixture_engine("main")
+    engine = fixture_engine(model_name)
     image = fixture_image("main", "landscape_800x600.png")
 
     def requests():

@@ -118,3 +118,40 @@ def test_stack_serves_int8():
     # int8 answers are not compared across processes: fbgemm's rounding follows the thread split
     # (the in-process test above checks batched == alone); the variant must change the answer
     assert all(served) and served[0] != served[1]
+
+
+@pytest.fixture(scope="module")
+def md3_int8_engine():
+    return load_model(Config(model=os.path.join(CONFORMANCE, "md3-main"), device="cpu", dtype="int8"))
+
+
+def test_moondream3_experts_are_int8_and_close_to_float(md3_int8_engine):
+    from gpu_worker import moondream3 as MD3
+    from gpu_worker.quantize import Int8Experts
+
+    w, cfg = md3_int8_engine.weights, md3_int8_engine.config
+    parts = quantizable(cfg)
+    assert parts["experts"] and all(isinstance(w[n + ".weight"], Int8Experts) for n in parts["experts"])
+    assert all(isinstance(w[n + ".weight"], Int8Linear) for n in parts["text"] + parts["vision"])
+    assert all(isinstance(w[f"text.blocks.{i}.attn.tau.wq"], torch.Tensor) for i in range(cfg.n_layers))
+    ref = fixture_engine("md3-main").weights
+    h = torch.randn(2, 6, cfg.dim, generator=torch.Generator().manual_seed(5))
+    got = MD3.moe_mlp(h, w, "text.blocks.3.mlp", cfg)
+    want = MD3.moe_mlp(h, ref, "text.blocks.3.mlp", cfg)
+    assert float((got - want).abs().max() / want.abs().max()) < 0.05
+
+
+def test_every_moondream3_skill_answers_with_int8(md3_int8_engine):
+    sched = md3_int8_engine.create_scheduler(max_batch=8)
+    image = fixture_image("md3-main", "photo_773x767.jpg")
+    greedy = {"temperature": 0, "max_tokens": 8}
+    reqs = [EngineRequest(uuid.uuid4().hex, "caption", {"length": "short"}, dict(greedy), image),
+            EngineRequest(uuid.uuid4().hex, "query", {"question": "What?"}, dict(greedy), image),  # reasons by default
+            EngineRequest(uuid.uuid4().hex, "query", {"question": "Hi", "reasoning": False}, dict(greedy), None),
+            EngineRequest(uuid.uuid4().hex, "detect", {"object": "cat"}, {"max_objects": 2}, image),
+            EngineRequest(uuid.uuid4().hex, "point", {"object": "sofa"}, {"max_objects": 2}, image)]
+    outcomes = run_requests(sched, reqs)
+    for r in reqs:
+        out = outcomes[r.request_id]
+        assert out.error is None and out.output, (r.skill, out.error)
+    assert "reasoning" in outcomes[reqs[1].request_id].output

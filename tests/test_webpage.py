@@ -99,6 +99,7 @@ def test_page_shows_health_and_test_model_banner(page):
     assert page.find_element(By.ID, "health-status").text == "ok"
     assert "conformance/variants" in page.find_element(By.ID, "health-model").text
     assert page.find_element(By.ID, "test-model-banner").is_displayed()
+    assert not page.find_element(By.ID, "model-field").is_displayed()  # one model: nothing to pick
     canvas = page.find_element(By.ID, "overlay")
     assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("773", "767")
 
@@ -285,3 +286,40 @@ def test_batch_panel_lists_jobs_with_progress_and_a_download_link(page, stack):
     failed_row = f'#batch-jobs tr[data-job-id="{failed_id}"][data-status="failed"]'
     WebDriverWait(page, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, failed_row))
     assert page.find_element(By.CSS_SELECTOR, failed_row + " .batch-reason").text.startswith("validation_error: ")
+
+
+# Records the JSON body of every POST the page sends.
+RECORD_BODIES_JS = """
+window.__bodies = [];
+const realFetch = window.fetch;
+window.fetch = (url, init) => {
+  if (init && init.body && typeof init.body === 'string') window.__bodies.push(JSON.parse(init.body));
+  return realFetch(url, init);
+};
+"""
+
+
+def test_model_picker_sends_the_chosen_model(browser):
+    """With MOONDREAM_MODELS the page offers the models and a run goes to the one picked."""
+    from selenium.webdriver.support.ui import Select
+
+    conformance = REPO / "tests/conformance"
+    models = f"moondream2={conformance / 'main'},moondream3-preview={conformance / 'md3-main'}"
+    with running_stack(MOONDREAM_MODELS=models, preprocess_workers=1, TORCH_THREADS=1) as two:
+        warm_up(two)
+        browser.get(two.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: [o.text for o in Select(d.find_element(By.ID, "model")).options]
+                   == ["moondream2", "moondream3-preview"])
+        assert browser.find_element(By.ID, "model-field").is_displayed()
+        Select(browser.find_element(By.ID, "model")).select_by_value("moondream3-preview")
+        browser.execute_script(RECORD_BODIES_JS)
+        browser.find_element(By.ID, "image-input").send_keys(str(PHOTO))
+        wait.until(lambda d: d.find_element(By.ID, "image-stage").get_attribute("data-loaded") == "true")
+        browser.find_element(By.ID, "tab-point").click()
+        browser.find_element(By.ID, "point-object").clear()
+        browser.find_element(By.ID, "point-object").send_keys("cat")
+        state = run_and_wait(browser, 120)
+        assert state == "done", browser.find_element(By.ID, "output").text
+        bodies = browser.execute_script("return window.__bodies")
+        assert bodies and bodies[-1]["model"] == "moondream3-preview"

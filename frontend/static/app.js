@@ -202,6 +202,7 @@ function buildRequest() {
     default:
       body.object = $(`${state.skill}-object`).value;
   }
+  if ($("model").options.length > 1) body.model = $("model").value; // several models served: the one picked
   const variant = $("variant").value.trim();
   if (variant) body.variant = variant; // a fine-tuned variant; empty: the base model
   if (state.imageUrl) body.image_url = state.imageUrl;
@@ -366,12 +367,24 @@ async function refreshHealth() {
     $("test-model-banner").hidden = !m.test_model;
     $("api-key-field").dataset.required = String(Boolean(h.auth_required));
     showVariants((m.variants && m.variants.available) || []);
+    showModels(h.models || []);
   } catch {
     $("health").dataset.status = "unavailable";
     $("health-status").textContent = "unreachable";
   }
   // Poll often while the model loads, rarely once it is up.
   setTimeout(refreshHealth, ready ? 30000 : 3000);
+}
+
+// The models served (MOONDREAM_MODELS): a picker, shown only when there is a choice.  The
+// selection survives the health poll's refresh.
+function showModels(models) {
+  const select = $("model");
+  const chosen = select.value;
+  select.replaceChildren(...models.map((m) => Object.assign(document.createElement("option"),
+    { value: m.id, textContent: m.ready ? m.id : `${m.id} (loading)` })));
+  if (models.some((m) => m.id === chosen)) select.value = chosen;
+  $("model-field").hidden = models.length < 2;
 }
 
 // The variants the server has files for, offered as suggestions in the variant field.
