@@ -14,7 +14,7 @@ import pytest
 
 from batch_worker import chunking
 from batch_worker import worker as batch_worker
-from shared import batch_store
+from shared import batch_store, protocol
 from shared.batch_store import BatchStore
 from shared.config import Config
 
@@ -352,3 +352,59 @@ def test_purge_deletes_lines_in_bounded_write_transactions(tmp_path):
     # 14 lines and 2 job rows, never more than 3 lines (and the job's row) in one transaction
     assert sum(store.changed) == 16 and max(store.changed) <= 4, store.changed
     assert not any(store.input_path(j["id"]).exists() for j in jobs)
+
+
+class FakeClientGoneBroker:
+    """Injects the fault: the broker answers the first request 499 client_gone (it could not reach
+    this worker for a moment), as broker.py does for a client it lost."""
+
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, msg, image=None):
+        self.submitted.append(msg)
+        return FakeReplyStream(msg.request_id, protocol.Error(msg.request_id, 499, "client_gone", "front end unreachable"))
+
+
+class FakeReplyStream:
+    def __init__(self, request_id, *events):
+        self.request_id, self.events = request_id, list(events)
+
+    def next_event(self, timeout):
+        return self.events.pop(0)
+
+    def cancel(self):
+        pass
+
+
+def test_a_499_from_the_broker_runs_the_line_again(store):
+    config = dataclasses.replace(Config(), batch_data_dir=str(store.root))
+    loop = batch_worker.BatchWorker(config, client=FakeClientGoneBroker(), store=store)
+    try:
+        job = upload(store, b'{"skill": "query", "question": "hi"}\n')
+        store.set_lines(job["id"], scan(store, job))
+        loop.housekeeping(0.0)
+        task = loop.next_task(0.0)
+        loop.record(loop.run_line(task))
+        assert loop.retries == [task]  # not stranded: it runs again after RETRY_DELAY_S
+        assert store.get_job(job["id"])["status"] == batch_store.PROCESSING
+    finally:
+        loop.chunker.shutdown(wait=True)
+        loop.pool.shutdown(wait=True)
+
+
+def test_the_cursors_of_ended_jobs_are_dropped(store):
+    config = dataclasses.replace(Config(), batch_data_dir=str(store.root))
+    loop = batch_worker.BatchWorker(config, client=None, store=store)
+    try:
+        jobs = [upload(store, b'{"skill": "query", "question": "hi"}\n') for _ in range(2)]
+        for job in jobs:
+            store.set_lines(job["id"], scan(store, job))
+        loop.housekeeping(0.0)
+        assert loop.load_pending() and loop.cursors == {jobs[0]["id"]: 0}
+        store.cancel_job(jobs[0]["id"])
+        loop.housekeeping(0.0)
+        assert loop.load_pending() and loop.cursors == {jobs[1]["id"]: 0}  # the ended job's cursor is gone
+    finally:
+        loop.chunker.shutdown(wait=True)
+        loop.pool.shutdown(wait=True)
