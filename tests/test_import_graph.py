@@ -142,3 +142,10 @@ def test_the_front_end_is_under_a_quarter_of_the_product():
     frontend = sum(n for name, n in lines.items() if name.split(".")[0] == "frontend")
     share = frontend / sum(lines.values())
     assert share < FRONTEND_SHARE_LIMIT, f"frontend/ holds {share:.1%} of the product's Python lines"
+
+
+def test_the_architecture_doc_gives_every_package_its_paragraph():
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    rooms = doc.split("## Rooms", 1)[1].split("\n## ", 1)[0]
+    unnamed = [package for package in MAY_IMPORT if f"- **`{package}/`**" not in rooms]
+    assert not unnamed, f"docs/architecture.md, section Rooms: no paragraph for {unnamed}"
