@@ -318,7 +318,7 @@ def background_at_broker(client: BrokerClient) -> int:
 def test_cancel_stops_the_remaining_lines(stack):
     lines = good_lines(40)
     job_id = submit(stack, jsonl([line for line, _ in lines]))
-    client = BrokerClient(stack.config())
+    client = BrokerClient(stack.config)
     try:
         with paused_mid_job(stack, job_id, len(lines)):
             assert call_json(stack, "POST", f"/v1/batch/{job_id}/cancel")["status"] == "cancelled"
@@ -352,7 +352,7 @@ def test_a_job_yields_to_interactive_requests(stack):
     threads = [threading.Thread(target=interactive_load) for _ in range(3)]
     for t in threads:
         t.start()
-    client = BrokerClient(stack.config())
+    client = BrokerClient(stack.config)
     narrowed = []  # consecutive looks at the broker that found at most BATCH_IN_FLIGHT_BUSY batch lines
 
     def job_narrowed() -> bool:
