@@ -65,4 +65,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
 # FRONTEND_WORKERS and PREPROCESS_WORKERS: as set, or sized from the container's CPUs (its --cpus quota);
 # the front ends' metrics files start afresh with the container (supervisord.conf).
 # A setting that cannot work (no VLM_API_KEY, PORT=abc) ends the container here with one line (exit 78).
-CMD ["sh", "-c", "rm -rf \"$RUN_DIR/frontend-metrics\" && sizes=\"$(python -m shared.host_size)\" && eval \"$sizes\" && python -m shared.model_family \"$RUN_DIR/gpu_workers\" && exec supervisord -c /app/supervisord.conf"]
+CMD ["sh", "-c", "rm -rf \"$RUN_DIR/frontend-metrics\" && sizes=\"$(python -m shared.sizes)\" && eval \"$sizes\" && python -m shared.model_family \"$RUN_DIR/gpu_workers\" && exec supervisord -c /app/supervisord.conf"]

@@ -11,7 +11,7 @@ import signal
 import sys
 
 from batch_worker.worker import BatchWorker
-from frontend.broker_client import BrokerClient
+from broker_client.client import BrokerClient
 from shared.config import EXIT_CONFIG, StartupError, load_config, stay_down
 from shared.logs import setup_logging
 

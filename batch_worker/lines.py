@@ -4,7 +4,7 @@ its outcome turned into one result line.
 Input line (Moondream's Batch API): `id` (optional, echoed), `skill` (caption,
 query, detect, point), `image` (base64, or a data URL), `length`, `question`,
 `reasoning`, `spatial_refs`, `object`, `settings`, and `variant` / `model` for
-a fine-tuned variant.  The checks are the /v1 routes' own (frontend/schemas.py),
+a fine-tuned variant.  The checks are the /v1 routes' own (api/schemas.py),
 so a line and the same request over HTTP are accepted or refused alike.
 
 Result line: {line_index, id, status: "ok", result, usage} or
@@ -18,8 +18,9 @@ from typing import Any, Optional
 
 import msgspec
 
-from frontend import models, schemas
-from frontend.app import ApiError, decode_image_url
+from api import models, schemas
+from api.errors import ApiError
+from api.images import decode_image_url
 from shared import protocol
 
 INVALID_REQUEST = "invalid_request"
@@ -96,7 +97,7 @@ def to_submit(raw: bytes, request_id: str, config, names: models.ModelNames) -> 
         try:
             image = decode_image_url(url)
         except ApiError as ex:
-            raise LineError(IMAGE_DECODE_FAILED, ex.description) from None
+            raise LineError(IMAGE_DECODE_FAILED, ex.message) from None
     submit = protocol.Submit(request_id=request_id, skill=line.skill, params=params, settings=settings,
                              has_image=image is not None, deadline=time.time() + config.request_timeout,
                              priority=protocol.BACKGROUND, model=names.submit_model(model_id))

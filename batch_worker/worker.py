@@ -27,8 +27,8 @@ import time
 from typing import Optional
 
 from batch_worker import chunking, lines
-from frontend import models
-from frontend.app import wait_events
+from api import models
+from broker_client.waiting import wait_events
 from shared import protocol
 from shared.batch_store import CANCELLED, CHUNKING, PROCESSING, BatchStore, batch_store_for
 
@@ -136,6 +136,7 @@ class BatchWorker:
         running = self.running_set = frozenset(self.running_jobs)  # a cancelled job's lines in flight stop
         self.queued = [t for t in self.queued if t.job_id in running]
         self.retries = [t for t in self.retries if t.job_id in running]
+        self.cursors = {job_id: cursor for job_id, cursor in self.cursors.items() if job_id in running}
 
     def chunk(self, job_id: str) -> None:
         """Runs on the chunker thread; the store opens a connection per call, so that is safe.
@@ -228,11 +229,14 @@ class BatchWorker:
             return Outcome(task, lines.error_line(task.line_index, id_, ex.code, ex.message))
         stream = self.client.submit(submit, image)
         # wait_events cancels the request when its job stops (499) or it outlives its deadline (504).
-        events = wait_events(stream, submit.deadline,
-                             lambda: self.stopping or task.job_id not in self.running_set)
+        job_stopped = lambda: self.stopping or task.job_id not in self.running_set  # noqa: E731
+        events = wait_events(stream, submit.deadline, job_stopped)
         final = next(e for e in events if isinstance(e, (protocol.Result, protocol.Error)))
         if isinstance(final, protocol.Error) and final.status == 499:
-            return Outcome(task, retry_reason="cancelled")  # its job was cancelled: nothing is written
+            if job_stopped():
+                return Outcome(task, retry_reason="cancelled")  # its job was cancelled: nothing is written
+            # The broker gave up on us (client_gone: it could not reach this worker): not the line's fault.
+            return Outcome(task, retry_reason=final.code)
         if isinstance(final, protocol.Result):
             body, tokens_in, tokens_out = lines.ok_line(task.line_index, id_, final)
             return Outcome(task, body, ok=True, input_tokens=tokens_in, output_tokens=tokens_out)

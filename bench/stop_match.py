@@ -1,4 +1,4 @@
-"""What chat `stop` strings cost the front end (frontend/chat.py StopCutter): the
+"""What chat `stop` strings cost the front end (api/chat.py StopCutter): the
 time to cut a streamed answer with the worst stop a client may send (1,024
 characters, every piece of the answer a possible start of it) against the same
 answer with four ordinary stops, measured alternately in one run.
@@ -19,8 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from frontend.chat import StopCutter  # noqa: E402
-from frontend.chat_schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES  # noqa: E402
+from api.chat import StopCutter  # noqa: E402
+from api.chat_schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES  # noqa: E402
 
 ORDINARY = ["\n\n", "END", "User:", "###"]
 

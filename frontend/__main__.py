@@ -12,7 +12,7 @@ import sys
 
 from frontend import edge
 from frontend.app import create_app
-from frontend.broker_client import BrokerClient
+from broker_client.client import BrokerClient
 from shared.config import EXIT_CONFIG, StartupError, load_config, stay_down
 from shared.logs import setup_logging
 

@@ -20,8 +20,6 @@ Routes:
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import json
 import logging
@@ -30,15 +28,20 @@ import time
 import uuid
 from itertools import chain
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import falcon
 import msgspec
-import pybase64
 
-from frontend import forms, metrics, models, openapi, schemas
-from frontend import remote_image
-from frontend.edge import RefuseWhenBusy, too_large_message
+from api import models, remote_image, schemas
+from api.errors import ApiError
+from api.images import decode_image_url
+from api.parsing import parse_request, requested_variant, top_level_fields
+from frontend import batch_api, chat, forms, metrics, openapi
+from frontend.bodies import JSON_OR_FORM, read_body, read_json_body
+from frontend.edge import RefuseWhenBusy
+from frontend.http_errors import handle_api_error, handle_http_error, handle_unexpected
+from frontend.streams import TEXT_SKILLS, EventStreamBody, result_body, send_event_stream, start_request
 from shared import protocol
 from shared.config import Config
 
@@ -49,25 +52,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 # A client-chosen X-Request-ID ends up in logs and headers: keep it boring.
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
-# The metrics the API promises; Result.metrics may carry more (internal ones).
-METRIC_KEYS = ("input_tokens", "output_tokens", "prefill_time_ms", "decode_time_ms", "ttft_ms")
-TEXT_SKILLS = ("caption", "query")
-
 TEST_MODEL_NOTE = "random-weight test model: answers are gibberish"
-
-# How often a waiting request looks whether its HTTP client has gone away.
-DISCONNECT_POLL_S = 0.5
-# The broker answers 504 itself at the deadline; this only covers a broker that
-# never answers at all.
-DEADLINE_GRACE_S = 2.0
-
-
-class ApiError(falcon.HTTPError):
-    """An error with our JSON body: status, a short machine-readable code, a message."""
-
-    def __init__(self, status: int, code: str, message: str, headers: Optional[dict] = None):
-        reason = "499 Client Closed Request" if status == 499 else falcon.code_to_http_status(status)
-        super().__init__(reason, code=code, description=message, headers=headers)
 
 
 # ---------------------------------------------------------------- middleware
@@ -113,65 +98,7 @@ class AuthMiddleware:
                            "missing or invalid API key: send X-Moondream-Auth or Authorization: Bearer")
 
 
-# ---------------------------------------------------------------- error handlers
-def _error_body(req: falcon.Request, code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message},
-            "request_id": getattr(req.context, "request_id", None)}
-
-
-def handle_http_error(req, resp, ex: falcon.HTTPError, params) -> None:
-    """Our ApiErrors and Falcon's own (404, 405, bad headers) in one JSON shape."""
-    resp.status = ex.status
-    if ex.headers:
-        resp.set_headers(ex.headers)  # e.g. Allow on a 405
-    reason = ex.title.split(" ", 1)[-1]  # Falcon's titles read "404 Not Found"
-    code = ex.code or reason.lower().replace(" ", "_")
-    resp.media = _error_body(req, code, ex.description or reason)
-
-
-def handle_unexpected(req, resp, ex: Exception, params) -> None:
-    """A bug: log it with its traceback, answer a plain JSON 500."""
-    log.exception("unhandled error in %s %s request_id=%s", req.method, req.path,
-                  getattr(req.context, "request_id", None))
-    resp.status = falcon.HTTP_500
-    resp.media = _error_body(req, "internal_error", "internal server error")
-
-
 # ---------------------------------------------------------------- request helpers
-JSON_ONLY = "the request body must be JSON (Content-Type: application/json)"
-JSON_OR_FORM = ("the request body must be JSON (Content-Type: application/json) or a form "
-                "(multipart/form-data with an `image` file part, or application/x-www-form-urlencoded)")
-
-
-def read_json_body(req: falcon.Request, limit: int, wrong_type: str = JSON_ONLY) -> bytes:
-    media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise ApiError(415, "unsupported_media_type", wrong_type)
-    return read_body(req, limit)
-
-
-def read_body(req: falcon.Request, limit: int) -> bytes:
-    """The whole body, at most `limit` bytes (413 above), not empty (400)."""
-    too_large = ApiError(413, "payload_too_large", too_large_message(limit))
-    if req.content_length is not None and req.content_length > limit:
-        raise too_large
-    # Read one byte past the limit to learn whether the body (chunked, say) is too big.
-    body = req.bounded_stream.read(limit + 1)
-    if len(body) > limit:
-        raise too_large
-    if not body:
-        raise ApiError(400, "invalid_json", "the request body is empty")
-    return body
-
-
-def top_level_fields(body: bytes) -> list[str]:
-    """The names of a JSON object's fields (values skipped, not decoded); [] if it is not one."""
-    try:
-        return list(msgspec.json.decode(body, type=dict[str, msgspec.Raw]))
-    except (msgspec.DecodeError, RecursionError):
-        return []
-
-
 def name_unknown_fields(req: falcon.Request, resp: falcon.Response, given, schema: type[msgspec.Struct],
                         strict: bool) -> None:
     """Fields the route does not know: 422 with STRICT_FIELDS, else ignored but named
@@ -187,183 +114,6 @@ def name_unknown_fields(req: falcon.Request, resp: falcon.Response, given, schem
     resp.set_header("X-Ignored-Fields", names[:512])
     log.info("ignored unknown fields in %s: %s", req.path, names[:512],
              extra={"request_id": req.context.request_id})
-
-
-def parse_request(body: bytes, schema: type[msgspec.Struct]) -> msgspec.Struct:
-    try:
-        return schemas.decode_body(body, schema)
-    except msgspec.ValidationError as ex:  # before DecodeError: it is a subclass
-        raise ApiError(400, "invalid_request", str(ex)) from None
-    except msgspec.DecodeError as ex:
-        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {ex}") from None
-    except RecursionError:  # msgspec skips unknown fields recursively: {"a":{"a":...}} 2000 deep
-        raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
-
-
-def decode_base64(data: str) -> bytes:
-    """base64.b64decode(data, validate=True), the same bytes and the same errors, ~40x faster:
-    pybase64's SIMD decoder where it accepts the input.  It is stricter than the standard library
-    in one way only (padding followed by more `=`, which b64decode ignores), so whatever it
-    refuses gets the standard library's own verdict."""
-    try:
-        return pybase64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        return base64.b64decode(data, validate=True)
-
-
-def decode_image_url(url: str, fetch_remote: Optional[Callable[[str], bytes]] = None) -> bytes:
-    """data:image/...;base64,<data> -> the encoded image bytes (still JPEG/PNG/...).
-    An http(s) URL is fetched with `fetch_remote` (remote_image.py) when remote
-    images are allowed (ALLOW_REMOTE_IMAGES), and refused otherwise.
-
-    The bytes are decoded into pixels by a preprocess worker, which answers
-    400/413/415/422 for images it cannot or will not read."""
-    scheme = url.split(":", 1)[0].strip().lower()
-    if scheme in ("http", "https"):
-        if fetch_remote is None:
-            raise ApiError(400, "remote_image_disabled",
-                           "remote image URLs are disabled: send the image as a base64 data URL")
-        try:
-            return fetch_remote(url.strip())
-        except remote_image.RemoteImageError as ex:
-            raise ApiError(ex.status, ex.code, ex.message) from None
-    if scheme != "data":
-        raise ApiError(400, "invalid_image_url", "image_url must be a data:image/...;base64, URL")
-    header, comma, data = url.partition(",")
-    mime_type, *params = header[len("data:"):].split(";")
-    if not comma or "base64" not in (p.strip().lower() for p in params):
-        raise ApiError(400, "invalid_image_url", "image_url must be a data:image/...;base64, URL")
-    if not mime_type.strip().lower().startswith("image/"):
-        raise ApiError(415, "unsupported_media_type", f"image_url holds {mime_type or 'no media type'}, not an image")
-    try:
-        image = decode_base64(data)
-    except (binascii.Error, ValueError):
-        try:  # base64 tools often wrap lines; whitespace is harmless
-            image = base64.b64decode("".join(data.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "invalid_base64", "image_url does not hold valid base64 data") from None
-    if not image:
-        raise ApiError(400, "invalid_image", "the image is empty")
-    return image
-
-
-def requested_variant(names: models.ModelNames, request: msgspec.Struct) -> Optional[str]:
-    """The variant a /v1 request asks for (settings.variant, variant or model), or None."""
-    settings = getattr(request, "settings", None)
-    try:
-        return models.choose_variant(names, getattr(request, "model", None), getattr(request, "variant", None),
-                                     settings.variant if settings is not None else None)
-    except models.ModelNotFound as ex:
-        raise ApiError(404, "model_not_found", str(ex)) from None
-    except models.BadVariantId as ex:
-        raise ApiError(400, "invalid_variant_id", str(ex)) from None
-    except models.ConflictingVariants as ex:
-        raise ApiError(422, "conflicting_variants", str(ex)) from None
-
-
-def broker_error(event: protocol.Error) -> ApiError:
-    headers = {"Retry-After": "1"} if event.status in (429, 503) else None
-    return ApiError(event.status, event.code, event.message, headers)
-
-
-def wait_events(stream, deadline: float, client_gone: Optional[Callable[[], bool]]) -> Iterator:
-    """Yield a request's events up to and including its Result or Error.
-
-    Every DISCONNECT_POLL_S it looks whether the HTTP client hung up (waitress
-    tells us through `client_gone`) and if so cancels the work and ends with an
-    Error 499.  It looks on a clock, not only when the broker is quiet, because
-    text chunks can keep arriving for a request that is not streamed.  A
-    broker silent past the deadline ends it with an Error 504."""
-    next_look = time.monotonic() + DISCONNECT_POLL_S
-    while True:
-        remaining = deadline + DEADLINE_GRACE_S - time.time()
-        if remaining <= 0:
-            stream.cancel()
-            yield protocol.Error(request_id=stream.request_id, status=504, code="timeout",
-                                 message="the request took longer than the server allows")
-            return
-        try:
-            event = stream.next_event(timeout=min(DISCONNECT_POLL_S, remaining))
-        except TimeoutError:
-            pass
-        else:
-            yield event
-            if isinstance(event, (protocol.Result, protocol.Error)):
-                return
-        if client_gone is not None and time.monotonic() >= next_look:
-            next_look = time.monotonic() + DISCONNECT_POLL_S
-            if client_gone():
-                stream.cancel()
-                yield protocol.Error(request_id=stream.request_id, status=499,
-                                     code="client_disconnected", message="the client went away")
-                return
-
-
-def result_extras(result: protocol.Result) -> dict:
-    """What a caption or query answer carries besides its text."""
-    extras = {"metrics": {k: result.metrics[k] for k in METRIC_KEYS if k in result.metrics},
-              "finish_reason": result.finish_reason}
-    if result.output.get("reasoning") is not None:
-        extras["reasoning"] = result.output["reasoning"]
-    return extras
-
-
-def result_body(request_id: str, skill: str, result: protocol.Result) -> dict:
-    body = {"request_id": request_id, **result.output}
-    if skill in TEXT_SKILLS:
-        body.pop("reasoning", None)  # put back by result_extras unless it is None
-        body.update(result_extras(result))
-    return body
-
-
-# ---------------------------------------------------------------- server-sent events
-def sse(data: dict) -> bytes:
-    # msgspec escapes newlines inside strings, so one event is one data line.
-    return b"data: " + msgspec.json.encode(data) + b"\n\n"
-
-
-class EventStreamBody:
-    """The WSGI body of a streamed reply: one SSE event per Chunk, then a final
-    event for the Result or Error.
-
-    close() is called by the server when the response ends, finished or not; if
-    the request had not finished (client gone, write failed) it is cancelled so
-    the GPU stops working for nobody.  A class rather than a generator because
-    a generator closed before its first step never runs its `finally` block."""
-
-    def __init__(self, events: Iterator, stream, request_id: str):
-        self._events = events
-        self._stream = stream
-        self._request_id = request_id
-        self._finished = False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> bytes:
-        if self._finished:
-            raise StopIteration
-        event = next(self._events)
-        if not isinstance(event, protocol.Chunk):
-            self._finished = True
-            if isinstance(event, protocol.Error) and event.status == 499:  # the client went away: nobody to tell
-                raise StopIteration
-        return self.render(event)
-
-    def render(self, event) -> bytes:
-        """The bytes sent for one event (subclasses speak other dialects: frontend/chat.py)."""
-        if isinstance(event, protocol.Chunk):
-            return sse({"chunk": event.text, "completed": False})
-        if isinstance(event, protocol.Result):
-            return sse({"chunk": "", "completed": True, "request_id": self._request_id,
-                        **result_extras(event)})
-        return sse({"error": {"code": event.code, "message": event.message, "status": event.status},
-                    "completed": True, "request_id": self._request_id})
-
-    def close(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._stream.cancel()
 
 
 # ---------------------------------------------------------------- resources
@@ -411,7 +161,6 @@ class SkillResource:
             return
         send_event_stream(resp, EventStreamBody(chain([first], events), stream, req.context.request_id))
 
-
     def parse_form(self, req: falcon.Request) -> tuple[msgspec.Struct, list[str], Optional[bytes]]:
         """A form body -> (the route's Struct, the field names given, the `image` file part's bytes)."""
         body = read_body(req, self._config.max_body_bytes)
@@ -425,53 +174,6 @@ class SkillResource:
         except msgspec.ValidationError as ex:
             raise ApiError(400, "invalid_request", str(ex)) from None
         return request, list(raw), image_part
-
-
-def start_request(client, config: Config, req: falcon.Request, skill: str, params: dict, settings: dict,
-                  image: Optional[bytes], streaming: bool, model: str = "") -> tuple:
-    """Submit a validated request to the broker -> (first event, the events after it, its stream).
-
-    Non-streaming: the first event is the final Result.  Streaming: it is the
-    first event of any kind, awaited before committing to 200, so that an error
-    that comes before any text (bad image, queue full) gets its real status:
-    an Error raises its ApiError here."""
-    deadline = time.time() + config.request_timeout
-    submit = protocol.Submit(
-        request_id=routing_id(req),
-        skill=skill,
-        params=params,
-        settings=settings,
-        stream=streaming,
-        has_image=image is not None,
-        deadline=deadline,
-        model=model,  # which served model's GPU workers take it ("": the only one)
-    )
-    stream = client.submit(submit, image)
-    events = wait_events(stream, deadline, req.env.get("waitress.client_disconnected"))
-    try:
-        first = next(event for event in events if streaming or not isinstance(event, protocol.Chunk))
-    except BaseException:
-        stream.cancel()  # a bug or shutdown: don't leave the work running
-        raise
-    if isinstance(first, protocol.Error):
-        raise broker_error(first)
-    return first, events, stream
-
-
-def send_event_stream(resp: falcon.Response, body) -> None:
-    resp.content_type = "text/event-stream"
-    resp.set_header("Cache-Control", "no-cache")
-    resp.set_header("X-Accel-Buffering", "no")  # tell reverse proxies not to buffer
-    resp.stream = body
-
-
-def routing_id(req: falcon.Request) -> str:
-    """The id the broker routes replies by.  It must be unique, and a
-    client-chosen X-Request-ID need not be, so that one gets a suffix; it
-    still starts with the client's id, so logs can be matched up."""
-    if req.context.client_request_id:
-        return f"{req.context.request_id}.{uuid.uuid4().hex[:12]}"
-    return req.context.request_id
 
 
 # /health's "kv_cache": the GPU workers' KV pools (Scheduler.stats(), summed over workers)
@@ -563,9 +265,8 @@ class IndexResource:
 def create_app(config: Config, client=None) -> falcon.App:
     """Build the WSGI app.  `client` is a BrokerClient (or anything with its
     submit/status API); by default one is created from `config`."""
-    from frontend import batch_api  # imported here: it uses this module's ApiError
     if client is None:
-        from frontend.broker_client import BrokerClient  # imported late: it starts a thread
+        from broker_client.client import BrokerClient  # imported late: it starts a thread
         client = BrokerClient(config)
 
     app_metrics = metrics.FrontendMetrics(client, config.prometheus_multiproc_dir)
@@ -578,6 +279,7 @@ def create_app(config: Config, client=None) -> falcon.App:
     # the most specific handler, so HTTPErrors never reach the catch-all.
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(falcon.HTTPError, handle_http_error)
+    app.add_error_handler(ApiError, handle_api_error)
 
     for path, (skill, schema) in schemas.ROUTES.items():
         app.add_route(path, SkillResource(skill, schema, config, client))
@@ -590,6 +292,5 @@ def create_app(config: Config, client=None) -> falcon.App:
     app.add_route("/docs", openapi.DocsResource())
     app.add_route("/metrics", metrics.MetricsResource(app_metrics))
     app.add_static_route("/static", str(STATIC_DIR))
-    from frontend import chat  # imported late: it builds on this module
     chat.register(app, config, client)  # /v1/chat/completions, /v1/models, skills Moondream 2 lacks
     return app

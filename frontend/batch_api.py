@@ -28,8 +28,9 @@ import msgspec
 from prometheus_client.core import GaugeMetricFamily
 
 from frontend import forms
-from frontend.app import ApiError, read_body
-from frontend.batch_schemas import LIST_DEFAULT, LIST_MAX, MAX_CURSOR, CompleteBody
+from api.errors import ApiError
+from frontend.bodies import read_body
+from api.batch_schemas import LIST_DEFAULT, LIST_MAX, MAX_CURSOR, CompleteBody
 from shared import batch_store
 from shared.batch_store import BatchStore, batch_store_for
 from shared.config import Config

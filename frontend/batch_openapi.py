@@ -3,8 +3,8 @@ of the document and calls `paths`).  The routes are frontend/batch_api.py's;
 one method of a path takes one `action`, so each action is its own operation."""
 from __future__ import annotations
 
-from frontend import batch_schemas
-from frontend import openapi as base
+from api import batch_schemas
+from frontend import openapi_parts as base
 from shared.batch_store import MAX_PART_NUMBER
 from shared.config import Config
 

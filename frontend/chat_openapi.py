@@ -2,8 +2,8 @@
 rest of the document and calls `paths` and `apply_limits`)."""
 from __future__ import annotations
 
-from frontend import chat_schemas as chat
-from frontend import openapi as base
+from api import chat_schemas as chat
+from frontend import openapi_parts as base
 from shared.config import Config
 
 # The Structs that become components of the document.

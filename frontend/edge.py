@@ -27,7 +27,7 @@ parser and task:
   what the client still sends (bounded) before closing.  Closing at once would
   reset the connection, and a client that sends its whole body before reading
   (urllib, requests) would see "connection reset" instead of the answer.
-* **JSON errors** from waitress's own error responses (`json_waitress_errors`).
+* **JSON errors** from waitress's own error responses (`EdgeErrorTask`, on our channels only).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
-from waitress.task import ThreadedTaskDispatcher, WSGITask
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 from frontend.listen import listening_socket
 from shared.config import Config
@@ -98,22 +98,17 @@ def too_large_message(max_body_bytes: int) -> str:
     return f"the request body is larger than MAX_BODY_BYTES ({max_body_bytes} bytes)"
 
 
-def json_waitress_errors(max_body_bytes: int) -> None:
+def json_error_response(error: waitress.utilities.Error, max_body_bytes: int) -> tuple[str, list, bytes]:
     """Requests that never reach the app (malformed HTTP, a Content-Length far over
     the limit, a timeout) are answered by waitress itself, in plain text.  The API
-    promises JSON errors everywhere, so waitress's one error renderer gets our shape,
-    with a request id like every other answer, and the app's own 413 message.
-    (waitress has no hook for this; its Error classes all render through here.)"""
-
-    def to_response(self, ident=None):
-        code = _WAITRESS_CODES.get(self.code, "bad_request" if self.code < 500 else "internal_error")
-        message = too_large_message(max_body_bytes) if self.code == 413 else f"{self.reason}: {self.body}"
-        request_id = uuid.uuid4().hex
-        body = json.dumps({"error": {"code": code, "message": message}, "request_id": request_id}).encode()
-        return (f"{self.code} {self.reason}",
-                [("Content-Type", "application/json"), ("X-Request-ID", request_id)], body)
-
-    waitress.utilities.Error.to_response = to_response
+    promises JSON errors everywhere: this is our shape for them, with a request id
+    like every other answer, and the app's own 413 message."""
+    code = _WAITRESS_CODES.get(error.code, "bad_request" if error.code < 500 else "internal_error")
+    message = too_large_message(max_body_bytes) if error.code == 413 else f"{error.reason}: {error.body}"
+    request_id = uuid.uuid4().hex
+    body = json.dumps({"error": {"code": code, "message": message}, "request_id": request_id}).encode()
+    return (f"{error.code} {error.reason}",
+            [("Content-Type", "application/json"), ("X-Request-ID", request_id)], body)
 
 
 class RequestTimeout(waitress.utilities.Error):
@@ -268,10 +263,24 @@ class EdgeTask(WSGITask):
             self.channel.server.release(self.request)
 
 
+class EdgeErrorTask(ErrorTask):
+    """waitress's answer to a request it refused itself, as our JSON error (only on our
+    channels: waitress's own Error classes are left as they are)."""
+
+    def execute(self):
+        status, headers, body = json_error_response(self.request.error, self.channel.server.max_body_bytes)
+        self.status = status
+        self.response_headers.extend(headers)
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
 class EdgeChannel(HTTPChannel):
     """One client connection: read deadlines, lingering close."""
 
     task_class = EdgeTask
+    error_task_class = EdgeErrorTask
     parser_class = EdgeParser
 
     def __init__(self, server, sock, addr, adj, map=None):
@@ -372,6 +381,7 @@ class EdgeServer(TcpWSGIServer):
         self.in_flight = in_flight
         self.header_timeout = config.http_header_timeout
         self.body_timeout = config.http_body_timeout
+        self.max_body_bytes = config.max_body_bytes  # for the 413 message of EdgeErrorTask
         super().__init__(application, _sock=sock, adj=adj, bind_socket=False,
                          sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
 
@@ -423,7 +433,6 @@ def raise_open_files_limit(wanted: int) -> None:
 
 def create_server(application, config: Config) -> EdgeServer:
     """The server for the front end, every waitress limit set from `config`."""
-    json_waitress_errors(config.max_body_bytes)
     raise_open_files_limit(config.http_connection_limit + 256)
     sock = listening_socket(config)  # bound here (shared with the other front ends): OSError if taken
     in_flight = in_flight_count(config)

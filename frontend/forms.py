@@ -7,7 +7,7 @@ A form's fields are the JSON body's top-level fields under the same names; `sett
 `spatial_refs` hold JSON text; `stream` and `reasoning` take true/false/1/0.  The image is
 either a file part named `image` (its bytes as they are: JPEG, PNG, ...) or an `image_url`
 field (a data URL, as in JSON).  Both kinds become the same dict a JSON body would decode to and
-go through the same Struct and the same checks (frontend/schemas.py), so the errors are the
+go through the same Struct and the same checks (api/schemas.py), so the errors are the
 same too.  The caller reads the body within MAX_BODY_BYTES first.
 """
 from __future__ import annotations

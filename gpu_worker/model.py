@@ -340,7 +340,7 @@ class PagedKVCache:
             return
         from_reserve = min(missing, seq.reserved)
         if missing - from_reserve > self.allocator.available():
-            raise PoolExhausted(f"a sequence outgrew its reserved KV blocks and the pool has no more free")
+            raise PoolExhausted("a sequence outgrew its reserved KV blocks and the pool has no more free")
         new = self.allocator.take(missing)
         seq.blocks += new
         fresh = self.physical(new, 0, missing * self.block_size)

@@ -2,7 +2,7 @@
 
 * A data URL travels as it is: the service decodes it.
 * An http(s) URL travels as it is too: the service fetches it, with its own SSRF rules
-  (frontend/remote_image.py, only where ALLOW_REMOTE_IMAGES is on).  We never fetch
+  (api/remote_image.py, only where ALLOW_REMOTE_IMAGES is on).  We never fetch
   URLs here, so this program cannot be used to reach what the service may not.
 * A file path is read here, only by the stdio server and only inside MCP_IMAGE_DIR
   (after resolving links and `..`), and sent as a data URL.

@@ -14,7 +14,7 @@ if [ -x .venv/bin/python ]; then .venv/bin/python -m shared.preflight; fi
 .venv/bin/python -m shared.preflight
 # FRONTEND_WORKERS and PREPROCESS_WORKERS as set, or sized from the usable CPUs (supervisord needs numbers)
 # A setting that cannot work (PORT=abc, HOST=0.0.0.0 without VLM_API_KEY) stops here: one line, exit 78.
-sizes=$(.venv/bin/python -m shared.host_size)
+sizes=$(.venv/bin/python -m shared.sizes)
 eval "$sizes"
 mkdir -p -m 700 "$RUN_DIR"  # logs and the control socket: the owner's only
 .venv/bin/python -m shared.model_family "$RUN_DIR/gpu_workers"  # a GPU worker program per extra MOONDREAM_MODELS entry

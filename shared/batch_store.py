@@ -46,6 +46,7 @@ ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 MAX_PART_NUMBER = 10_000
 COPY_CHUNK = 1 << 20
 TMP_FILE_AGE_S = 3600  # an input file still being joined after this long was left by a crash
+PURGE_LINES_PER_WRITE = 5000  # lines purge deletes in one write transaction
 
 # Columns added after the first release: a store made by an older version gets them on first use.
 ADDED_JOB_COLUMNS = {"input_bytes": "INTEGER NOT NULL DEFAULT 0", "chunk_attempts": "INTEGER NOT NULL DEFAULT 0"}
@@ -118,6 +119,7 @@ class BatchStore:
         self.db_path = self.root / "batch.sqlite3"
         self.max_open_uploads = max_open_uploads  # 0: no limit
         self.max_stored_bytes = max_stored_bytes  # 0: no limit
+        self.purge_lines_per_write = PURGE_LINES_PER_WRITE
         self._created = False
 
     def _create(self) -> None:
@@ -406,26 +408,55 @@ class BatchStore:
         return row[0] if row else None
 
     def purge(self, now: Optional[float] = None) -> int:
-        """Delete finished jobs past their expiry (rows and input file) and uploads never completed."""
+        """Delete finished jobs past their expiry (rows and input file), uploads never completed,
+        and files a crash left behind.  Lines go PURGE_LINES_PER_WRITE at a time, each batch its own
+        write transaction: a job of a million lines must not hold up the batch workers' writes."""
         now = time.time() if now is None else now
-        with self.write() as conn:
+        with self.connect() as conn:
             expired = [r[0] for r in conn.execute(
                 f"SELECT id FROM jobs WHERE expires_at < ? AND status IN ({','.join('?' * len(FINAL_STATES))})",
                 (now, *FINAL_STATES))]
-            for job_id in expired:
-                conn.execute("DELETE FROM lines WHERE job_id = ?", (job_id,))
-                conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        for job_id in expired:
+            self._delete_job(job_id)
+        with self.write() as conn:
             stale = [r[0] for r in conn.execute("SELECT file_id FROM uploads WHERE created_at < ?", (now - self.retention_s,))]
             conn.executemany("DELETE FROM uploads WHERE file_id = ?", ((f,) for f in stale))
             conn.executemany("DELETE FROM parts WHERE file_id = ?", ((f,) for f in stale))
-        for job_id in expired:
-            self.input_path(job_id).unlink(missing_ok=True)
         for file_id in stale:
             shutil.rmtree(self.uploads_dir / file_id, ignore_errors=True)
-        for tmp in self.files_dir.glob("*.tmp"):  # a completion cut short by a crash
-            if tmp.stat().st_mtime < now - TMP_FILE_AGE_S:
-                tmp.unlink(missing_ok=True)
+        self._remove_left_files(now)
         return len(expired)
+
+    def _delete_job(self, job_id: str) -> None:
+        """A finished job's lines (in bounded write transactions), then its row, then its file."""
+        while True:
+            with self.write() as conn:
+                deleted = conn.execute(
+                    "DELETE FROM lines WHERE job_id = ? AND line_index IN "
+                    "(SELECT line_index FROM lines WHERE job_id = ? LIMIT ?)",
+                    (job_id, job_id, self.purge_lines_per_write)).rowcount
+                if deleted < self.purge_lines_per_write:
+                    conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                    break
+        self.input_path(job_id).unlink(missing_ok=True)
+
+    def _remove_left_files(self, now: float) -> None:
+        """Input files no job row owns: a completion cut short by a crash, before (.tmp) or after
+        (.jsonl) its rename.  Only old ones: a completion may be between its rename and INSERT now."""
+        old = now - TMP_FILE_AGE_S
+        left = [p for p in self.files_dir.glob("*.tmp") if p.stat().st_mtime < old]
+        candidates = {p.stem: p for p in self.files_dir.glob("*.jsonl")
+                      if ID_PATTERN.fullmatch(p.stem) and p.stat().st_mtime < old}
+        stems = list(candidates)
+        owned: set[str] = set()
+        with self.connect() as conn:
+            for start in range(0, len(stems), 500):  # SQLite bounds the variables of one statement
+                batch = stems[start:start + 500]
+                owned.update(r[0] for r in conn.execute(f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(batch))})",
+                                                        batch))
+        left += [p for stem, p in candidates.items() if stem not in owned]
+        for path in left:
+            path.unlink(missing_ok=True)
 
 
 def batch_store_for(config) -> BatchStore:

@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from shared import keys, protocol
 from shared.config import StartupError
+from shared.liveness import Liveness
 from shared.protocol import Heartbeat, Leaving, Ready, Refused, RegisterAgain
 
 log = logging.getLogger("broker_link")
@@ -53,6 +54,7 @@ class BrokerLink:
         self.monitor: Optional[zmq.Socket] = None  # CURVE handshake failures (keys set only)
         self.backoff = MIN_BACKOFF
         self.register_again = False
+        self.liveness = Liveness(config.heartbeat_interval, config.heartbeat_expiry)
         keys.require_keys_beyond_loopback(config, {"BROKER_BACKEND_ADDR": config.broker_backend_addr})
         self.connect()
 
@@ -64,9 +66,7 @@ class BrokerLink:
             keys.secure_client(self.socket, self.config, keys.WORKER)
             self.monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.socket.connect(self.config.broker_backend_addr)
-        now = time.monotonic()
-        self.last_heard = now
-        self.next_heartbeat = now + self.config.heartbeat_interval
+        self.liveness.restart(first_beat_in=self.config.heartbeat_interval)  # Ready counts as the first
         self.send(self._ready())
         log.info("connecting to broker at %s as %s", self.config.broker_backend_addr, self.worker_id)
 
@@ -109,7 +109,7 @@ class BrokerLink:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return received
-            self.last_heard = time.monotonic()
+            self.liveness.heard()
             self.backoff = MIN_BACKOFF  # the broker answers: next outage starts over at 1 s
             try:
                 msg, blob = protocol.decode(frames)
@@ -137,8 +137,8 @@ class BrokerLink:
                 on_lost()
             self.send(self._ready())
             return True
-        if now - self.last_heard > self.config.heartbeat_expiry:
-            log.warning("broker silent for %.1f s; reconnecting in %.0f s", now - self.last_heard, self.backoff)
+        if self.liveness.gone(now):
+            log.warning("broker silent for %.1f s; reconnecting in %.0f s", self.liveness.silent_for(now), self.backoff)
             if on_lost is not None:
                 on_lost()
             self._close_sockets()
@@ -146,8 +146,7 @@ class BrokerLink:
             self.backoff = min(self.backoff * 2, MAX_BACKOFF)
             self.connect()
             return True
-        if now >= self.next_heartbeat:
-            self.next_heartbeat = now + self.config.heartbeat_interval
+        if self.liveness.beat_due(now):
             self.send(Heartbeat(worker_id=self.worker_id, free=self.capacity(), stats=self.stats(),
                                 variants=self.variants()))
         return False

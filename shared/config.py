@@ -15,12 +15,19 @@ from dataclasses import dataclass, field, fields
 from shared import host_size
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
 def _env(name: str, default, cast=str):
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     if cast is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        word = raw.strip().lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:  # a typo ("tru") must not quietly read as false
+            raise StartupError(f"{name}={raw!r} is not true or false (use one of {', '.join(TRUE_WORDS + FALSE_WORDS)})")
+        return word in TRUE_WORDS
     try:
         return cast(raw)
     except ValueError:

@@ -5,11 +5,8 @@
 limit), rounded up.  `os.cpu_count()` sees neither: in a 2-CPU container on a 64-core host
 it says 64.
 
-    eval "$(python -m shared.host_size)"   # scripts/serve.sh, the Dockerfile
-
-prints `export FRONTEND_WORKERS=N PREPROCESS_WORKERS=M TORCH_THREADS=T` (each as set, or sized
-from the CPUs when unset or 0): supervisord needs the counts as numbers before it starts
-(numprocs), and every process then sees the same figures.
+shared/config.py sizes unset counts with these functions; `python -m shared.sizes` prints
+them for supervisord.
 """
 from __future__ import annotations
 
@@ -102,15 +99,3 @@ def default_torch_threads(cpus: int, frontend_workers: int, preprocess_workers: 
     if not on_cpu:
         return cpus
     return max(1, cpus - frontend_workers - preprocess_workers - 1)
-
-
-def main() -> None:
-    from shared.config import load_config  # resolves unset counts with the functions above
-
-    config = load_config()
-    print(f"export FRONTEND_WORKERS={config.frontend_workers} PREPROCESS_WORKERS={config.preprocess_workers} "
-          f"TORCH_THREADS={config.torch_threads}")
-
-
-if __name__ == "__main__":
-    main()

@@ -25,7 +25,9 @@ import uuid
 import zipfile
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from broker_client.client import BrokerClient
 from gpu_worker.engine_types import EngineRequest, ImageInput
 from gpu_worker.scheduler import Scheduler
 from preprocess_worker.worker import preprocess
@@ -36,6 +38,7 @@ pytestmark = pytest.mark.timeout(600)
 
 KEY = "batch-test-key"
 MAX_LINE_BYTES = 100_000
+BUSY_LIMIT = 2  # BATCH_IN_FLIGHT_BUSY: batch lines in flight while interactive requests run
 MAX_FILE_BYTES = 4_000_000
 SETTINGS = {"temperature": 0, "max_tokens": 4}
 REGION_SETTINGS = {**SETTINGS, "max_objects": 2}
@@ -63,8 +66,8 @@ def b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def stack():
-    with running_stack(VLM_API_KEY=KEY, BATCH_IN_FLIGHT=8, BATCH_MAX_LINE_BYTES=MAX_LINE_BYTES,
-                       BATCH_MAX_FILE_BYTES=MAX_FILE_BYTES, BATCH_MAX_LINES=250) as s:
+    with running_stack(VLM_API_KEY=KEY, BATCH_IN_FLIGHT=8, BATCH_IN_FLIGHT_BUSY=BUSY_LIMIT,
+                       BATCH_MAX_LINE_BYTES=MAX_LINE_BYTES, BATCH_MAX_FILE_BYTES=MAX_FILE_BYTES, BATCH_MAX_LINES=250) as s:
         yield s
 
 
@@ -306,17 +309,26 @@ def test_every_batch_route_needs_the_key(stack):
             assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized", (method, path, key)
 
 
+def background_at_broker(client: BrokerClient) -> int:
+    """Batch lines the broker holds now (queued or at a GPU worker); -1 while it does not answer."""
+    status = client.status(1.0)
+    return -1 if status is None else status.background
+
+
 def test_cancel_stops_the_remaining_lines(stack):
     lines = good_lines(40)
     job_id = submit(stack, jsonl([line for line, _ in lines]))
-    with paused_mid_job(stack, job_id, len(lines)):
-        assert call_json(stack, "POST", f"/v1/batch/{job_id}/cancel")["status"] == "cancelled"
-    time.sleep(2)  # lines in flight at the cancel are stopped; none is written after
+    client = BrokerClient(stack.config)
+    try:
+        with paused_mid_job(stack, job_id, len(lines)):
+            assert call_json(stack, "POST", f"/v1/batch/{job_id}/cancel")["status"] == "cancelled"
+        # the lines in flight at the cancel are stopped: none is left at the broker
+        wait_for(lambda: background_at_broker(client) == 0, 60, "the cancelled job's lines to stop", stack)
+    finally:
+        client.close()
     job = call_json(stack, "GET", f"/v1/batch/{job_id}")
     done = job["progress"]["completed"] + job["progress"]["failed"]
     assert job["status"] == "cancelled" and done < 40
-    time.sleep(2)
-    assert call_json(stack, "GET", f"/v1/batch/{job_id}")["progress"] == job["progress"]
     rows = download(stack, job) if job["outputs"] else []
     assert len(rows) == done and len({r["line_index"] for r in rows}) == done
 
@@ -340,11 +352,20 @@ def test_a_job_yields_to_interactive_requests(stack):
     threads = [threading.Thread(target=interactive_load) for _ in range(3)]
     for t in threads:
         t.start()
+    client = BrokerClient(stack.config)
+    narrowed = []  # consecutive looks at the broker that found at most BATCH_IN_FLIGHT_BUSY batch lines
+
+    def job_narrowed() -> bool:
+        held = background_at_broker(client)
+        narrowed.append(0 <= held <= BUSY_LIMIT)
+        return len(narrowed) >= 5 and all(narrowed[-5:])  # not one lucky look between two lines
+
     try:
-        wait_for(lambda: "interactive requests running" in stack.log("batch_worker"), 90,
-                 "the batch worker to see the interactive requests", stack)
+        # BATCH_IN_FLIGHT=8 lines at the broker while alone; at most BATCH_IN_FLIGHT_BUSY once it yields
+        wait_for(job_narrowed, 90, "the job to narrow to BATCH_IN_FLIGHT_BUSY lines", stack)
     finally:
         seen.set()
+        client.close()
         for t in threads:
             t.join(timeout=120)
     assert statuses and set(statuses) == {200}  # interactive requests are answered while the job runs
@@ -352,12 +373,21 @@ def test_a_job_yields_to_interactive_requests(stack):
 
 
 def test_metrics_and_health_show_the_jobs(stack):
+    jobs = call_json(stack, "GET", "/v1/batch?limit=100")
+    assert not jobs["has_more"] and jobs["data"], jobs  # the jobs of the tests above, all of them
     status, body = call(stack, "GET", "/metrics", key=None)
-    text = body.decode()
-    assert 'moondream_batch_jobs{status="completed"}' in text and "moondream_batch_lines_waiting" in text
-    assert 'moondream_batch_lines{status="error"}' in text
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+    for state in ("chunking", "processing", "completed", "failed", "cancelled"):
+        expected = sum(job["status"] == state for job in jobs["data"])
+        assert samples[("moondream_batch_jobs", (("status", state),))] == expected, state
+    assert samples[("moondream_batch_lines", (("status", "ok"),))] == sum(j["progress"]["completed"] for j in jobs["data"])
+    assert samples[("moondream_batch_lines", (("status", "error"),))] == sum(j["progress"]["failed"] for j in jobs["data"])
+    waiting = sum(j["progress"]["total"] - j["progress"]["completed"] - j["progress"]["failed"]
+                  for j in jobs["data"] if j["status"] == "processing")
+    assert samples[("moondream_batch_lines_waiting", ())] == waiting
     code, health = stack.health()
-    assert "jobs_running" in health["batch"]
+    assert health["batch"]["jobs_running"] == sum(j["status"] in ("processing", "chunking") for j in jobs["data"])
 
 
 def test_cli_runs_a_job_end_to_end(stack, expected, tmp_path):

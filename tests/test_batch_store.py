@@ -1,6 +1,7 @@
 """The batch job store and chunking on a real SQLite file and real files (no processes)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -13,7 +14,7 @@ import pytest
 
 from batch_worker import chunking
 from batch_worker import worker as batch_worker
-from shared import batch_store
+from shared import batch_store, protocol
 from shared.batch_store import BatchStore
 from shared.config import Config
 
@@ -296,3 +297,114 @@ def test_a_part_whose_upload_is_aborted_meanwhile_is_not_found(store):
 
     with pytest.raises(batch_store.NotFound):
         store.put_part(file_id, upload_id, 1, BodyAbortedMidway(b"x" * 10), 100)
+
+
+class FakeCrashBeforeInsert(BatchStore):
+    """Injects the fault: the process dies after the input file's rename, before the job's INSERT."""
+
+    def write(self):
+        if getattr(self, "crash_next_write", False):
+            raise SystemExit("killed")
+        return super().write()
+
+
+def test_a_file_left_by_a_crash_between_rename_and_insert_is_purged(tmp_path):
+    store = FakeCrashBeforeInsert(tmp_path / "data")
+    kept = upload(store, b'{"a": 1}\n')  # a live job: its file stays
+    file_id, upload_id = store.create_upload()
+    etag = store.put_part(file_id, upload_id, 1, io.BytesIO(b'{"b": 2}\n'), 1 << 30)
+    store.crash_next_write = True
+    with pytest.raises(SystemExit):
+        store.complete_upload(file_id, upload_id, [(1, etag)])
+    store.crash_next_write = False
+    left = [p for p in store.files_dir.glob("*.jsonl") if p != store.input_path(kept["id"])]
+    assert len(left) == 1  # renamed into place, owned by no job
+    store.purge()
+    assert left[0].exists()  # young: it may be a completion between its rename and INSERT right now
+    store.purge(now=left[0].stat().st_mtime + batch_store.TMP_FILE_AGE_S + 1)
+    assert not left[0].exists() and store.input_path(kept["id"]).exists()
+
+
+class WriteSizes(BatchStore):
+    """The real store, noting how many rows each write transaction changed."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.changed: list[int] = []
+
+    @contextlib.contextmanager
+    def write(self):
+        with super().write() as conn:
+            before = conn.total_changes
+            yield conn
+            self.changed.append(conn.total_changes - before)
+
+
+def test_purge_deletes_lines_in_bounded_write_transactions(tmp_path):
+    store = WriteSizes(tmp_path / "data")
+    jobs = [upload(store, b"".join(b'{"a": %d}\n' % i for i in range(7))) for _ in range(2)]
+    for job in jobs:
+        store.set_lines(job["id"], scan(store, job))
+        store.cancel_job(job["id"])
+    store.purge_lines_per_write = 3
+    store.changed.clear()
+    assert store.purge(now=max(store.get_job(j["id"])["expires_at"] for j in jobs) + 1) == 2
+    # 14 lines and 2 job rows, never more than 3 lines (and the job's row) in one transaction
+    assert sum(store.changed) == 16 and max(store.changed) <= 4, store.changed
+    assert not any(store.input_path(j["id"]).exists() for j in jobs)
+
+
+class FakeClientGoneBroker:
+    """Injects the fault: the broker answers the first request 499 client_gone (it could not reach
+    this worker for a moment), as broker.py does for a client it lost."""
+
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, msg, image=None):
+        self.submitted.append(msg)
+        return FakeReplyStream(msg.request_id, protocol.Error(msg.request_id, 499, "client_gone", "front end unreachable"))
+
+
+class FakeReplyStream:
+    def __init__(self, request_id, *events):
+        self.request_id, self.events = request_id, list(events)
+
+    def next_event(self, timeout):
+        return self.events.pop(0)
+
+    def cancel(self):
+        pass
+
+
+def test_a_499_from_the_broker_runs_the_line_again(store):
+    config = dataclasses.replace(Config(), batch_data_dir=str(store.root))
+    loop = batch_worker.BatchWorker(config, client=FakeClientGoneBroker(), store=store)
+    try:
+        job = upload(store, b'{"skill": "query", "question": "hi"}\n')
+        store.set_lines(job["id"], scan(store, job))
+        loop.housekeeping(0.0)
+        task = loop.next_task(0.0)
+        loop.record(loop.run_line(task))
+        assert loop.retries == [task]  # not stranded: it runs again after RETRY_DELAY_S
+        assert store.get_job(job["id"])["status"] == batch_store.PROCESSING
+    finally:
+        loop.chunker.shutdown(wait=True)
+        loop.pool.shutdown(wait=True)
+
+
+def test_the_cursors_of_ended_jobs_are_dropped(store):
+    config = dataclasses.replace(Config(), batch_data_dir=str(store.root))
+    loop = batch_worker.BatchWorker(config, client=None, store=store)
+    try:
+        jobs = [upload(store, b'{"skill": "query", "question": "hi"}\n') for _ in range(2)]
+        for job in jobs:
+            store.set_lines(job["id"], scan(store, job))
+        loop.housekeeping(0.0)
+        assert loop.load_pending() and loop.cursors == {jobs[0]["id"]: 0}
+        store.cancel_job(jobs[0]["id"])
+        loop.housekeeping(0.0)
+        assert loop.load_pending() and loop.cursors == {jobs[1]["id"]: 0}  # the ended job's cursor is gone
+    finally:
+        loop.chunker.shutdown(wait=True)
+        loop.pool.shutdown(wait=True)

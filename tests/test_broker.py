@@ -12,11 +12,11 @@ import pytest
 import zmq
 from PIL import Image
 
-from frontend.broker_client import BrokerClient
+from broker_client.client import BrokerClient
 from shared import protocol
 from shared.config import EXIT_CONFIG
 from shared.protocol import Error, Ready, Refused, Result, Submit
-from tests.stack import REPO, ProcessGroup, config_from_env, stack_env
+from tests.stack import REPO, ProcessGroup, config_from_env, stack_env, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,6 +46,12 @@ class Services:
                 return status
             time.sleep(0.05)
         raise AssertionError(f"workers not registered in time: {status}")
+
+    def wait_until(self, what: str, timeout: float = 10.0, **counts) -> None:
+        """Until the broker's Status shows these counts (e.g. queued=1): the request is where the
+        test needs it, seen from the broker rather than guessed by a sleep."""
+        wait_for(lambda: (status := self.client.status(timeout=0.5)) is not None
+                 and all(getattr(status, name) == value for name, value in counts.items()), timeout, what)
 
     def run(self, skill="caption", params=None, image=None, **submit_fields) -> list:
         msg = Submit(request_id=uuid.uuid4().hex, skill=skill, params=params or {"length": "short"},
@@ -157,7 +163,7 @@ def test_killed_preprocess_worker_job_is_retried_on_another(services):
     s.wait_for(preprocess=2)
     msg = Submit(request_id="retry-me", skill="caption", params={"length": "short"}, settings=SETTINGS, has_image=True)
     stream = s.client.submit(msg, big_jpeg())
-    time.sleep(0.7)  # `first` (idle the longest, so chosen) is decoding it now
+    s.wait_until("the job at a preprocess worker", queued=0, in_flight=1)  # at `first`: idle the longest, so chosen
     first.send_signal(signal.SIGKILL)
     events = list(stream)
     # Preprocessed by the second worker, then no GPU: 503 no_gpu_worker, not a lost request.
@@ -234,7 +240,7 @@ def test_broker_dying_mid_request_ends_stream_with_503(services):
     s = services(NO_GPU_GRACE=30)
     s.wait_for()
     stream = s.client.submit(Submit(request_id="r", skill="query", params={"question": "q"}, settings={}), None)
-    time.sleep(0.3)
+    s.wait_until("the request queued at the broker", queued=1)
     s.broker.send_signal(signal.SIGKILL)
     started = time.monotonic()
     events = list(stream)

@@ -9,10 +9,10 @@ import time
 import pytest
 import zmq
 
-from frontend.broker_client import BrokerClient
+from broker_client.client import BrokerClient
 from shared import protocol
 from shared.protocol import Generate, Heartbeat, Ready, Result, Submit
-from tests.stack import ProcessGroup, config_from_env, stack_env
+from tests.stack import ProcessGroup, config_from_env, stack_env, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,7 +53,8 @@ class FakeGpuWorker:
 
 @pytest.fixture
 def broker(tmp_path):
-    """A real broker process and a client of it; yields (config, submit)."""
+    """A real broker process and a client of it; yields (config, submit, queued): queued(n) waits
+    until the broker's queue holds n requests (its Status says so), instead of sleeping."""
     env = stack_env(tmp_path)
     config = config_from_env(env)
     group = ProcessGroup(env, tmp_path)
@@ -64,22 +65,26 @@ def broker(tmp_path):
         return client.submit(Submit(request_id=rid, skill="query", params={"question": "q"}, settings={},
                                     priority=priority))
 
+    def queued(n: int) -> None:
+        wait_for(lambda: (status := client.status(1.0)) is not None and status.queued == n, 10,
+                 f"{n} requests queued at the broker")
+
     try:
-        yield config, submit
+        yield config, submit, queued
     finally:
         client.close()
         group.stop_all()
 
 
 def test_interactive_requests_overtake_queued_batch_lines(broker):
-    config, submit = broker
+    config, submit, queued = broker
     gpu = FakeGpuWorker(config)
     streams = [submit("first", protocol.INTERACTIVE)]
     assert gpu.next_generate() == "first"  # holds the only slot
     streams += [submit("batch-1", protocol.BACKGROUND), submit("batch-2", protocol.BACKGROUND)]
-    time.sleep(0.3)  # both queued before the interactive one arrives
+    queued(2)  # both queued before the interactive one arrives
     streams.append(submit("interactive", protocol.INTERACTIVE))
-    time.sleep(0.3)
+    queued(3)
     order, running = [], "first"
     for _ in range(3):  # each answer frees the slot for the next in line
         gpu.answer(running)
@@ -92,7 +97,7 @@ def test_interactive_requests_overtake_queued_batch_lines(broker):
 
 
 def test_batch_lines_never_hold_every_gpu_slot(broker):
-    config, submit = broker
+    config, submit, _ = broker
     gpu = FakeGpuWorker(config, capacity=4)
     streams = [submit(f"batch-{i}", protocol.BACKGROUND) for i in range(6)]
     gpu.collect(10, until=3)

@@ -20,7 +20,7 @@ import moondream as md
 import openai
 import pytest
 
-from frontend.chat_schemas import UNSUPPORTED
+from api.chat_schemas import UNSUPPORTED
 from tests.engine_helpers import CONFORMANCE
 from tests.stack import running_stack
 from tests.test_frontend_http import broker_outcome

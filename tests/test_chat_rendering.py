@@ -1,5 +1,5 @@
 """How a conversation becomes one Moondream question, and how stop sequences cut
-text (frontend/chat.py): pure functions, checked without a stack (the routes
+text (api/chat.py): pure functions, checked without a stack (the routes
 themselves are checked end to end in tests/test_chat_e2e.py)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 import msgspec
 import pytest
 
-from frontend.chat import ChatError, StopCutter, render_conversation
-from frontend.chat_schemas import ChatMessage
+from api.chat import ChatError, StopCutter, render_conversation
+from api.chat_schemas import ChatMessage
 
 IMAGE = "data:image/png;base64,AAAA"
 
@@ -66,8 +66,8 @@ def test_a_turn_with_only_an_image_is_marked():
 def test_conversations_moondream_cannot_take_are_422s(raw, code, words):
     with pytest.raises(ChatError) as caught:
         render_conversation(messages(*raw), 50)
-    assert caught.value.status.startswith("422") and caught.value.code == code
-    assert words in caught.value.description
+    assert caught.value.status == 422 and caught.value.code == code
+    assert words in caught.value.message
 
 
 def test_stop_cutter_holds_back_what_may_start_a_stop_sequence():

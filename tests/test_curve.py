@@ -21,7 +21,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from frontend.broker_client import BrokerClient
+from broker_client.client import BrokerClient
 from shared import protocol
 from shared.config import EXIT_CONFIG
 from shared.protocol import Ready, Submit

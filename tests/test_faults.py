@@ -209,7 +209,7 @@ def test_a_request_sent_after_a_broker_restart_is_not_failed_as_forgotten(tmp_pa
     import socket
     import uuid
 
-    from frontend.broker_client import BrokerClient
+    from broker_client.client import BrokerClient
     from shared.protocol import Submit
     from tests.stack import ProcessGroup, config_from_env, stack_env
 

@@ -18,8 +18,9 @@ import falcon.testing
 import pytest
 from PIL import Image
 
-from frontend.app import create_app, decode_base64
-from frontend.schemas import MAX_SPATIAL_REFS
+from api.images import decode_base64
+from frontend.app import create_app
+from api.schemas import MAX_SPATIAL_REFS
 from shared.config import Config, load_config
 
 API_KEY = "test-key-123"
@@ -410,7 +411,7 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 @pytest.fixture(scope="module")
 def live_client(stack):
-    from frontend.broker_client import BrokerClient
+    from broker_client.client import BrokerClient
     from tests.frontend_helpers import warm_up
 
     warm_up(stack)
@@ -443,7 +444,7 @@ def test_schemas_describe_the_routes():
     # The same Structs that validate must yield a JSON Schema (for an OpenAPI document).
     import msgspec
 
-    from frontend.schemas import ROUTES
+    from api.schemas import ROUTES
 
     _, components = msgspec.json.schema_components([schema for _, schema in ROUTES.values()])
     assert components["CaptionRequest"]["required"] == ["image_url"]
@@ -453,7 +454,7 @@ def test_schemas_describe_the_routes():
 
 
 def test_defaults_left_out_respect_the_server_limits():
-    from frontend.schemas import Settings
+    from api.schemas import Settings
 
     assert Settings().check(Config(max_tokens_limit=16, max_objects_limit=5)) == {"max_tokens": 16, "max_objects": 5}
     assert Settings().check(Config()) == {}  # within the limits the engine's defaults apply

@@ -84,13 +84,13 @@ def test_the_gpu_worker_sizes_its_torch_threads(tmp_path):
 
 def test_the_exports_serve_sh_evaluates(tmp_path):
     env = {**os.environ, "MOONDREAM_DEVICE": "cpu", "PREPROCESS_WORKERS": "0", "FRONTEND_WORKERS": "0", "TORCH_THREADS": "0"}
-    out = subprocess.run([sys.executable, "-m", "shared.host_size"], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "shared.sizes"], env=env, capture_output=True, text=True,
                          check=True, cwd=REPO).stdout.split()
     cpus = host_size.usable_cpus()
     threads = host_size.default_torch_threads(cpus, 1, 2, on_cpu=True)
     assert out == ["export", "FRONTEND_WORKERS=1", "PREPROCESS_WORKERS=2", f"TORCH_THREADS={threads}"]
     env["TORCH_THREADS"] = "5"
-    out = subprocess.run([sys.executable, "-m", "shared.host_size"], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "shared.sizes"], env=env, capture_output=True, text=True,
                          check=True, cwd=REPO).stdout.split()
     assert out[-1] == "TORCH_THREADS=5"
 

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from shared.config import load_config
 from tests.frontend_helpers import warm_up
 from tests.stack import REPO, ProcessGroup, running_stack, stack_env, wait_for
 
@@ -190,8 +191,8 @@ def test_a_client_request_id_cannot_pose_as_an_internal_one(stack):
 
 # ---------------------------------------------------------------- 4. MEDIUM: no silent open door
 def run_config(**env) -> subprocess.CompletedProcess:
-    """`python -m shared.host_size`, as scripts/serve.sh runs it before supervisord."""
-    return subprocess.run([sys.executable, "-m", "shared.host_size"], env={**os.environ, "HOST": "127.0.0.1",
+    """`python -m shared.sizes`, as scripts/serve.sh runs it before supervisord."""
+    return subprocess.run([sys.executable, "-m", "shared.sizes"], env={**os.environ, "HOST": "127.0.0.1",
                           "VLM_API_KEY": "", "ALLOW_UNAUTHENTICATED": "", **env},
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
@@ -204,11 +205,20 @@ def run_config(**env) -> subprocess.CompletedProcess:
     ({"BATCH_SIZE": "-1"}, "BATCH_SIZE=-1 must be above 0"),
     ({"PORT": "70000"}, "PORT=70000 must be between 1 and 65535"),
     ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT=nan is not a finite number"),
+    ({"STRICT_FIELDS": "tru"}, "STRICT_FIELDS='tru' is not true or false"),
 ])
 def test_a_setting_that_cannot_work_is_one_line_and_exit_78(env, words):
     done = run_config(**env)
     assert done.returncode == 78 and done.stdout == "", done
     assert done.stderr.count("\n") == 1 and words in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("raw, value", [("1", True), ("TRUE", True), (" yes ", True), ("on", True),
+                                        ("0", False), ("false", False), ("No", False), ("off", False)])
+def test_boolean_settings_read_the_usual_words(monkeypatch, raw, value):
+    for name, setting in {"HOST": "127.0.0.1", "VLM_API_KEY": "", "STRICT_FIELDS": raw}.items():
+        monkeypatch.setenv(name, setting)
+    assert load_config(exit_on_error=False).strict_fields is value
 
 
 def test_open_doors_that_are_said_out_loud_start():

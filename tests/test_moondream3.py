@@ -362,7 +362,7 @@ def test_batched_rows_on_different_experts_equal_each_row_alone():
 
 def test_the_served_family_decides_the_model_names():
     """moondream3-preview names Moondream 3 when it is served, and is an alias of Moondream 2 otherwise."""
-    from frontend.models import ModelNames, ModelNotFound
+    from api.models import ModelNames, ModelNotFound
     from shared.config import Config
 
     md3 = ModelNames(Config(model=MAIN))

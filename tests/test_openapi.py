@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from frontend.app import create_app
-from frontend.chat_schemas import MISSING_SKILL_STATUS, MISSING_SKILLS
+from api.chat_schemas import MISSING_SKILL_STATUS, MISSING_SKILLS
 from frontend.openapi import build_spec
 from tests.frontend_helpers import SMALL_IMAGE, warm_up
 from tests.stack import config_from_env, running_stack
@@ -117,7 +117,7 @@ def test_document_describes_every_route_from_the_schemas(stack, api):
 def test_every_route_the_app_serves_is_documented(stack, api):
     """The app's own routing table (Falcon's inspect), every method a resource implements,
     against the document: a route added without its description fails here."""
-    from frontend.broker_client import BrokerClient
+    from broker_client.client import BrokerClient
 
     broker = BrokerClient(stack.config)
     try:
@@ -197,7 +197,7 @@ def test_generated_batch_requests_conform(api, method, path, mode):
 def test_a_batch_job_conforms_from_upload_to_results(api):
     """Every batch operation with ids that exist, through a real job (the stack's batch worker
     runs it): each answer is checked against the document, the result lines too."""
-    from frontend.batch_schemas import ResultLineError, ResultLineOk
+    from api.batch_schemas import ResultLineError, ResultLineOk
 
     def call(method: str, path: str, **kwargs):
         response = api[path][method].Case(**kwargs).call_and_validate(checks=CHECKS, timeout=HTTP_TIMEOUT_S)

@@ -1,4 +1,4 @@
-"""Remote image URLs (frontend/remote_image.py): off by default; when on, only
+"""Remote image URLs (api/remote_image.py): off by default; when on, only
 public addresses, checked again on every redirect, with size, type and time limits.
 
 No test here sends anything to a non-loopback address.  The address policy is
@@ -18,9 +18,9 @@ import time
 import falcon.testing
 import pytest
 
-from frontend import remote_image
+from api import remote_image
 from frontend.app import create_app
-from frontend.remote_image import RemoteImageError, checked_address, fetch_image, is_public_address
+from api.remote_image import RemoteImageError, checked_address, fetch_image, is_public_address
 from shared.config import load_config
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible routes' bodies: requests (decoded and validated) and
 answers (written down for /openapi.json), as msgspec Structs.
 
-Validation has the same two steps as the /v1 skill routes (frontend/schemas.py):
+Validation has the same two steps as the /v1 skill routes (api/schemas.py):
 a wrong shape is a 400 from msgspec, values that make no sense a 422 from
 `ChatRequest.check`.  OpenAI fields that Moondream cannot honour (tools, n > 1,
 logprobs, response formats, audio, ...) are declared here only so that each can
@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from frontend.schemas import Model, Variant
+from api.schemas import Model, Variant
 
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
@@ -29,7 +29,7 @@ MISSING_SKILLS = {
 MISSING_SKILL_STATUS = 501
 
 # OpenAI allows up to 4 stop sequences; each is bounded too (docs/chat.md), so that one
-# request cannot make the front end's matching (frontend/chat.py StopCutter) long.
+# request cannot make the front end's matching (api/chat.py StopCutter) long.
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 1024
 

@@ -1,4 +1,4 @@
-"""How the HTTP front end talks to the broker.
+"""How the HTTP front end and the batch worker talk to the broker.
 
 Many waitress threads use one BrokerClient.  ZeroMQ sockets are not thread
 safe, so one background I/O thread owns the DEALER connected to the broker
@@ -31,7 +31,9 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from broker_client.waiting import wait_events
 from shared import keys, protocol
+from shared.liveness import Liveness
 from shared.protocol import Cancel, Chunk, Error, Result, Status, StatusQuery, Submit
 
 log = logging.getLogger("broker_client")
@@ -48,7 +50,7 @@ def _unavailable(request_id: str, why: str) -> Error:
 
 class ReplyStream:
     """The events of one request, in order, ending with one Result or Error.  The
-    front end reads them with next_event() through frontend.app.wait_events, which
+    front end reads them with next_event() through broker_client.waiting.wait_events, which
     also enforces the deadline and watches the HTTP client."""
 
     def __init__(self, client: "BrokerClient", request_id: str, replies: queue.Queue, deadline: float):
@@ -71,8 +73,6 @@ class ReplyStream:
     def __iter__(self) -> Iterator[Event]:
         """Every event to the end, for scripts and tests: the front end's own loop
         (one deadline rule, one grace period), without an HTTP client to watch."""
-        from frontend.app import wait_events  # here: app imports this module
-
         return wait_events(self, self._deadline, client_gone=None)
 
     def cancel(self) -> None:
@@ -201,12 +201,10 @@ class BrokerClient:
         poller.register(dealer, zmq.POLLIN)
         poller.register(self._inbox, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
-        interval = self.config.heartbeat_interval
+        liveness = Liveness(self.config.heartbeat_interval, self.config.heartbeat_expiry)  # status pings as heartbeats
         expiry = self.config.heartbeat_expiry
         unsent: list[tuple[float, str, list]] = []  # (first try, request_id, frames) waiting for a connection
         broker_id = None
-        last_heard = time.monotonic()
-        next_ping = 0.0
         warned = False
         try:
             while not self._closed.is_set():
@@ -233,19 +231,18 @@ class BrokerClient:
                         unsent.append((now, frames[0].bytes.decode(), frames[1:]))
                 unsent = self._send_waiting(dealer, unsent, now, expiry, verified=self._verified)
                 if dealer in ready:
-                    last_heard, broker_id = self._read_replies(dealer, last_heard, broker_id)
-                if now >= next_ping:
-                    next_ping = now + interval
+                    broker_id = self._read_replies(dealer, liveness, broker_id)
+                if liveness.beat_due(now):
                     try:
                         dealer.send_multipart(protocol.encode(StatusQuery(f"{_PING_PREFIX}{next(self._ids)}")), zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass  # not connected; silence handles it
-                if now - last_heard > expiry:
+                if liveness.gone(now):
                     with self._replies_lock:
                         waiting = any(rid not in self._status_ids for rid in self._replies)
                     if waiting:
                         if not warned:  # once per outage, not once per request
-                            log.warning("broker silent for %.1f s: failing open requests", now - last_heard)
+                            log.warning("broker silent for %.1f s: failing open requests", liveness.silent_for(now))
                             warned = True
                         self._fail_all("the broker is not answering")
                 else:
@@ -287,13 +284,13 @@ class BrokerClient:
         self.problem = why
         self._fail_all(why)
 
-    def _read_replies(self, dealer: zmq.Socket, last_heard: float, broker_id):
+    def _read_replies(self, dealer: zmq.Socket, liveness: Liveness, broker_id):
         while True:
             try:
                 frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return last_heard, broker_id
-            last_heard = time.monotonic()
+                return broker_id
+            liveness.heard()
             try:
                 msg, _ = protocol.decode(frames)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:

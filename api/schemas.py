@@ -107,7 +107,7 @@ class Settings(msgspec.Struct):
 
     def check(self, config: Config) -> dict:
         """Validate; return only the settings the client gave (the engine fills the rest).
-        The variant is not among them: the route chooses it (frontend/models.py)."""
+        The variant is not among them: the route chooses it (api/models.py)."""
         given = {name: getattr(self, name) for name in self.__struct_fields__
                  if getattr(self, name) is not None and name != "variant"}
         for name in ("temperature", "top_p"):
