@@ -46,6 +46,8 @@ NO_KERNEL = {
     "aten::narrow", "aten::flatten", "aten::unflatten", "aten::view_as", "aten::expand_as", "aten::contiguous",
     "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense", "aten::result_type", "aten::empty_like",
     "aten::set_", "aten::_nnz", "aten::size", "aten::stride", "aten::numel", "aten::dim",
+    # no-ops unless they convert, and then their child (aten::copy_) is the kernel
+    "aten::to", "aten::_to_copy", "aten::resolve_conj", "aten::resolve_neg",
 }
 
 
