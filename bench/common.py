@@ -45,7 +45,12 @@ SMALL_CONFIG = {**TINY_CONFIG, "vision": {**TINY_CONFIG["vision"], "enc_n_layers
 
 
 def load_engine(model: str, device: str, dtype: str) -> Engine:
-    """random:full / random:tiny / a checkpoint through the normal loader; random:small here."""
+    """random:full / random:tiny / a checkpoint through the normal loader; random:small and
+    random:overhead (Moondream 2's 24 text layers at tiny widths: bench/overhead.py) here."""
+    if model == "random:overhead":
+        from bench.overhead import overhead_engine
+
+        return overhead_engine()
     if model != "random:small":
         return load_model(Config(model=model, device=device, dtype=dtype))
     cfg = ModelConfig.from_json({"revision": "2025-06-21", **SMALL_CONFIG}, "2025-06-21")

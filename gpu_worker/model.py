@@ -44,6 +44,11 @@ def _linear(x, w, name):
     return F.linear(x, weight, w[name + ".bias"])
 
 
+def _as(x: torch.Tensor, dtype) -> torch.Tensor:
+    """x in dtype; no call at all when it already is (a no-op .to still costs host time every layer)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _layer_norm(x, w, name):
     return F.layer_norm(x, (x.shape[-1],), w[name + ".weight"], w[name + ".bias"], eps=1e-5)
 
@@ -147,11 +152,36 @@ def rotary_table(max_context: int, device, theta: float = 10000.0) -> tuple[torc
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos/sin (B, 1, T, 16).  NeoX-style on the first 32 dims."""
-    half = ROTARY_DIMS // 2
-    x1, x2, rest = x[..., :half], x[..., half:ROTARY_DIMS], x[..., ROTARY_DIMS:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+    """x (B, H, T, D); cos/sin (B, 1, T, 16), or the whole-head tables of `rotary_for_heads`
+    (B, 1, T, D), which _text_blocks builds once per forward.  NeoX-style on the first 32 dims."""
+    if cos.shape[-1] != x.shape[-1]:
+        cos, sin = rotary_for_heads(cos, sin, x.shape[-1], x.dtype)
+    # x * C + swap(x) * S, with swap exchanging the two rotary halves: three kernels instead of
+    # seven, and bit-identical to the halves formula (a - b*s == a + b*(-s); beyond the rotary
+    # dims C is 1 and S is 0, so those dims pass through unchanged)
+    return x * cos + x.index_select(-1, _rotary_swap(x.shape[-1], x.device)) * sin
+
+
+def rotary_for_heads(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (.., 16) cos/sin tables widened to whole heads for `_apply_rotary`:
+    C = [cos, cos, 1...], S = [-sin, sin, 0...], in the activations' dtype."""
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    rest = cos.shape[:-1] + (head_dim - ROTARY_DIMS,)
+    ones, zeros = cos.new_ones(rest), cos.new_zeros(rest)
+    return torch.cat([cos, cos, ones], dim=-1), torch.cat([-sin, sin, zeros], dim=-1)
+
+
+_SWAPS: dict = {}
+
+
+def _rotary_swap(head_dim: int, device) -> torch.Tensor:
+    """Index that swaps the two rotary halves of a head and keeps the other dims."""
+    key = (head_dim, str(device))
+    if key not in _SWAPS:
+        half = ROTARY_DIMS // 2
+        order = list(range(half, ROTARY_DIMS)) + list(range(half)) + list(range(ROTARY_DIMS, head_dim))
+        _SWAPS[key] = torch.tensor(order, device=device)
+    return _SWAPS[key]
 
 
 class PoolExhausted(RuntimeError):
@@ -442,6 +472,7 @@ def _text_blocks(x, w, cfg, cos, sin, attend_for_layer, lora: "LoraBatch | None"
     """The decoder blocks.  `positions` (B or 1, T) are the rows' absolute positions,
     needed by Moondream 3's tau (Moondream 2 reads them only through cos/sin)."""
     log_pos = moondream3.log_positions(positions) if cfg.is_moondream3 else None
+    cos, sin = rotary_for_heads(cos, sin, cfg.head_dim, x.dtype)  # once, not per layer
     for i in range(cfg.n_layers):
         b = f"text.blocks.{i}"
         adapt = lora.adapter_for(i) if lora is not None else None
@@ -552,11 +583,11 @@ def text_forward(embeds: torch.Tensor, layout: BatchLayout, cache: PagedKVCache,
             # read in its own dtype; with equal dtypes the casts are no-ops
             # index_copy_ / index_select: plain advanced indexing on the pool's middle axis is
             # many times slower on the CPU (measured: 7.8 ms against 0.014 ms per write)
-            k_pool.index_copy_(1, layout.write, k.transpose(0, 1).reshape(heads, b * t, -1).to(k_pool.dtype))
-            v_pool.index_copy_(1, layout.write, v.transpose(0, 1).reshape(heads, b * t, -1).to(v_pool.dtype))
+            k_pool.index_copy_(1, layout.write, _as(k.transpose(0, 1).reshape(heads, b * t, -1), k_pool.dtype))
+            v_pool.index_copy_(1, layout.write, _as(v.transpose(0, 1).reshape(heads, b * t, -1), v_pool.dtype))
             keys = k_pool.index_select(1, layout.read.view(-1)).view(heads, b, width, -1).transpose(0, 1)
             values = v_pool.index_select(1, layout.read.view(-1)).view(heads, b, width, -1).transpose(0, 1)
-            q = q.to(k_pool.dtype)
+            q = _as(q, k_pool.dtype)
             if not layout.groups:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.mask, enable_gqa=gqa)
             else:
@@ -565,7 +596,7 @@ def text_forward(embeds: torch.Tensor, layout: BatchLayout, cache: PagedKVCache,
                 parts = [(k_pool[:, where], v_pool[:, where], members) for where, members in layout.groups]
                 attention = _attention_with_shared_prefixes_cpu if q.device.type == "cpu" else _attention_with_shared_prefixes
                 out = attention(q, keys, values, mask, parts)
-            return out.to(embeds.dtype)
+            return _as(out, embeds.dtype)
         return attend
 
     return _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer, lora, layout.positions)

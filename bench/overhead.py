@@ -1,0 +1,224 @@
+"""Host overhead of a decode step: what a GPU would wait on, measured on the CPU.
+
+    python bench/overhead.py                      # batches 1, 8, 32, 64, baseline = main's parent tree
+    python bench/overhead.py --quick              # seconds; for the smoke test
+    python bench/overhead.py --baseline none      # this tree only
+
+`random:overhead` is Moondream 2's text stack (24 layers, the same op graph) at tiny
+widths (dim 128), so its arithmetic is negligible and a step's time is Python,
+dispatch and per-op overhead: the part of a step a GPU cannot hide.  For each batch
+size the script fills an in-process Scheduler with text-only greedy queries, lets
+them reach steady-state decode (every row feeding one token) and times whole
+`Scheduler.step()` calls (forward, lm_head, sampling, the programs' bookkeeping),
+one torch thread.  It also counts the PyTorch ops of one step with the profiler
+(leaf aten ops that run a kernel: views and metadata ops left out, as
+docs/performance.md 4.1 counts them) and the share of the profiled step spent
+outside those ops.
+
+The baseline is the code of `--baseline` (a commit), checked out in a temporary git
+worktree; each code tree runs in its own subprocess, alternating in rounds, so both
+see the same machine load.  Ratios are this tree's step time over the baseline's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINE = "770fe14"  # main before issue 21 (host-time cuts)
+BATCHES = (1, 8, 32, 64)
+
+# Moondream 2's text stack at tiny widths; 2 vision layers (no image is used).
+OVERHEAD_TEXT = {"dim": 128, "ff_dim": 256, "n_layers": 24, "vocab_size": 512, "n_heads": 2, "n_kv_heads": 2}
+
+# aten ops that launch no kernel: views, shape and metadata changes, allocation
+NO_KERNEL = {
+    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::t", "aten::transpose", "aten::permute",
+    "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice", "aten::as_strided",
+    "aten::empty", "aten::empty_strided", "aten::_unsafe_view", "aten::alias", "aten::detach", "aten::detach_",
+    "aten::lift_fresh", "aten::resize_", "aten::split", "aten::split_with_sizes", "aten::unbind", "aten::chunk",
+    "aten::narrow", "aten::flatten", "aten::unflatten", "aten::view_as", "aten::expand_as", "aten::contiguous",
+    "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense", "aten::result_type", "aten::empty_like",
+    "aten::set_", "aten::_nnz", "aten::size", "aten::stride", "aten::numel", "aten::dim",
+    # no-ops unless they convert, and then their child (aten::copy_) is the kernel
+    "aten::to", "aten::_to_copy", "aten::resolve_conj", "aten::resolve_neg",
+}
+
+
+def overhead_engine():
+    """random:overhead from the gpu_worker of whichever tree is first on sys.path."""
+    import torch
+    from gpu_worker.checkpoint import TINY_CONFIG, Checkpoint, ModelConfig, _byte_level_tokenizer
+    from gpu_worker.engine import Engine
+
+    raw = {"revision": "2025-06-21", **TINY_CONFIG, "text": OVERHEAD_TEXT,
+           "vision": {**TINY_CONFIG["vision"], "enc_n_layers": 2}}
+    cfg = ModelConfig.from_json(raw, "2025-06-21")
+    gen = torch.Generator().manual_seed(1234)
+    weights = {}
+    for name, shape in cfg.weight_shapes().items():
+        if ".ln" in name or "post_ln" in name:
+            weights[name] = torch.ones(shape) if name.endswith(".weight") else torch.zeros(shape)
+        else:
+            weights[name] = torch.randn(shape, generator=gen) * 0.02
+    return Engine(Checkpoint(cfg, weights, _byte_level_tokenizer(cfg.vocab_size), "random:overhead",
+                             test_model=True))
+
+
+def steady_scheduler(engine, b: int, max_tokens: int):
+    """A Scheduler with b text-only greedy queries, stepped until every row decodes."""
+    from gpu_worker.engine_types import EngineRequest
+    from gpu_worker.scheduler import Scheduler
+
+    sched = Scheduler(engine, max_batch=max(b, 1), context=512)
+    for i in range(b):
+        sched.add(EngineRequest(f"q{i}", "query", {"question": f"Say something about number {i}."},
+                                {"temperature": 0, "max_tokens": max_tokens}))
+    for _ in range(50):
+        sched.step()
+        if len(sched.running) == b and all(s.feed is not None and s.feed.length == 1 for s in sched.running.values()):
+            return sched
+    raise RuntimeError(f"batch {b} never reached steady decode")
+
+
+def decoding(sched, b: int) -> bool:
+    return len(sched.running) == b and all(s.feed.length == 1 for s in sched.running.values())
+
+
+def time_steps(engine, b: int, steps: int) -> list[float]:
+    """Seconds per steady-state Scheduler.step() at batch b (steps where a row finished are dropped)."""
+    out = []
+    while len(out) < steps:
+        sched = steady_scheduler(engine, b, max_tokens=steps + 20)
+        for _ in range(3):  # warm-up
+            sched.step()
+        while len(out) < steps and decoding(sched, b):
+            t0 = time.perf_counter()
+            sched.step()
+            dt = time.perf_counter() - t0
+            if sched.counters["last_batch"] == b and len(sched.running) == b:
+                out.append(dt)
+        while sched.has_work():
+            sched.step()
+    return out
+
+
+def profile_step(engine, b: int) -> dict:
+    """Kernel-launching aten ops in one steady step, and the share of the step outside them."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sched = steady_scheduler(engine, b, max_tokens=40)
+    for _ in range(3):
+        sched.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        sched.step()
+        wall = time.perf_counter() - t0
+    kernels, kernel_us, aten_calls = 0, 0.0, 0
+    for ev in prof.events():
+        if not ev.name.startswith("aten::"):
+            continue
+        aten_calls += 1
+        if ev.name in NO_KERNEL:
+            continue
+        if any(c.name.startswith("aten::") and c.name not in NO_KERNEL for c in ev.cpu_children):
+            continue  # a composite op: its children are counted
+        kernels += 1
+        kernel_us += ev.cpu_time_total
+    return {"kernels": kernels, "aten_calls": aten_calls,
+            "outside_kernels_share": max(0.0, 1 - kernel_us / 1e6 / wall), "profiled_step_s": wall}
+
+
+def worker(args) -> None:
+    """Run in a subprocess with one code tree first on sys.path; print one JSON line."""
+    sys.path.insert(0, args.code)
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    engine = overhead_engine()
+    result = {}
+    for b in args.batches:
+        times = time_steps(engine, b, args.steps)
+        result[str(b)] = {"step_s": statistics.median(times), "steps": len(times)}
+        if args.profile:
+            result[str(b)].update(profile_step(engine, b))
+    print("RESULT " + json.dumps(result))
+
+
+def run_tree(code: str, args, profile: bool) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--code", code, "--steps", str(args.steps),
+           "--batches", *map(str, args.batches)] + (["--profile"] if profile else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": code}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{code}: {out.stderr[-2000:]}")
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--baseline", default=BASELINE, help="commit to compare against, or 'none'")
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per batch size and round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two trees")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--code", default=ROOT, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.quick:
+        args.batches, args.steps, args.rounds = [1, 8], 5, 1
+
+    trees = {"this": ROOT}
+    tmp = None
+    if args.baseline != "none":
+        tmp = tempfile.mkdtemp(prefix="bench-overhead-")
+        subprocess.run(["git", "worktree", "add", "--detach", tmp, args.baseline], cwd=ROOT, check=True,
+                       capture_output=True)
+        trees["baseline"] = tmp
+    try:
+        times = {name: {b: [] for b in args.batches} for name in trees}
+        prof = {}
+        for r in range(args.rounds):
+            for name, code in trees.items():
+                res = run_tree(code, args, profile=(r == 0))
+                for b in args.batches:
+                    times[name][b].append(res[str(b)]["step_s"])
+                    if r == 0:
+                        prof.setdefault(name, {})[b] = {k: v for k, v in res[str(b)].items() if k != "step_s"}
+    finally:
+        if tmp:
+            subprocess.run(["git", "worktree", "remove", "--force", tmp], cwd=ROOT, capture_output=True)
+
+    print(f"random:overhead (24 layers, dim 128), one torch thread, {args.rounds} rounds x {args.steps} steps")
+    print("| batch | tree | step ms (median of rounds) | steps/s | kernels/step | aten calls | outside kernels | ratio to baseline |")
+    print("|---|---|---|---|---|---|---|---|")
+    out = {}
+    for b in args.batches:
+        base = statistics.median(times["baseline"][b]) if "baseline" in times else None
+        for name in trees:
+            t = statistics.median(times[name][b])
+            p = prof[name][b]
+            ratio = f"{t / base:.2f}" if base else "-"
+            print(f"| {b} | {name} | {t * 1e3:.2f} | {1 / t:.0f} | {p.get('kernels', '-')} | "
+                  f"{p.get('aten_calls', '-')} | {p.get('outside_kernels_share', 0):.0%} | {ratio} |")
+            out.setdefault(str(b), {})[name] = {"step_s": t, "rounds": times[name][b], **p}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
