@@ -28,10 +28,8 @@ IMAGES = ["small_96x64.png", "landscape_800x600.png", "photo_773x767.jpg"]
 
 def request(skill, params, variant=None, image=IMAGES[0], max_tokens=16, **settings):
     settings = {"temperature": 0, "max_tokens": max_tokens, **settings}
-    if variant is not None:
-        settings["variant"] = variant
     img = fixture_image("variants", image) if image else None
-    return EngineRequest(uuid.uuid4().hex, skill, dict(params), settings, img, seed=5)
+    return EngineRequest(uuid.uuid4().hex, skill, dict(params), settings, img, seed=5, variant=variant)
 
 
 def mixed_requests():
