@@ -132,7 +132,7 @@ class Scheduler:
         n_blocks = kv_pool_blocks(engine, max_batch, context, block_size, kv_cache_bytes)
         self.cache = engine.new_cache(n_blocks, block_size, context, attention)
         self.waiting: collections.deque[tuple[EngineRequest, float]] = collections.deque()
-        self.awaiting_variant: dict[str, list[tuple[EngineRequest, float]]] = {}  # variant downloads in progress
+        self.awaiting_variant: dict[str, list[tuple[EngineRequest, float]]] = {}  # variants loading or downloading (off this thread)
         self.running: dict[str, Sequence] = {}
         self.images = ImageCache(image_cache_bytes, self.cache)
         self.waiting_for_blocks = 0  # queued requests held back by a lack of free KV blocks (not of rows)
@@ -154,7 +154,7 @@ class Scheduler:
         (a VariantError, with its own status, for a variant it cannot serve)."""
         self._validate(req)
         entry = (req, time.perf_counter())
-        if req.variant is not None and self._variant_status(req.variant) == "fetching":
+        if req.variant is not None and self._variant_status(req.variant) != "ready":  # loading or fetching
             self.awaiting_variant.setdefault(req.variant, []).append(entry)
             return
         self._enqueue(entry)
@@ -278,10 +278,11 @@ class Scheduler:
         return self.variants.status(variant)
 
     def _collect_downloads(self) -> None:
-        """Requests whose variant finished downloading join the queue (or fail with its error)."""
+        """Requests whose variant finished loading (or downloading, then loading) join the
+        queue, or fail with its error."""
         if self.variants is None or not self.awaiting_variant:
             return
-        for variant, err in self.variants.poll_downloads():
+        for variant, err in self.variants.poll_pending():
             for req, t_added in self.awaiting_variant.pop(variant, []):
                 if err is None:
                     self._enqueue((req, t_added))
@@ -289,7 +290,7 @@ class Scheduler:
                     self.events.append(Failed(req.request_id, str(err), err.status, err.code))
 
     def _adapter_for(self, req: EngineRequest) -> Optional[Adapter]:
-        """Loads the variant if needed (within this step: others wait at most one step)."""
+        """The variant's adapter: loaded off this thread before the request was queued."""
         return self.variants.get(req.variant) if req.variant is not None else None
 
     @staticmethod
