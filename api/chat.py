@@ -105,11 +105,14 @@ def query_settings(request: ChatRequest, config: Config) -> dict:
         message = str(ex).replace("settings.max_tokens", max_field).replace("settings.", "")
         param = next((name for name in ("temperature", "top_p", max_field) if message.startswith(name)), None)
         raise ChatError(422, "invalid_value", message, param) from None
-    if request.seed is not None:
-        if not 0 <= request.seed < 2**63:
-            raise ChatError(422, "invalid_value", "seed must be between 0 and 2**63 - 1", "seed")
-        checked["seed"] = request.seed  # the GPU worker seeds the request's own sampler with it
     return checked
+
+
+def chat_seed(request: ChatRequest) -> Optional[int]:
+    """The checked `seed` (Submit.seed: the GPU worker seeds the request's own sampler with it)."""
+    if request.seed is not None and not 0 <= request.seed < 2**63:
+        raise ChatError(422, "invalid_value", "seed must be between 0 and 2**63 - 1", "seed")
+    return request.seed
 
 
 def stop_sequences(request: ChatRequest) -> list[str]:

@@ -24,6 +24,7 @@ import msgspec
 from msgspec import Meta
 
 from shared.config import Config
+from shared.protocol import DEFAULT_MAX_OBJECTS, DEFAULT_MAX_TOKENS
 
 # Spatial references become tokens in the prompt; a few are plenty and an
 # unbounded number could overflow the model's 2048-token context.
@@ -75,8 +76,6 @@ SpatialRef = Annotated[
 ]
 
 
-DEFAULT_MAX_TOKENS = 768  # the model's own defaults (gpu_worker/programs.py)
-DEFAULT_MAX_OBJECTS = 50
 
 
 class Settings(msgspec.Struct):
@@ -94,13 +93,13 @@ class Settings(msgspec.Struct):
     ] = None
     max_tokens: Annotated[
         Optional[int],
-        Meta(description="Most tokens to generate, 1..MAX_TOKENS_LIMIT. Default 768.",
+        Meta(description=f"Most tokens to generate, 1..MAX_TOKENS_LIMIT. Default {DEFAULT_MAX_TOKENS}.",
              extra_json_schema={"minimum": 1}),
     ] = None
     max_objects: Annotated[
         Optional[int],
         Meta(description="Most objects or points to return (detect, point), "
-             "1..MAX_OBJECTS_LIMIT. Default 50.",
+             f"1..MAX_OBJECTS_LIMIT. Default {DEFAULT_MAX_OBJECTS}.",
              extra_json_schema={"minimum": 1}),
     ] = None
     variant: Variant = None
@@ -121,7 +120,7 @@ class Settings(msgspec.Struct):
             raise InvalidValue(f"settings.max_tokens must be between 1 and {config.max_tokens_limit}")
         if not 1 <= given.get("max_objects", 1) <= config.max_objects_limit:
             raise InvalidValue(f"settings.max_objects must be between 1 and {config.max_objects_limit}")
-        # the engine's defaults (768 tokens, 50 objects) must respect this server's limits too
+        # the engine's defaults (DEFAULT_MAX_TOKENS, DEFAULT_MAX_OBJECTS) must respect this server's limits too
         if "max_tokens" not in given and config.max_tokens_limit < DEFAULT_MAX_TOKENS:
             given["max_tokens"] = config.max_tokens_limit
         if "max_objects" not in given and config.max_objects_limit < DEFAULT_MAX_OBJECTS:

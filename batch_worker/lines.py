@@ -89,8 +89,6 @@ def to_submit(raw: bytes, request_id: str, config, names: models.ModelNames) -> 
         model_id = names.resolve(line.model)[0]
     except (schemas.InvalidValue, models.ModelNotFound, models.BadVariantId, models.ConflictingVariants) as ex:
         raise LineError(INVALID_REQUEST, str(ex)) from None
-    if variant is not None:
-        settings["variant"] = variant
     image = None
     if image_text is not None:
         url = image_text if image_text.startswith("data:") else "data:image/*;base64," + image_text
@@ -100,7 +98,7 @@ def to_submit(raw: bytes, request_id: str, config, names: models.ModelNames) -> 
             raise LineError(IMAGE_DECODE_FAILED, ex.message) from None
     submit = protocol.Submit(request_id=request_id, skill=line.skill, params=params, settings=settings,
                              has_image=image is not None, deadline=time.time() + config.request_timeout,
-                             priority=protocol.BACKGROUND, model=names.submit_model(model_id))
+                             priority=protocol.BACKGROUND, model=names.submit_model(model_id), variant=variant)
     return submit, image
 
 

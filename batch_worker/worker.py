@@ -2,12 +2,12 @@
 bounded number at a time, and write each line's result as it comes.
 
 It is a client of the broker like the front end (a BrokerClient on the
-front-end socket), and sends its lines with protocol.BACKGROUND priority, so
-the broker queues them behind interactive requests.  BATCH_IN_FLIGHT bounds
-how many lines are submitted at once: below the GPU worker's BATCH_SIZE, batch
-lines never hold every slot.  While the broker reports interactive requests
-(Status.background tells them apart) the bound drops to BATCH_IN_FLIGHT_BUSY:
-lines already running finish, no more start.
+front-end socket), and sends its lines with protocol.BACKGROUND priority; that
+is all it does for fairness.  The broker and the GPU worker's scheduler apply
+the one priority policy (shared/priority.py): interactive requests are queued
+and started first, a quarter of the GPU slots never hold batch lines, and batch
+lines yield steps to interactive decodes (BATCH_YIELD_MS).  BATCH_IN_FLIGHT
+bounds how many lines are submitted at once.
 
 Each line in flight is waited for on a thread of a small pool (a ReplyStream
 blocks); results are written by this loop alone, one transaction per line
@@ -40,8 +40,6 @@ RETRY_DELAY_S = 1.0  # a line that could not run now waits this long (the broker
 HOUSEKEEPING_S = 0.25  # how often new jobs, cancels and expiries are looked for (a new job waits at most this long)
 PURGE_EVERY_S = 600.0
 POLL_S = 0.2
-LOOK_FOR_INTERACTIVE_S = 0.25  # how often the broker is asked whether interactive requests are running
-BUSY_HOLD_S = 5.0  # after the last interactive request seen, the job stays narrow this long (no flapping)
 
 
 @dataclasses.dataclass
@@ -74,9 +72,6 @@ class BatchWorker:
         self.store = store or batch_store_for(config)
         self.names = models.ModelNames(config)
         self.in_flight_limit = max(1, config.batch_in_flight)
-        self.busy_limit = max(1, min(config.batch_in_flight_busy, self.in_flight_limit))
-        self.busy_until = 0.0  # monotonic: until then interactive users get the room (busy_limit)
-        self.next_look = 0.0
         self.pool = concurrent.futures.ThreadPoolExecutor(self.in_flight_limit, thread_name_prefix="batch-line")
         # a large file takes seconds to scan: off the loop, so lines in flight keep being recorded meanwhile
         self.chunker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch-chunk")
@@ -106,9 +101,6 @@ class BatchWorker:
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_S
             self.housekeeping(now)
-        if now >= self.next_look:
-            self.next_look = now + LOOK_FOR_INTERACTIVE_S
-            self.look_for_interactive(now)
         self.top_up(now)
         if not self.in_flight:
             time.sleep(POLL_S)
@@ -166,22 +158,9 @@ class BatchWorker:
         self.store.set_lines(job_id, spans)
         log.info("job %s: %d lines (chunked in %.2f s)", job_id, len(spans), time.monotonic() - started)
 
-    def look_for_interactive(self, now: float) -> None:
-        """Yield to interactive users: on a device whose step time grows with the batch (a CPU,
-        a GPU past its flat region), every batch row slows their answers down."""
-        if self.busy_limit >= self.in_flight_limit or not self.running_jobs:
-            return
-        status = self.client.status(timeout=0.2)
-        if status is not None and status.queued + status.in_flight > status.background:
-            if now >= self.busy_until:
-                log.info("interactive requests running: at most %d batch lines in flight", self.busy_limit)
-            self.busy_until = now + BUSY_HOLD_S
-
     def top_up(self, now: float) -> None:
-        """Start lines until the limit is reached: BATCH_IN_FLIGHT, or BATCH_IN_FLIGHT_BUSY while
-        interactive requests are running.  Retries that are due first, then new lines."""
-        limit = self.busy_limit if now < self.busy_until else self.in_flight_limit
-        while len(self.in_flight) < limit:
+        """Start lines until BATCH_IN_FLIGHT are in flight.  Retries that are due first, then new lines."""
+        while len(self.in_flight) < self.in_flight_limit:
             task = self.next_task(now)
             if task is None:
                 return

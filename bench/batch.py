@@ -11,8 +11,9 @@ both).  Reported: requests/s vs lines/s, and their ratio (goal >= 0.9).
 Fairness: an open-loop interactive load (--rate queries/s, short answers) runs
 for --seconds without a job, then again while a large caption job runs; the
 ratio of the two p50 latencies is the cost the job puts on interactive users
-(goal <= 1.5).  While interactive requests run, the batch worker narrows to
-BATCH_IN_FLIGHT_BUSY lines (--busy; = --concurrency to switch that off).  On a CPU a decode step's time grows with the batch, so the
+(goal <= 1.5).  The batch worker only marks its lines BACKGROUND; the broker and
+the GPU worker's scheduler let interactive requests go first (shared/priority.py).
+On a CPU a decode step's time grows with the batch, so the
 job's lines slow the interactive ones down in a way they would not on a GPU,
 where a step costs about the same for 8 rows or 24.
 
@@ -122,7 +123,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=8, help="HTTP concurrency = BATCH_IN_FLIGHT")
     ap.add_argument("--batch-size", type=int, default=32, help="BATCH_SIZE of the GPU worker")
-    ap.add_argument("--busy", type=int, default=2, help="BATCH_IN_FLIGHT_BUSY (= --concurrency: the job never yields)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--rate", type=float, default=1.0, help="fairness: interactive queries per second")
     ap.add_argument("--seconds", type=float, default=30.0, help="fairness: length of each interactive run")
@@ -153,7 +153,6 @@ def main(argv=None) -> dict:
             from tests.stack import running_stack
 
             with running_stack(BATCH_SIZE=args.batch_size, BATCH_IN_FLIGHT=args.concurrency, REQUEST_TIMEOUT=600,
-                               BATCH_IN_FLIGHT_BUSY=args.busy,
                                HTTP_THREADS=max(32, 2 * args.concurrency)) as stack:
                 with urllib.request.urlopen(stack.url + "/health", timeout=5):
                     pass

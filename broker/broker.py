@@ -27,7 +27,7 @@ from typing import Optional
 import msgspec
 import zmq
 
-from shared import keys, protocol
+from shared import keys, priority, protocol
 from shared.config import StartupError
 from shared.logs import log_request
 from shared.protocol import (
@@ -68,7 +68,7 @@ class Worker:
 
     def takes_background(self) -> bool:
         """Batch lines never fill a GPU worker: some slots stay for interactive requests."""
-        return len(self.background_jobs) < protocol.background_slots(self.slots)
+        return len(self.background_jobs) < priority.background_slots(self.slots)
 
 
 @dataclass
@@ -222,7 +222,8 @@ class Broker:
         else:
             self._queue_for_gpu(req, Generate(
                 request_id=rid, skill=msg.skill, params=msg.params, settings=msg.settings,
-                stream=msg.stream, has_image=False, deadline=deadline, priority=msg.priority))
+                stream=msg.stream, has_image=False, deadline=deadline, priority=msg.priority,
+                seed=msg.seed, variant=msg.variant))
 
     def status(self, request_id: str) -> Status:
         gpus = [w for w in self.workers.values() if w.kind == protocol.GPU]
@@ -245,7 +246,7 @@ class Broker:
                       for part in ("loaded", "available")},
             deployment=self.config.deployment_id,
             # lets the batch worker see interactive traffic and yield to it
-            background=sum(r.submit.priority < protocol.INTERACTIVE for r in self.requests.values()),
+            background=sum(priority.is_background(r.submit.priority) for r in self.requests.values()),
             cannot_start=dict(self.cannot_start),
         )
 
@@ -347,7 +348,8 @@ class Broker:
         self._queue_for_gpu(req, Generate(
             request_id=s.request_id, skill=s.skill, params=s.params, settings=s.settings, stream=s.stream,
             has_image=True, tiling=tuple(msg.tiling), image_key=msg.image_key,
-            deadline=req.deadline, pixels_shape=tuple(msg.pixels_shape), priority=s.priority))
+            deadline=req.deadline, pixels_shape=tuple(msg.pixels_shape), priority=s.priority,
+            seed=s.seed, variant=s.variant))
 
     def _gpu_wants_pixels(self) -> bool:
         """The transformers engine takes whole images, not crops: then preprocessing ships both."""
@@ -400,13 +402,8 @@ class Broker:
         self._enqueue(self.gpu_queue, req)
 
     def _enqueue(self, queue: deque, req: Request) -> None:
-        """Append, but ahead of every waiting request of lower priority (batch lines,
-        protocol.BACKGROUND): an interactive request never waits behind a bulk job.
-        Lower-priority entries are kept at the tail, so the scan is short."""
-        position = len(queue)
-        while position > 0 and self._priority(queue[position - 1]) < req.submit.priority:
-            position -= 1
-        queue.insert(position, req.request_id)
+        """Queue by the shared priority policy (shared/priority.py): batch lines at the tail."""
+        priority.enqueue(queue, req.request_id, req.submit.priority, self._priority)
 
     def _priority(self, request_id: str) -> int:
         req = self.requests.get(request_id)
@@ -435,7 +432,7 @@ class Broker:
             if req is None:
                 self.gpu_queue.remove(rid)
                 continue
-            background = req.submit.priority < protocol.INTERACTIVE
+            background = priority.is_background(req.submit.priority)
             if (req.submit.model, background) in full:
                 continue
             worker = self._pick(protocol.GPU, background, req.submit.model)

@@ -141,8 +141,6 @@ class SkillResource:
             params, settings = request.check(self._config)
         except schemas.InvalidValue as ex:
             raise ApiError(422, "invalid_value", str(ex)) from None
-        if variant is not None:
-            settings["variant"] = variant  # travels to the GPU worker like the reference's field
         model_id = self._names.resolve(getattr(request, "model", None))[0]  # checked by requested_variant
         req.context.model_id = self._names.model_id(variant, model_id)  # for /metrics
         image_url = getattr(request, "image_url", None)
@@ -155,7 +153,8 @@ class SkillResource:
         streaming = bool(getattr(request, "stream", False)) and self._skill in TEXT_SKILLS
 
         first, events, stream = start_request(self._client, self._config, req, self._skill, params,
-                                              settings, image, streaming, self._names.submit_model(model_id))
+                                              settings, image, streaming, self._names.submit_model(model_id),
+                                              variant=variant)
         if not streaming:
             resp.media = result_body(req.context.request_id, self._skill, first)
             return

@@ -25,7 +25,7 @@ from typing import Optional
 import falcon
 
 from api import models, remote_image
-from api.chat import ChatError, StopCutter, query_settings, render_conversation, stop_sequences
+from api.chat import ChatError, StopCutter, chat_seed, query_settings, render_conversation, stop_sequences
 from api.chat_schemas import CHAT_PATH, MISSING_SKILL_STATUS, MISSING_SKILLS, MODELS_PATH, ChatRequest, UnsupportedField
 from api.errors import ApiError
 from api.images import decode_image_url
@@ -202,10 +202,8 @@ class ChatResource:
             raise ChatError(404, "model_not_found", f"model {request.model[:100]!r} is not served here; "
                             f"served: {served}", "model") from None
         conversation = render_conversation(request.messages, self._config.max_text_chars)
-        settings = query_settings(request, self._config)
+        settings, seed = query_settings(request, self._config), chat_seed(request)
         cutter = StopCutter(stop_sequences(request))
-        if variant is not None:
-            settings["variant"] = variant
         model_id = self._names.resolve(request.model)[0]  # checked by requested_variant
         model = self._names.model_id(variant, model_id)
         req.context.model_id = model  # for /metrics
@@ -219,7 +217,8 @@ class ChatResource:
         streaming = bool(request.stream)
 
         first, events, stream = start_request(self._client, self._config, req, "query", params,
-                                              settings, image, streaming, self._names.submit_model(model_id))
+                                              settings, image, streaming, self._names.submit_model(model_id),
+                                              variant=variant, seed=seed)
         completion = Completion(id=f"chatcmpl-{req.context.request_id}", created=int(time.time()), model=model)
         if not streaming:
             resp.media = completion.body(first, cutter)

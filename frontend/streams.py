@@ -86,7 +86,8 @@ class EventStreamBody:
 
 
 def start_request(client, config: Config, req: falcon.Request, skill: str, params: dict, settings: dict,
-                  image: Optional[bytes], streaming: bool, model: str = "") -> tuple:
+                  image: Optional[bytes], streaming: bool, model: str = "", *,
+                  variant: Optional[str] = None, seed: Optional[int] = None) -> tuple:
     """Submit a validated request to the broker -> (first event, the events after it, its stream).
 
     Non-streaming: the first event is the final Result.  Streaming: it is the
@@ -103,6 +104,8 @@ def start_request(client, config: Config, req: falcon.Request, skill: str, param
         has_image=image is not None,
         deadline=deadline,
         model=model,  # which served model's GPU workers take it ("": the only one)
+        variant=variant,
+        seed=seed,
     )
     stream = client.submit(submit, image)
     events = wait_events(stream, deadline, req.env.get("waitress.client_disconnected"))

@@ -23,7 +23,7 @@ class EngineRequest:
     settings: dict = field(default_factory=dict)  # temperature, top_p, max_tokens, max_objects; missing = model defaults
     image: Optional[ImageInput] = None  # None only for a text-only query
     seed: Optional[int] = None  # sampling seed; None = random
-    variant: Optional[str] = None  # fine-tuned variant id (settings["variant"] is moved here); None = base model
+    variant: Optional[str] = None  # fine-tuned variant id (Generate.variant); None = base model
     priority: int = 0  # protocol.INTERACTIVE (0), or protocol.BACKGROUND (-1) for batch lines
     kv_positions: int = 0  # most positions it may use (prefix + prompt + generation, within the context): set by Scheduler.add
 

@@ -13,7 +13,10 @@ from typing import Callable, Generator, Optional
 
 import torch
 
-DEFAULT_SETTINGS = {"temperature": 0.5, "top_p": 0.3, "max_tokens": 768, "max_objects": 50}
+from shared.protocol import DEFAULT_MAX_OBJECTS, DEFAULT_MAX_TOKENS
+
+DEFAULT_SETTINGS = {"temperature": 0.5, "top_p": 0.3, "max_tokens": DEFAULT_MAX_TOKENS, "max_objects": DEFAULT_MAX_OBJECTS}
+SETTING_NAMES = tuple(DEFAULT_SETTINGS)  # the only keys of EngineRequest.settings
 MOONDREAM3_SETTINGS = {**DEFAULT_SETTINGS, "top_p": 0.9, "max_objects": 150}
 
 

@@ -14,7 +14,8 @@ program (programs.py).  One `step()`:
 Requests join and leave at every step; nothing in a sequence's arithmetic
 depends on the others in its batch.
 
-Batch lines (priority BACKGROUND) yield to interactive requests: they wait behind
+Batch lines (priority BACKGROUND) yield to interactive requests, by the policy the
+broker shares (shared/priority.py): they wait behind
 them, never take the last `reserved_slots` rows, start their image encodes only
 in steps where no interactive request starts (one image per step while
 interactive sequences decode), and, with `batch_yield_s` > 0, decode at most one
@@ -35,7 +36,8 @@ from gpu_worker import programs as P
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, TextChunk
 from gpu_worker.model import DEFAULT_BLOCK_SIZE, PagedKVCache, PooledPrefix, SequenceKV, kv_bytes_per_position
 from gpu_worker.variants import Adapter, VariantError, VariantNotFound, VariantsUnsupported
-from shared.protocol import INTERACTIVE, background_slots
+from shared.priority import background_slots, enqueue, is_background
+from shared.protocol import INTERACTIVE
 
 VALID_LENGTHS = ("short", "normal", "long")
 
@@ -130,7 +132,7 @@ class Scheduler:
         n_blocks = kv_pool_blocks(engine, max_batch, context, block_size, kv_cache_bytes)
         self.cache = engine.new_cache(n_blocks, block_size, context, attention)
         self.waiting: collections.deque[tuple[EngineRequest, float]] = collections.deque()
-        self.awaiting_variant: dict[str, list[tuple[EngineRequest, float]]] = {}  # variant downloads in progress
+        self.awaiting_variant: dict[str, list[tuple[EngineRequest, float]]] = {}  # variants loading or downloading (off this thread)
         self.running: dict[str, Sequence] = {}
         self.images = ImageCache(image_cache_bytes, self.cache)
         self.waiting_for_blocks = 0  # queued requests held back by a lack of free KV blocks (not of rows)
@@ -152,17 +154,14 @@ class Scheduler:
         (a VariantError, with its own status, for a variant it cannot serve)."""
         self._validate(req)
         entry = (req, time.perf_counter())
-        if req.variant is not None and self._variant_status(req.variant) == "fetching":
+        if req.variant is not None and self._variant_status(req.variant) != "ready":  # loading or fetching
             self.awaiting_variant.setdefault(req.variant, []).append(entry)
             return
         self._enqueue(entry)
 
     def _enqueue(self, entry: tuple[EngineRequest, float]) -> None:
-        """Append, but ahead of waiting requests of lower priority (batch lines), which stay at the tail."""
-        position = len(self.waiting)
-        while position > 0 and self.waiting[position - 1][0].priority < entry[0].priority:
-            position -= 1
-        self.waiting.insert(position, entry)
+        """Queue by the shared priority policy (shared/priority.py): batch lines at the tail."""
+        enqueue(self.waiting, entry, entry[0].priority, lambda waiting: waiting[0].priority)
 
     def abort(self, request_id: str) -> None:
         for i, (req, _) in enumerate(self.waiting):
@@ -184,8 +183,9 @@ class Scheduler:
         return self.max_batch - len(self.running)
 
     def free_slots(self) -> int:
-        """Requests this worker would start now: free rows less those already queued."""
-        return self.free_rows() - len(self.waiting)
+        """Requests this worker would start now: free rows less those already queued (never
+        below 0: a queue longer than the free rows is no debt the broker could act on)."""
+        return max(0, self.free_rows() - len(self.waiting))
 
     def stats(self) -> dict:
         pool = self.cache
@@ -222,10 +222,9 @@ class Scheduler:
         Raises ValueError with a message for the client (422)."""
         s = P.default_settings(self.engine.config)
         s.update({k: v for k, v in (req.settings or {}).items() if v is not None})
-        if "seed" in s:  # the chat route's `seed`: this request's own sampler starts from it
-            req.seed = int(s.pop("seed"))
-        if "variant" in s:
-            req.variant = s.pop("variant")
+        unknown = set(s) - set(P.SETTING_NAMES)
+        if unknown:  # seed and variant are EngineRequest fields, never settings keys
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         if req.variant is not None and self.engine.config.is_moondream3:
             raise VariantsUnsupported(f"variants are not supported for {self.engine.config.revision}: "
                                       "no Moondream 3 adapter format is pinned yet; ask the base model")
@@ -279,10 +278,11 @@ class Scheduler:
         return self.variants.status(variant)
 
     def _collect_downloads(self) -> None:
-        """Requests whose variant finished downloading join the queue (or fail with its error)."""
+        """Requests whose variant finished loading (or downloading, then loading) join the
+        queue, or fail with its error."""
         if self.variants is None or not self.awaiting_variant:
             return
-        for variant, err in self.variants.poll_downloads():
+        for variant, err in self.variants.poll_pending():
             for req, t_added in self.awaiting_variant.pop(variant, []):
                 if err is None:
                     self._enqueue((req, t_added))
@@ -290,7 +290,7 @@ class Scheduler:
                     self.events.append(Failed(req.request_id, str(err), err.status, err.code))
 
     def _adapter_for(self, req: EngineRequest) -> Optional[Adapter]:
-        """Loads the variant if needed (within this step: others wait at most one step)."""
+        """The variant's adapter: loaded off this thread before the request was queued."""
         return self.variants.get(req.variant) if req.variant is not None else None
 
     @staticmethod
@@ -313,7 +313,7 @@ class Scheduler:
         crops_budget = self.max_encode_crops if self.running else None
         new_keys: set[str] = set()
         used_keys: set[str] = set()  # cached images this batch will reference: not to be evicted for it
-        interactive_running = any(s.request.priority >= INTERACTIVE for s in self.running.values())
+        interactive_running = any(not is_background(s.request.priority) for s in self.running.values())
         background_encodes = 0
         free_rows = self.free_rows()
         blocks = self.cache.allocator.available()
@@ -322,11 +322,11 @@ class Scheduler:
             req = self.waiting[0][0]
             key = self._image_cache_key(req)
             needs_encode = req.image is not None and key not in new_keys and self.images.get(key) is None
-            if req.priority < INTERACTIVE:
+            if is_background(req.priority):
                 if free_rows - len(batch) <= self.reserved_slots:
                     break  # the last rows stay free for interactive requests
                 if needs_encode:
-                    starting_interactive = any(r.priority >= INTERACTIVE for r, _ in batch)
+                    starting_interactive = any(not is_background(r.priority) for r, _ in batch)
                     if starting_interactive or (interactive_running and background_encodes >= 1):
                         break  # its encode would stall the interactive ones: a later step
                     background_encodes += 1

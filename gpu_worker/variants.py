@@ -188,10 +188,13 @@ def load_adapter_file(variant: str, path: Path, cfg, device, dtype, max_bytes: i
 class VariantStore:
     """Finds, loads and keeps adapters for the scheduler (which runs on one thread).
 
-    `status(id)` says whether a variant can be used now ("ready"), must wait for a
-    download ("fetching"), or raises VariantNotFound / BadVariantId.  `get(id)` loads
-    it (raising VariantInvalid for a bad file).  Downloads run on a background
-    thread; `poll_downloads()` reports the ones that ended."""
+    `status(id)` says whether a variant can be used now ("ready": loaded), must wait
+    for its file to load ("loading") or to download first ("fetching"), or raises
+    VariantNotFound / BadVariantId.  Loads and downloads run on background threads,
+    never on the scheduler's: a step is not held up by reading an adapter file;
+    `poll_pending()` reports the ones that ended (a download goes on to its load).
+    `get(id)` returns a loaded adapter (loading it there only if it was evicted
+    meanwhile)."""
 
     def __init__(self, cfg, device, dtype, directories: list[Path], max_count: int = 8,
                  max_bytes: int = 1 << 30, file_max_bytes: int = 512 << 20,
@@ -205,6 +208,7 @@ class VariantStore:
         self.loads = 0
         self.evictions = 0
         self._downloads: dict[str, concurrent.futures.Future] = {}
+        self._loads: dict[str, concurrent.futures.Future] = {}  # id -> its Adapter, read off the scheduler's thread
         self._failed: collections.OrderedDict[str, tuple[float, VariantError]] = collections.OrderedDict()  # id -> (until, error)
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._available: tuple[float, list[str]] = (0.0, [])
@@ -243,10 +247,15 @@ class VariantStore:
 
     def status(self, variant: str) -> str:
         check_variant_id(variant)
-        if variant in self.loaded or self.path_of(variant) is not None:
+        if variant in self.loaded:
             return "ready"
+        if variant in self._loads:
+            return "loading"
         if variant in self._downloads:
             return "fetching"
+        if self.path_of(variant) is not None:
+            self._start_load(variant)
+            return "loading"
         if self.download_url:
             failed = self._failed.get(variant)
             if failed is not None and failed[0] > time.monotonic():
@@ -283,11 +292,23 @@ class VariantStore:
         self.loaded[adapter.variant] = adapter
         self.bytes += size
 
+    def _start_load(self, variant: str) -> None:
+        self._loads[variant] = self._background().submit(self._load, variant)
+
+    def _load(self, variant: str) -> Adapter:
+        path = self.path_of(variant)
+        if path is None:
+            raise VariantNotFound(f"variant {variant} is not available on this server")
+        return load_adapter_file(variant, path, self.cfg, self.device, self.dtype, self.file_max_bytes)
+
+    def _background(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="variant-io")
+        return self._pool
+
     # -- downloads (off unless VARIANT_DOWNLOAD_URL is set)
     def _start_download(self, variant: str) -> None:
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="variant-download")
-        self._downloads[variant] = self._pool.submit(self._download, variant)
+        self._downloads[variant] = self._background().submit(self._download, variant)
 
     def _download(self, variant: str) -> None:
         target_dir = self.directories[0] / variant if self.directories else None
@@ -318,7 +339,31 @@ class VariantStore:
             Path(tmp.name).unlink(missing_ok=True)
         log.info("downloaded variant %s (%d bytes)", variant, len(data))
 
-    def poll_downloads(self) -> list[tuple[str, Optional[VariantError]]]:
+    def poll_pending(self) -> list[tuple[str, Optional[VariantError]]]:
+        """Variants whose wait ended since the last call: (variant, None) once loaded, or
+        (variant, error).  Runs on the scheduler's thread: only it changes `loaded`."""
+        done = []
+        for variant, future in list(self._loads.items()):
+            if future.done():
+                del self._loads[variant]
+                err = future.exception()
+                if err is None:
+                    self._keep(future.result())
+                    self.loads += 1
+                    adapter = self.loaded[variant]
+                    log.info("loaded variant %s (rank %d, %.1f MB)", variant, adapter.rank, adapter.bytes() / 1e6)
+                elif not isinstance(err, VariantError):
+                    log.warning("variant %s: load failed: %r", variant, err)
+                    err = VariantInvalid(f"variant {variant} could not be loaded ({type(err).__name__})")
+                done.append((variant, err))
+        for variant, err in self._poll_downloads():
+            if err is None:
+                self._start_load(variant)  # reported once loaded
+            else:
+                done.append((variant, err))
+        return done
+
+    def _poll_downloads(self) -> list[tuple[str, Optional[VariantError]]]:
         """Downloads that ended since the last call: (variant, None) or (variant, error)."""
         done = []
         for variant, future in list(self._downloads.items()):

@@ -104,7 +104,7 @@ class GpuWorker:
         context = context or zmq.Context.instance()
         address = f"inproc://gpu-worker-outbox-{uuid.uuid4().hex}"
         self.io = BrokerIO(config, context, address, dict(model.info),
-                           free_slots=lambda: max(0, self.scheduler.free_slots()),
+                           free_slots=self.scheduler.free_slots,
                            healthy=lambda: time.monotonic() - self.last_progress < config.gpu_step_timeout,
                            stats=self._stats, variants=self._variants)
         self.outbox = context.socket(zmq.PUSH)  # main thread only
@@ -204,7 +204,8 @@ class GpuWorker:
                 return
             image = ImageInput(crops=crops, tiling=tuple(msg.tiling), key=msg.image_key, pixels=pixels)
         request = EngineRequest(request_id=rid, skill=msg.skill, params=dict(msg.params),
-                                settings=dict(msg.settings), image=image, priority=msg.priority)
+                                settings=dict(msg.settings), image=image, priority=msg.priority,
+                                seed=msg.seed, variant=msg.variant)
         try:
             self.scheduler.add(request)
         except VariantError as exc:  # unknown (404), bad id (400): answered before any GPU work

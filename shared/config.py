@@ -117,7 +117,6 @@ class Config:
     batch_retention_hours: float = field(default=168.0, metadata={"env": "BATCH_RETENTION_HOURS", "help": "hours a finished job and its results are kept, and an unfinished upload waits to be completed"})
     batch_in_flight: int = field(default=16, metadata={"env": "BATCH_IN_FLIGHT", "help": "batch lines submitted at once (keep it below BATCH_SIZE so interactive requests always find a slot)"})
     batch_yield_ms: int = field(default=-1, metadata={"env": "BATCH_YIELD_MS", "help": "while interactive requests decode, batch lines decode at most once per this many milliseconds; -1: 250 when the model runs on the CPU (each row costs step time there), 0 (never wait) on a GPU"})
-    batch_in_flight_busy: int = field(default=2, metadata={"env": "BATCH_IN_FLIGHT_BUSY", "help": "batch lines submitted at once while interactive requests are running (the job yields to them); = BATCH_IN_FLIGHT to never yield"})
 
     # --- the MCP server for AI agents (mcp_server/; README, "Moondream as a tool for AI agents")
     mcp_port: int = field(default=0, metadata={"env": "MCP_PORT", "help": "port of the MCP server (Streamable HTTP at http://HOST:MCP_PORT/mcp; the same API key; loopback only without one); 0 or unset: off"})
@@ -152,7 +151,7 @@ POSITIVE = {"batch_size", "gpu_step_timeout", "max_loaded_variants", "variant_ma
             "http_body_timeout", "http_idle_timeout", "heartbeat_interval", "heartbeat_liveness", "max_body_bytes",
             "max_image_pixels", "max_image_side", "max_text_chars", "max_tokens_limit", "max_objects_limit",
             "request_timeout", "max_queue", "batch_max_file_bytes", "batch_max_lines", "batch_max_line_bytes",
-            "batch_retention_hours", "batch_in_flight", "batch_in_flight_busy", "batch_max_open_uploads",
+            "batch_retention_hours", "batch_in_flight", "batch_max_open_uploads",
             "batch_max_stored_bytes"}
 RANGES = {"port": (1, 65535), "batch_yield_ms": (-1, None)}  # (least, most); None: no bound
 

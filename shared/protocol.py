@@ -40,12 +40,20 @@ class Submit(Message):
     request_id: str
     skill: str  # "caption" | "query" | "detect" | "point"
     params: dict  # caption: length; query: question, reasoning, spatial_refs; detect/point: object
-    settings: dict  # temperature, top_p, max_tokens, max_objects (validated, defaults filled)
+    settings: dict  # only temperature, top_p, max_tokens, max_objects (checked at the edge; missing = model default)
     stream: bool = False
     has_image: bool = False
     deadline: float = 0.0  # absolute time.time(); 0 = none
     priority: int = 0  # INTERACTIVE, or BACKGROUND for batch lines: the broker queues those behind
     model: str = ""  # the served model's id (MOONDREAM_MODELS); "" = whichever GPU worker
+    seed: Optional[int] = None  # the chat route's `seed`: the request's own sampler starts from it; None = random
+    variant: Optional[str] = None  # fine-tuned variant id (checked by api/models.py); None = the base model
+
+
+# The model's sampling defaults for a setting a request leaves out (Moondream 3 differs in
+# top_p and max_objects: gpu_worker/programs.py).  Defined once: the edge caps them by its limits.
+DEFAULT_MAX_TOKENS = 768
+DEFAULT_MAX_OBJECTS = 50
 
 
 # Submit.priority values: the broker's queues serve higher values first, in arrival order.
@@ -53,11 +61,6 @@ INTERACTIVE = 0
 BACKGROUND = -1
 
 
-def background_slots(capacity: int) -> int:
-    """How many of a GPU worker's `capacity` slots batch lines may hold at once: all but a
-    quarter (at least one is kept for interactive requests, unless there is only one).  The
-    broker dispatches by it and the GPU worker's scheduler admits by it."""
-    return capacity - min(capacity - 1, max(1, capacity // 4))
 
 
 class Cancel(Message):
@@ -173,6 +176,8 @@ class Generate(Message):
     deadline: float = 0.0
     pixels_shape: tuple = ()  # (H, W, 3) when the decoded image ends the frame (MOONDREAM_ENGINE=transformers)
     priority: int = INTERACTIVE  # Submit.priority: the GPU worker starts interactive requests first
+    seed: Optional[int] = None  # Submit.seed
+    variant: Optional[str] = None  # Submit.variant
 
 
 # ---------------------------------------------------------------- replies (GPU/preprocess -> broker -> front end)

@@ -4,14 +4,18 @@ A real broker process; the GPU worker is a fake (a DEALER socket in this test)
 so that the test decides when a slot frees and sees the order of Generates."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 import zmq
 
+from batch_worker.worker import BatchWorker
 from broker_client.client import BrokerClient
-from shared import protocol
+from shared import priority, protocol
 from shared.protocol import Generate, Heartbeat, Ready, Result, Submit
+from shared.batch_store import BatchStore
+from tests.test_batch_store import scan, upload
 from tests.stack import ProcessGroup, config_from_env, stack_env, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -102,7 +106,7 @@ def test_batch_lines_never_hold_every_gpu_slot(broker):
     streams = [submit(f"batch-{i}", protocol.BACKGROUND) for i in range(6)]
     gpu.collect(10, until=3)
     assert gpu.collect(1.0) == ["batch-0", "batch-1", "batch-2"]  # and no more: background_slots(4) = 3
-    assert protocol.background_slots(4) == 3 and protocol.background_slots(1) == 1
+    assert priority.background_slots(4) == 3 and priority.background_slots(1) == 1
     streams.append(submit("interactive", protocol.INTERACTIVE))
     assert gpu.next_generate() == "interactive"  # dispatched at once, into the kept slot
     for rid in list(gpu.held):
@@ -112,3 +116,45 @@ def test_batch_lines_never_hold_every_gpu_slot(broker):
         gpu.answer(rid)
     for stream in streams:
         assert isinstance(list(stream)[-1], Result)
+
+
+class SubmitOnlyClient:
+    """The real BrokerClient, offering the batch worker only `submit`: a call to anything else
+    (Status polling) fails the test with an AttributeError."""
+
+    def __init__(self, client: BrokerClient):
+        self.submit = client.submit
+
+
+def test_the_batch_worker_only_submits_background_lines(broker, tmp_path):
+    """Fairness is the broker's and the scheduler's job (shared/priority.py): the batch worker
+    marks its lines BACKGROUND and never asks the broker whether interactive requests run."""
+    config, submit, _ = broker
+    store = BatchStore(tmp_path / "batch-data")
+    worker_config = dataclasses.replace(config, batch_data_dir=str(store.root), batch_in_flight=4)
+    client = BrokerClient(config)
+    loop = BatchWorker(worker_config, client=SubmitOnlyClient(client), store=store)
+    gpu = FakeGpuWorker(config, capacity=4)
+    try:
+        job = upload(store, b'{"skill": "query", "question": "hi"}\n' * 6)
+        store.set_lines(job["id"], scan(store, job))
+        loop.step()  # housekeeping finds the job; its lines go to the broker
+        interactive = submit("interactive", protocol.INTERACTIVE)
+        generates = []
+        end = time.monotonic() + 10
+        while len(generates) < 4 and time.monotonic() < end:  # 3 lines (background_slots(4)) + interactive
+            gpu.socket.send_multipart(protocol.encode(Heartbeat(worker_id="fake-gpu", free=4 - len(generates))))
+            if gpu.socket.poll(100):
+                msg, _ = protocol.decode(gpu.socket.recv_multipart())
+                if isinstance(msg, Generate):
+                    generates.append(msg)
+            loop.step()
+        assert sorted(g.priority for g in generates) == [protocol.BACKGROUND] * 3 + [protocol.INTERACTIVE]
+        for g in generates:
+            gpu.socket.send_multipart(protocol.encode(Result(g.request_id, {"answer": "ok"})))
+        assert isinstance(list(interactive)[-1], Result)
+    finally:
+        loop.stopping = True
+        loop.chunker.shutdown(wait=True)
+        loop.pool.shutdown(wait=False, cancel_futures=True)
+        client.close()

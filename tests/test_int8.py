@@ -63,8 +63,8 @@ def _skill_requests(image):
     greedy = {"temperature": 0, "max_tokens": 8}
     return [EngineRequest(uuid.uuid4().hex, "caption", {"length": "short"}, dict(greedy), image),
             EngineRequest(uuid.uuid4().hex, "query", {"question": "What?", "reasoning": True}, dict(greedy), image),
-            EngineRequest(uuid.uuid4().hex, "query", {"question": "Hi"}, {**greedy, "variant": "ft-beta@7"}, None),
-            EngineRequest(uuid.uuid4().hex, "detect", {"object": "cat"}, {"max_objects": 2, "variant": "ft-alpha@100"}, image),
+            EngineRequest(uuid.uuid4().hex, "query", {"question": "Hi"}, dict(greedy), None, variant="ft-beta@7"),
+            EngineRequest(uuid.uuid4().hex, "detect", {"object": "cat"}, {"max_objects": 2}, image, variant="ft-alpha@100"),
             EngineRequest(uuid.uuid4().hex, "point", {"object": "sofa"}, {"max_objects": 2}, image)]
 
 

@@ -230,9 +230,8 @@ def test_moondream3_defaults_and_reasoning_by_default():
 
 def test_a_variant_on_moondream3_is_refused_before_any_work():
     sched = Scheduler(fixture_engine("md3-main"), max_batch=1)
-    for how in ({"variant": "ft-alpha@100"}, None):
-        req = EngineRequest("v", "caption", {}, dict(how or {}), fixture_image("md3-main", "small_96x64.png"),
-                            variant=None if how else "ft-alpha")
+    for variant in ("ft-alpha@100", "ft-alpha"):
+        req = EngineRequest("v", "caption", {}, {}, fixture_image("md3-main", "small_96x64.png"), variant=variant)
         with pytest.raises(VariantsUnsupported) as err:
             sched.add(req)
         assert err.value.status == 422 and "variants are not supported" in str(err.value)

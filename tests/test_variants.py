@@ -28,10 +28,8 @@ IMAGES = ["small_96x64.png", "landscape_800x600.png", "photo_773x767.jpg"]
 
 def request(skill, params, variant=None, image=IMAGES[0], max_tokens=16, **settings):
     settings = {"temperature": 0, "max_tokens": max_tokens, **settings}
-    if variant is not None:
-        settings["variant"] = variant
     img = fixture_image("variants", image) if image else None
-    return EngineRequest(uuid.uuid4().hex, skill, dict(params), settings, img, seed=5)
+    return EngineRequest(uuid.uuid4().hex, skill, dict(params), settings, img, seed=5, variant=variant)
 
 
 def mixed_requests():
@@ -222,8 +220,40 @@ def test_bad_file_status_and_code(tmp_path):
     engine = fixture_engine("variants")
     sched = Scheduler(engine, max_batch=2, variants=variant_store(engine, str(tmp_path)))
     sched.add(request("caption", {"length": "short"}, "wrong-shape"))
-    failed = [ev for ev in sched.step() if hasattr(ev, "status")]
+    failed = []
+    while sched.has_work():  # the file is read off the scheduler's thread; its error comes back in a step
+        failed += [ev for ev in sched.step() if hasattr(ev, "status")]
     assert [(ev.status, ev.code) for ev in failed] == [(422, "invalid_variant")]
+
+
+def test_an_adapter_loads_off_the_scheduler_thread(monkeypatch):
+    """Steps keep running while a variant's file is read: the request waits, not the batch."""
+    engine = fixture_engine("variants")
+    store = variant_store(engine)
+    sched = Scheduler(engine, max_batch=2, variants=store)
+    release = threading.Event()
+    real_load = store._load
+
+    def slow_load(variant):  # fault injection: a slow disk
+        release.wait(30)
+        return real_load(variant)
+
+    monkeypatch.setattr(store, "_load", slow_load)
+    base = request("caption", {"length": "short"}, None, max_tokens=4)
+    tuned = request("caption", {"length": "short"}, ALPHA, max_tokens=4)
+    sched.add(tuned)
+    sched.add(base)
+    outcomes, chunks = {}, {base.request_id: [], tuned.request_id: []}
+    while base.request_id not in outcomes:  # the base request finishes while ALPHA is still loading
+        for ev in sched.step():
+            collect(ev, chunks, outcomes)
+    assert tuned.request_id not in outcomes and store.status(ALPHA) == "loading"
+    release.set()
+    while sched.has_work():
+        for ev in sched.step():
+            collect(ev, chunks, outcomes)
+    assert outcomes[tuned.request_id][3] is None and outcomes[tuned.request_id][0]["caption"]
+    assert list(store.loaded) == [ALPHA]
 
 
 def test_lru_eviction_never_touches_a_running_request():
@@ -233,9 +263,11 @@ def test_lru_eviction_never_touches_a_running_request():
     expected = summary(next(iter(run_requests(new_scheduler(max_batch=1), [clone(alpha)]).values())))
     sched.add(alpha)
     outcomes, chunks = {}, {alpha.request_id: []}
-    for _ in range(3):
+    running_steps = 0  # alpha's adapter loads off the scheduler's thread first
+    while running_steps < 3:
         for ev in sched.step():
             collect(ev, chunks, outcomes)
+        running_steps += alpha.request_id in sched.running
     beta = request("caption", {"length": "short"}, BETA, max_tokens=6)
     chunks[beta.request_id] = []
     sched.add(beta)  # loading beta evicts alpha from the store while alpha is mid-answer
@@ -325,9 +357,9 @@ def test_download_off_by_default(tmp_path):
         sched.add(request("caption", {"length": "short"}, BETA))
 
 
-def test_loading_a_variant_stalls_running_requests_at_most_one_step():
-    """The adapter loads while its request is admitted, inside one step, and that same
-    step still advances every running sequence."""
+def test_loading_a_variant_does_not_hold_up_running_requests():
+    """The adapter loads off the scheduler's thread; the step after the request arrives
+    still advances every running sequence."""
     sched = new_scheduler(max_batch=4)
     running = request("caption", {"length": "normal"}, max_tokens=20)
     sched.add(running)
@@ -337,9 +369,11 @@ def test_loading_a_variant_stalls_running_requests_at_most_one_step():
     before = seq.ctx.position
     sched.add(request("caption", {"length": "short"}, ALPHA, max_tokens=4))
     assert not sched.variants.loaded
-    sched.step()  # loads alpha, encodes its image, and decodes the running sequence
-    assert list(sched.variants.loaded) == [ALPHA]
+    sched.step()  # alpha loads elsewhere; the running sequence decodes
     assert seq.ctx.position == before + 1
+    while sched.has_work():
+        sched.step()
+    assert list(sched.variants.loaded) == [ALPHA]
 
 
 def test_a_failed_download_is_remembered_and_downloads_are_bounded(tmp_path, variant_server):
