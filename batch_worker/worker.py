@@ -30,7 +30,7 @@ from batch_worker import chunking, lines
 from api import models
 from broker_client.waiting import wait_events
 from shared import protocol
-from shared.batch_store import CANCELLED, CHUNKING, PROCESSING, BatchStore, batch_store_for
+from shared.batch_store import CHUNKING, PROCESSING, BatchStore, batch_store_for
 
 log = logging.getLogger("batch_worker")
 

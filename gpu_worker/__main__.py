@@ -11,7 +11,7 @@ import signal
 import sys
 
 from gpu_worker.engine import ModelLoadError, load_model
-from shared import host_size, keys, model_family, protocol
+from shared import keys, model_family, protocol
 from shared.config import EXIT_CONFIG, StartupError, load_config, stay_down
 from shared.logs import setup_logging
 
