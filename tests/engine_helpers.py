@@ -104,6 +104,7 @@ def assert_pool_holds_only_cached_images(scheduler: Scheduler) -> None:
 
 def request_from_case(case: dict, image: ImageInput | None, seed: int | None = None) -> EngineRequest:
     args = dict(case["args"])
-    settings = args.pop("settings", {})
+    settings = dict(args.pop("settings", {}))
+    variant = settings.pop("variant", None)  # the reference takes it in settings; here it is a request field
     return EngineRequest(request_id=uuid.uuid4().hex, skill=case["skill"], params=args,
-                         settings=dict(settings), image=image, seed=seed)
+                         settings=settings, image=image, seed=seed, variant=variant)
