@@ -203,8 +203,8 @@ class GpuWorker:
                 self.send(Error(rid, 400, "invalid_image", f"resized frame missing or of the wrong size: {exc}"))
                 return
             image = ImageInput(crops=crops, tiling=tuple(msg.tiling), key=msg.image_key, pixels=pixels)
-        request = EngineRequest(request_id=rid, skill=msg.skill, params=dict(msg.params),
-                                settings=dict(msg.settings), image=image, priority=msg.priority,
+        request = EngineRequest(request_id=rid, skill=msg.skill, params=msg.params,
+                                settings=msg.settings, image=image, priority=msg.priority,
                                 seed=msg.seed, variant=msg.variant)
         try:
             self.scheduler.add(request)

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from shared.config import EXIT_CONFIG
-from shared.protocol import Chunk, Result, Submit
+from shared.protocol import CaptionParams, Chunk, QueryParams, Result, SamplingSettings, Submit
 from tests.test_broker import PHOTO, Services, png, services  # noqa: F401  (services is a fixture)
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,7 +41,7 @@ def test_text_only_query_and_invalid_params(gpu_services):
 
 
 def test_cancel_frees_the_gpu_worker(gpu_services):
-    msg = Submit(request_id="long", skill="query", params={"question": "go on"}, settings={"temperature": 0, "max_tokens": 1500},
+    msg = Submit(request_id="long", skill="query", params=QueryParams(question="go on"), settings=SamplingSettings(temperature=0, max_tokens=1500),
                  stream=True)
     stream = gpu_services.client.submit(msg, None)
     time.sleep(0.3)
@@ -66,7 +66,7 @@ def test_concurrent_requests_each_get_their_own_answer(gpu_services):
 
 def test_gpu_worker_killed_mid_request_gives_503(gpu_services):
     s = gpu_services
-    msg = Submit(request_id="doomed", skill="query", params={"question": "go on"}, settings={"temperature": 0, "max_tokens": 1500},
+    msg = Submit(request_id="doomed", skill="query", params=QueryParams(question="go on"), settings=SamplingSettings(temperature=0, max_tokens=1500),
                  stream=True)
     stream = iter(s.client.submit(msg, None))
     first = next(stream)  # generating now; 1500 tokens take seconds more
@@ -123,8 +123,8 @@ def test_every_request_gets_exactly_one_final_reply_under_a_mixed_load(services)
         pick = rng.random()
         image = small if pick < 0.4 else (b"junk" if pick < 0.5 else None)
         msg = Submit(request_id=uuid.uuid4().hex, skill="caption" if image else "query",
-                     params={"length": "short"} if image else {"question": f"q{i}"},
-                     settings={"temperature": 0, "max_tokens": rng.choice([1, 4, 8])}, stream=rng.random() < 0.5,
+                     params=CaptionParams(length="short") if image else QueryParams(question=f"q{i}"),
+                     settings=SamplingSettings(temperature=0, max_tokens=rng.choice([1, 4, 8])), stream=rng.random() < 0.5,
                      has_image=image is not None, deadline=time.time() + 0.2 if rng.random() < 0.1 else 0.0)
         stream = s.client.submit(msg, image)
         if rng.random() < 0.1:
@@ -177,12 +177,12 @@ def test_requests_go_to_their_models_workers_and_a_busy_model_blocks_no_other(tm
                     for model in ("moondream2", "moondream3-preview")}
         assert all(isinstance(r, Result) for r in families.values())
         assert families["moondream2"].output != families["moondream3-preview"].output
-        long = Submit(request_id="long", skill="query", params={"question": "go on", "reasoning": False},
-                      settings={"temperature": 0, "max_tokens": 1000}, stream=True, model="moondream2")
+        long = Submit(request_id="long", skill="query", params=QueryParams(question="go on", reasoning=False),
+                      settings=SamplingSettings(temperature=0, max_tokens=1000), stream=True, model="moondream2")
         long_stream = s.client.submit(long, None)
         next(iter(long_stream))  # the Moondream 2 worker's one slot is taken
-        queued = s.client.submit(Submit(request_id="queued", skill="query", params={"question": "hi?"},
-                                        settings={"max_tokens": 3}, model="moondream2"), None)
+        queued = s.client.submit(Submit(request_id="queued", skill="query", params=QueryParams(question="hi?"),
+                                        settings=SamplingSettings(max_tokens=3), model="moondream2"), None)
         started = time.monotonic()
         md3 = s.run(skill="query", params={"question": "hi?", "reasoning": False}, model="moondream3-preview")[-1]
         assert isinstance(md3, Result) and md3.output == families["moondream3-preview"].output

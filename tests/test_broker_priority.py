@@ -13,7 +13,7 @@ import zmq
 from batch_worker.worker import BatchWorker
 from broker_client.client import BrokerClient
 from shared import priority, protocol
-from shared.protocol import Generate, Heartbeat, Ready, Result, Submit
+from shared.protocol import Generate, Heartbeat, QueryParams, Ready, Result, Submit
 from shared.batch_store import BatchStore
 from tests.test_batch_store import scan, upload
 from tests.stack import ProcessGroup, config_from_env, stack_env, wait_for
@@ -66,7 +66,7 @@ def broker(tmp_path):
     client = BrokerClient(config)
 
     def submit(rid: str, priority: int):
-        return client.submit(Submit(request_id=rid, skill="query", params={"question": "q"}, settings={},
+        return client.submit(Submit(request_id=rid, skill="query", params=QueryParams(question="q"),
                                     priority=priority))
 
     def queued(n: int) -> None:
