@@ -189,6 +189,9 @@ class Broker:
             msg, blob = protocol.decode(frames[1:])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("malformed message from a front end dropped: %s", exc)
+            rid = protocol.request_id_of(frames[1]) if len(frames) > 1 else None
+            if rid is not None and isinstance(exc, msgspec.ValidationError):  # its sender waits for an answer
+                self.send_to_client(client, protocol.encode(Error(rid, 422, "invalid_request", f"malformed request: {exc}")))
             return
         if isinstance(msg, Submit):
             self.on_submit(client, msg, blob)

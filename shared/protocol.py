@@ -287,6 +287,17 @@ def encode(msg: Message, blob: Optional[bytes | memoryview] = None) -> list:
     return frames
 
 
+def request_id_of(frame) -> Optional[str]:
+    """The request_id of a message that did not decode as its type (a value out of range), so that
+    its sender can still be answered; None when there is none to read."""
+    try:
+        fields = msgspec.msgpack.decode(frame.bytes if hasattr(frame, "bytes") else frame)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    rid = fields.get("request_id") if isinstance(fields, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
 def decode(frames: list) -> tuple[AnyMessage, Optional[bytes | memoryview]]:
     """Inverse of encode.  Raises msgspec.DecodeError on garbage."""
     if not frames or len(frames) > 2:
