@@ -68,8 +68,9 @@ class Worker:
 
     def takes_background(self, interactive: bool = False) -> bool:
         """Batch lines never fill a GPU worker: some slots stay for interactive requests, and
-        fewer lines go on while interactive requests come (shared/priority.py)."""
-        return len(self.background_jobs) < priority.background_slots(self.slots, interactive)
+        on a CPU fewer lines go on while interactive requests come (shared/priority.py)."""
+        narrow = interactive and priority.narrows_on(str(self.model.get("device", "")))
+        return len(self.background_jobs) < priority.background_slots(self.slots, narrow)
 
 
 @dataclass

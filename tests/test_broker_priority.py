@@ -23,15 +23,15 @@ pytestmark = pytest.mark.timeout(60)
 
 class FakeGpuWorker:
     """A GPU worker of `capacity` slots, reporting them honestly in its heartbeats; it answers
-    only when told to."""
+    only when told to.  Its model runs on `device` (as far as the broker can tell)."""
 
-    def __init__(self, config, capacity: int = 1):
+    def __init__(self, config, capacity: int = 1, device: str = "cpu"):
         self.capacity, self.held = capacity, []
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(config.broker_backend_addr)
         self.socket.send_multipart(protocol.encode(Ready(kind=protocol.GPU, worker_id="fake-gpu", capacity=capacity,
-                                                         deployment=config.deployment_id)))
+                                                         model={"device": device}, deployment=config.deployment_id)))
 
     def collect(self, seconds: float, until: int = 0) -> list[str]:
         """Heartbeat and take Generates for `seconds`, or until `until` are held."""
@@ -121,6 +121,7 @@ def test_batch_lines_never_hold_every_gpu_slot(broker):
 def test_the_policy_narrows_batch_lines_while_interactive_requests_come():
     assert [priority.background_slots(n) for n in (1, 4, 8, 32)] == [1, 3, 6, 24]
     assert [priority.background_slots(n, interactive=True) for n in (1, 4, 8, 32)] == [1, 1, 1, 4]
+    assert priority.narrows_on("cpu") and not priority.narrows_on("cuda:0")
     traffic = priority.InteractiveTraffic()
     assert not traffic.present(100.0)
     traffic.started(100.0)
@@ -145,6 +146,19 @@ def test_the_broker_narrows_batch_lines_while_an_interactive_request_runs(broker
     # the narrowing outlasts the request by INTERACTIVE_LINGER_S, then the lines widen to 6
     assert time.monotonic() - answered >= priority.INTERACTIVE_LINGER_S * 0.9
     assert sorted(gpu.collect(10, until=6)) == [f"batch-{i}" for i in range(6)]
+    for rid in list(gpu.held):
+        gpu.answer(rid)
+    for stream in streams:
+        assert isinstance(list(stream)[-1], Result)
+
+
+def test_a_worker_on_a_gpu_takes_batch_lines_wide_beside_an_interactive_request(broker):
+    config, submit, _ = broker
+    gpu = FakeGpuWorker(config, capacity=8, device="cuda:0")
+    streams = [submit("interactive", protocol.INTERACTIVE)]
+    assert gpu.next_generate() == "interactive"
+    streams += [submit(f"batch-{i}", protocol.BACKGROUND) for i in range(6)]
+    assert sorted(gpu.collect(10, until=7)) == sorted(["interactive"] + [f"batch-{i}" for i in range(6)])
     for rid in list(gpu.held):
         gpu.answer(rid)
     for stream in streams:
