@@ -71,6 +71,16 @@ def overhead_engine():
                              test_model=True))
 
 
+def query_fields(question: str, max_tokens: int) -> tuple:
+    """(params, settings) as the tree on sys.path takes them: typed structs, or the dicts of a
+    tree from before the typed messages (the baseline)."""
+    try:
+        from shared.protocol import QueryParams, SamplingSettings
+    except ImportError:
+        return {"question": question}, {"temperature": 0, "max_tokens": max_tokens}
+    return QueryParams(question=question), SamplingSettings(temperature=0, max_tokens=max_tokens)
+
+
 def steady_scheduler(engine, b: int, max_tokens: int):
     """A Scheduler with b text-only greedy queries, stepped until every row decodes."""
     from gpu_worker.engine_types import EngineRequest
@@ -78,8 +88,8 @@ def steady_scheduler(engine, b: int, max_tokens: int):
 
     sched = Scheduler(engine, max_batch=max(b, 1), context=512)
     for i in range(b):
-        sched.add(EngineRequest(f"q{i}", "query", {"question": f"Say something about number {i}."},
-                                {"temperature": 0, "max_tokens": max_tokens}))
+        params, settings = query_fields(f"Say something about number {i}.", max_tokens)
+        sched.add(EngineRequest(f"q{i}", "query", params, settings))
     for _ in range(50):
         sched.step()
         if len(sched.running) == b and all(s.feed is not None and s.feed.length == 1 for s in sched.running.values()):

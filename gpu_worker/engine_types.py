@@ -1,10 +1,12 @@
 """Values passed between the GPU worker's process loop and the engine's scheduler."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
+
+from shared.protocol import SamplingSettings, SkillParams
 
 
 @dataclass
@@ -19,8 +21,8 @@ class ImageInput:
 class EngineRequest:
     request_id: str
     skill: str  # "caption" | "query" | "detect" | "point"
-    params: dict  # caption: {"length"}; query: {"question", "reasoning", "spatial_refs"}; detect/point: {"object"}
-    settings: dict = field(default_factory=dict)  # temperature, top_p, max_tokens, max_objects; missing = model defaults
+    params: SkillParams  # Generate.params: the skill's struct (shared/protocol.py)
+    settings: SamplingSettings = SamplingSettings()  # Generate.settings; None fields = model defaults (filled by add())
     image: Optional[ImageInput] = None  # None only for a text-only query
     seed: Optional[int] = None  # sampling seed; None = random
     variant: Optional[str] = None  # fine-tuned variant id (Generate.variant); None = base model
