@@ -427,7 +427,7 @@ class Scheduler:
     def _new_sequence(self, req: EngineRequest, kv: SequenceKV, t_added: float,
                       cache_hit: bool, adapter: Optional[Adapter]) -> Sequence:
         ctx = P.ProgramContext(engine=self.engine, emit=lambda text, rid=req.request_id: self._emit(rid, text),
-                               context=self.cache.context, position=kv.start)
+                               context=self.cache.context, position=kv.start, stream=req.stream)
         program = P.start_program(ctx, req.skill, req.params, req.settings, req.image is not None)
         seq = Sequence(request=req, kv=kv, ctx=ctx, program=program, settings=req.settings,
                        t_added=t_added, t_started=time.perf_counter(), image_cache_hit=cache_hit, adapter=adapter)
@@ -532,6 +532,8 @@ class Scheduler:
         """Resume the program with its step result; it yields its next feed or finishes."""
         try:
             seq.feed = seq.program.send(result)
+            if not seq.t_first_output and not seq.ctx.stream and seq.ctx.output_tokens:  # no chunk marks it
+                seq.t_first_output = time.perf_counter()
             if self.recorder is not None:
                 self.recorder.feed(seq.request.request_id, seq.feed)
             if seq.ctx.position + seq.feed.length > self.cache.context:
