@@ -109,6 +109,9 @@ class CompiledDecode:
 
     def _compiled(self):
         if self._fn is None:
+            # past the recompile limit dynamo would run the function eagerly without a word;
+            # raising instead lands in the one-warning fallback, so a step is never silently slow
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
             if self.cuda:
                 for tensor in self.engine.weights.values():  # weights are not copied into the CUDA graph
                     torch._dynamo.mark_static_address(tensor)
@@ -145,10 +148,14 @@ class CompiledDecode:
                 self._static_pools.add(id(cache))
             embeds, positions, read, write, mask = _pad_to_buckets(embeds, positions, read, write, mask,
                                                                    cache.discard_position)
-        else:
-            for tensor in (embeds, positions, read, write):
+        else:  # rows, context columns and pool sizes vary: symbolic, so no recompile per step
+            for tensor in (embeds, positions, read, write) + ((mask,) if mask is not None else ()):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
             torch._dynamo.maybe_mark_dynamic(read, 1)
+            if mask is not None:
+                torch._dynamo.maybe_mark_dynamic(mask, 3)
+            for tensor in cache.k + cache.v:
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
         cos = rope[0][positions].unsqueeze(1)
         sin = rope[1][positions].unsqueeze(1)
         hidden = self._compiled()(embeds, cos, sin, write, read, mask, cache.k, cache.v,
