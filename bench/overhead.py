@@ -82,7 +82,11 @@ def steady_scheduler(engine, b: int, max_tokens: int):
     from gpu_worker.engine_types import EngineRequest
     from gpu_worker.scheduler import Scheduler
 
-    sched = Scheduler(engine, max_batch=max(b, 1), context=512)
+    from gpu_worker.model import kv_bytes_per_position
+
+    # a pool of b full contexts, whatever memory other processes hold at the moment
+    pool = b * 512 * kv_bytes_per_position(engine.config, engine.kv_dtype)
+    sched = Scheduler(engine, max_batch=max(b, 1), context=512, kv_cache_bytes=pool)
     # not streamed (HTTP's default), where the tree knows the difference
     unstreamed = {"stream": False} if "stream" in EngineRequest.__dataclass_fields__ else {}
     for i in range(b):

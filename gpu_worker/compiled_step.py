@@ -12,9 +12,11 @@ row, every row gathering its KV positions from the pool (text-only rows on the C
 every decode step on CUDA, whose attention is "gather").  Rows that read an image
 prefix in place (the CPU's "split" attention), prefills, variants' adapters, Moondream 3
 and int8 weights go the eager way.  On the CPU the graph has dynamic batch and context
-sizes (no recompile per step); on CUDA the rows and context columns are padded to
-buckets so that a few CUDA graphs serve every step (padding rows write to the pool's
-discard position and are dropped), and weights and pools are static addresses.
+sizes (no recompile per step); on CUDA too, and there the rows and context columns are
+also padded to buckets so that CUDA graphs, one recorded per bucket, serve every step
+(padding rows write to the pool's discard position and are dropped); weights and pools
+are static addresses.  The CUDA path is untested on a GPU so far (none lent): its
+fallback is the eager step.
 
 Compilation happens lazily, on the first decode step of each bucket; its artefacts go
 to TORCHINDUCTOR_CACHE_DIR (default: under RUN_DIR).  ANY failure, compiling or
@@ -115,9 +117,10 @@ class CompiledDecode:
             if self.cuda:
                 for tensor in self.engine.weights.values():  # weights are not copied into the CUDA graph
                     torch._dynamo.mark_static_address(tensor)
-                self._fn = torch.compile(decode_blocks, mode="reduce-overhead", dynamic=False, fullgraph=True)
-            else:
-                self._fn = torch.compile(decode_blocks, fullgraph=True)  # sizes marked dynamic in _run: config ints stay static
+            # sizes are marked dynamic in _run (config ints stay static): one compiled graph (two: batch 1
+            # is its own), and on CUDA one CUDA graph recorded per (rows, columns) bucket, which is cheap
+            mode = "reduce-overhead" if self.cuda else None
+            self._fn = torch.compile(decode_blocks, mode=mode, fullgraph=True)
         return self._fn
 
     def __call__(self, embeds: torch.Tensor, layout: M.BatchLayout, cache: M.PagedKVCache, lora) -> Optional[torch.Tensor]:
@@ -141,21 +144,21 @@ class CompiledDecode:
         rope = self.engine.rope
         positions, read, write, mask = layout.positions, layout.read, layout.write, layout.mask
         b = embeds.shape[0]
-        if self.cuda:  # fixed shapes: a few CUDA graphs serve every step
+        if self.cuda:  # bucketed shapes: a few CUDA graphs serve every step
             if id(cache) not in self._static_pools:  # written in place by the graph, never copied
                 for tensor in cache.k + cache.v:
                     torch._dynamo.mark_static_address(tensor)
                 self._static_pools.add(id(cache))
             embeds, positions, read, write, mask = _pad_to_buckets(embeds, positions, read, write, mask,
                                                                    cache.discard_position)
-        else:  # rows, context columns and pool sizes vary: symbolic, so no recompile per step
-            for tensor in (embeds, positions, read, write) + ((mask,) if mask is not None else ()):
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-            torch._dynamo.maybe_mark_dynamic(read, 1)
-            if mask is not None:
-                torch._dynamo.maybe_mark_dynamic(mask, 3)
-            for tensor in cache.k + cache.v:
-                torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        # rows, context columns and pool sizes vary: symbolic, so no recompile per step
+        for tensor in (embeds, positions, read, write) + ((mask,) if mask is not None else ()):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(read, 1)
+        if mask is not None:
+            torch._dynamo.maybe_mark_dynamic(mask, 3)
+        for tensor in cache.k + cache.v:
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)
         cos = rope[0][positions].unsqueeze(1)
         sin = rope[1][positions].unsqueeze(1)
         hidden = self._compiled()(embeds, cos, sin, write, read, mask, cache.k, cache.v,

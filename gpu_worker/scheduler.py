@@ -492,11 +492,16 @@ class Scheduler:
             return
         specs = [seqs[i].feed.sample for i in rows]
         with torch.inference_mode():
-            logits = self.engine.logits(hidden[rows]).float()
+            logits = self.engine.logits(hidden if len(rows) == len(seqs) else hidden[rows]).float()
             if self.recorder is not None:
                 self.recorder.logits([seqs[i].request.request_id for i in rows], logits)
-            banned = [(j, t) for j, spec in enumerate(specs) for t in spec.suppress]
-            if banned:
+            suppressed = {spec.suppress for spec in specs}
+            if len(suppressed) == 1:  # the usual step: every row bans the same ids (or none): one op
+                ids = next(iter(suppressed))
+                if ids:
+                    logits[:, list(ids)] = float("-inf")
+            else:
+                banned = [(j, t) for j, spec in enumerate(specs) for t in spec.suppress]
                 logits[[j for j, _ in banned], [t for _, t in banned]] = float("-inf")
             next_tokens = logits.argmax(dim=-1)
             for j, spec in enumerate(specs):
