@@ -123,7 +123,6 @@ def time_steps(engine, b: int, steps: int) -> list[float]:
 
 def profile_step(engine, b: int) -> dict:
     """Kernel-launching aten ops in one steady step, and the share of the step outside them."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     sched = steady_scheduler(engine, b, max_tokens=40)

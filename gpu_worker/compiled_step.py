@@ -43,9 +43,10 @@ COLUMN_BUCKET = 256  # CUDA: context columns are padded to a multiple of this
 
 
 def compile_wanted(setting: str, device: torch.device) -> bool:
-    """COMPILE=auto: on for CUDA; on the CPU off (measured, docs/performance.md 4.1:
-    compiled decode steps are faster for narrow models but not at full size, where the
-    matrix products are the step and inductor adds nothing to them)."""
+    """COMPILE=auto: on for CUDA; off on the CPU.  There the compiled step pays for narrow
+    models' text-only decode (docs/performance.md 4.1), but a CPU serves image requests,
+    whose rows read their prefix in place ("split") and so decode eagerly anyway, a full-size
+    step is its matrix products, and compiling takes minutes at first start."""
     if setting not in COMPILE_CHOICES:
         raise ValueError(f"COMPILE={setting!r} is not one of {', '.join(COMPILE_CHOICES)}")
     if setting == "auto":
