@@ -27,6 +27,7 @@ class EngineRequest:
     seed: Optional[int] = None  # sampling seed; None = random
     variant: Optional[str] = None  # fine-tuned variant id (Generate.variant); None = base model
     priority: int = 0  # protocol.INTERACTIVE (0), or protocol.BACKGROUND (-1) for batch lines
+    stream: bool = True  # the client reads text chunks as they come; False: text decoded once, at the end
     kv_positions: int = 0  # most positions it may use (prefix + prompt + generation, within the context): set by Scheduler.add
 
 

@@ -66,6 +66,7 @@ class ProgramContext:
 
     engine: object  # gpu_worker.engine.Engine
     emit: Callable[[str], None]  # streams a text chunk to the client
+    stream: bool = True  # False: nobody reads chunks, so no per-token detokenisation (text decoded once)
     position: int = 0  # next free position (kept current by the scheduler)
     context: int = 2048  # positions available to this sequence (its KV slot's length)
     output_tokens: int = 0
@@ -185,14 +186,19 @@ def text_answer(ctx: ProgramContext, first: StepResult, spec_after: SampleSpec, 
     """Sample until stop_id or max_tokens; `first` holds the token sampled from the
     prefill logits (nothing suppressed there).  Returns (text, finish_reason)."""
     engine = ctx.engine
-    streamer = TextStreamer(engine.decode, ctx.emit)
+    # streamed: chunks as the reference segments them; not streamed: the tokens decoded once at the end
+    streamer = TextStreamer(engine.decode, ctx.emit) if ctx.stream else None
+    tokens: list[int] = []
     token, emitted = first.token, 0
     finish = "stop"
     while token != stop_id:
         if ctx.room() < 1:
             finish = "length"
             break
-        streamer.add(token)
+        if streamer is not None:
+            streamer.add(token)
+        else:
+            tokens.append(token)
         emitted += 1
         ctx.output_tokens += 1
         if emitted >= max_tokens:
@@ -201,7 +207,7 @@ def text_answer(ctx: ProgramContext, first: StepResult, spec_after: SampleSpec, 
             finish = "length"
             break
         token = (yield Feed(tokens=[token], sample=spec_after)).token
-    return streamer.finish(), finish
+    return (streamer.finish() if streamer is not None else engine.decode(tokens)), finish
 
 
 def run_caption(ctx: ProgramContext, params: CaptionParams, settings: SamplingSettings) -> Program:

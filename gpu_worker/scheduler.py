@@ -419,7 +419,7 @@ class Scheduler:
     def _new_sequence(self, req: EngineRequest, kv: SequenceKV, t_added: float,
                       cache_hit: bool, adapter: Optional[Adapter]) -> Sequence:
         ctx = P.ProgramContext(engine=self.engine, emit=lambda text, rid=req.request_id: self._emit(rid, text),
-                               context=self.cache.context, position=kv.start)
+                               context=self.cache.context, position=kv.start, stream=req.stream)
         program = P.start_program(ctx, req.skill, req.params, req.settings, req.image is not None)
         seq = Sequence(request=req, kv=kv, ctx=ctx, program=program, settings=req.settings,
                        t_added=t_added, t_started=time.perf_counter(), image_cache_hit=cache_hit, adapter=adapter)
@@ -484,11 +484,16 @@ class Scheduler:
             return
         specs = [seqs[i].feed.sample for i in rows]
         with torch.inference_mode():
-            logits = self.engine.logits(hidden[rows]).float()
+            logits = self.engine.logits(hidden if len(rows) == len(seqs) else hidden[rows]).float()
             if self.recorder is not None:
                 self.recorder.logits([seqs[i].request.request_id for i in rows], logits)
-            banned = [(j, t) for j, spec in enumerate(specs) for t in spec.suppress]
-            if banned:
+            suppressed = {spec.suppress for spec in specs}
+            if len(suppressed) == 1:  # the usual step: every row bans the same ids (or none): one op
+                ids = next(iter(suppressed))
+                if ids:
+                    logits[:, list(ids)] = float("-inf")
+            else:
+                banned = [(j, t) for j, spec in enumerate(specs) for t in spec.suppress]
                 logits[[j for j, _ in banned], [t for _, t in banned]] = float("-inf")
             next_tokens = logits.argmax(dim=-1)
             for j, spec in enumerate(specs):
@@ -524,6 +529,8 @@ class Scheduler:
         """Resume the program with its step result; it yields its next feed or finishes."""
         try:
             seq.feed = seq.program.send(result)
+            if not seq.t_first_output and not seq.ctx.stream and seq.ctx.output_tokens:  # no chunk marks it
+                seq.t_first_output = time.perf_counter()
             if self.recorder is not None:
                 self.recorder.feed(seq.request.request_id, seq.feed)
             if seq.ctx.position + seq.feed.length > self.cache.context:

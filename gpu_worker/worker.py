@@ -208,7 +208,7 @@ class GpuWorker:
             image = ImageInput(crops=crops, tiling=tuple(msg.tiling), key=msg.image_key, pixels=pixels)
         request = EngineRequest(request_id=rid, skill=msg.skill, params=msg.params,
                                 settings=msg.settings, image=image, priority=msg.priority,
-                                seed=msg.seed, variant=msg.variant)
+                                seed=msg.seed, variant=msg.variant, stream=msg.stream)
         try:
             self.scheduler.add(request)
         except VariantError as exc:  # unknown (404), bad id (400): answered before any GPU work
