@@ -8,9 +8,10 @@ end-ground tokens (which decides the grounding entries' character ranges)."""
 from __future__ import annotations
 
 from gpu_worker.programs import ProgramContext, StepResult, run_query
+from shared.protocol import QueryParams, SamplingSettings
 from tests.engine_helpers import fixture_engine
 
-SETTINGS = {"temperature": 0.5, "top_p": 0.3, "max_tokens": 64, "max_objects": 50}
+SETTINGS = SamplingSettings(temperature=0.5, top_p=0.3, max_tokens=64, max_objects=50)
 
 
 def engine_and_ids():
@@ -27,7 +28,7 @@ def drive_reasoning_query(engine, script: list[StepResult]):
     (feeds the program yielded, its output, its finish reason, streamed chunks)."""
     chunks: list[str] = []
     ctx = ProgramContext(engine=engine, emit=chunks.append)
-    program = run_query(ctx, {"question": "How many?", "reasoning": True}, SETTINGS, has_image=True)
+    program = run_query(ctx, QueryParams(question="How many?", reasoning=True), SETTINGS, has_image=True)
     feeds = [next(program)]
     try:
         for result in script:
