@@ -160,3 +160,17 @@ def test_kv_benchmark_runs(tmp_path, capsys):
     assert saved["rows"] == [list(r) for r in result["rows"]]
     fit, fit_one_image, held = (row[3] for row in saved["rows"][:3])
     assert fit > 1 and fit_one_image > fit and 0 < held < 1
+
+
+def test_http_overhead_benchmark_runs(tmp_path, capsys):
+    """bench/http_overhead.py --quick --baseline none: the 24-layer tiny-width checkpoint served
+    by the real stack; the GPU worker's CPU time per generated token, read from /proc."""
+    from bench import http_overhead
+
+    out = tmp_path / "http_overhead.json"
+    results = http_overhead.main(["--quick", "--baseline", "none", "--json", str(out)])
+    assert "| workload | in flight | tree | CPU ms/token |" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == results
+    for flight in ("1", "32"):
+        row = results["image"][flight]["this"]
+        assert row["tokens"] > 0 and row["cpu_ms_per_token"] > 0
