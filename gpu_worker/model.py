@@ -675,8 +675,8 @@ def _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, plan: SplitPlan, gath
     lse_p = torch.full_like(lse, float("-inf"))  # rows without a prefix: its weight is 0
     for lone in plan.lone:
         r, q_r = lone.row, q[lone.row:lone.row + 1]
-        own_k = k_pool.index_select(1, lone.own).unsqueeze(0)
-        own_v = v_pool.index_select(1, lone.own).unsqueeze(0)
+        own_k = _gather(k_pool, lone.own.view(1, -1), gather_space[0])  # the same buffers for every row
+        own_v = _gather(v_pool, lone.own.view(1, -1), gather_space[1])
         out[r:r + 1], lse[r:r + 1] = flash(q_r, own_k, own_v, attn_mask=lone.bias)
         out_p[r:r + 1], lse_p[r:r + 1] = flash(q_r, k_pool[:, lone.prefix].unsqueeze(0), v_pool[:, lone.prefix].unsqueeze(0))
     if plan.rest:
