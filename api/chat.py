@@ -15,6 +15,7 @@ from api import schemas
 from api.chat_schemas import ChatMessage, ChatRequest, ImagePart, TextPart
 from api.errors import ApiError
 from shared.config import Config
+from shared.protocol import SamplingSettings
 
 
 class ChatError(ApiError):
@@ -94,7 +95,7 @@ def render_conversation(messages: list[ChatMessage], max_chars: int) -> Conversa
     return Conversation(question, images[0] if images else None)
 
 
-def query_settings(request: ChatRequest, config: Config) -> dict:
+def query_settings(request: ChatRequest, config: Config) -> SamplingSettings:
     """The settings of the query, checked as on /v1 (same defaults, same limits)."""
     max_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     settings = schemas.Settings(temperature=request.temperature, top_p=request.top_p,

@@ -18,13 +18,14 @@ Unknown fields are ignored, as the Moondream cloud API does (its client sends
 from __future__ import annotations
 
 import math
-from typing import Annotated, Optional
+from typing import Annotated, ClassVar, Optional
 
 import msgspec
 from msgspec import Meta
 
 from shared.config import Config
-from shared.protocol import DEFAULT_MAX_OBJECTS, DEFAULT_MAX_TOKENS
+from shared.protocol import (DEFAULT_MAX_OBJECTS, DEFAULT_MAX_TOKENS, CaptionParams, DetectParams, PointParams,
+                             QueryParams, SamplingSettings, SkillParams)
 
 # Spatial references become tokens in the prompt; a few are plenty and an
 # unbounded number could overflow the model's 2048-token context.
@@ -104,9 +105,9 @@ class Settings(msgspec.Struct):
     ] = None
     variant: Variant = None
 
-    def check(self, config: Config) -> dict:
-        """Validate; return only the settings the client gave (the engine fills the rest).
-        The variant is not among them: the route chooses it (api/models.py)."""
+    def check(self, config: Config) -> SamplingSettings:
+        """Validate; return the settings for Submit: those the client gave (the engine fills in
+        the rest).  The variant is not among them: the route chooses it (api/models.py)."""
         given = {name: getattr(self, name) for name in self.__struct_fields__
                  if getattr(self, name) is not None and name != "variant"}
         for name in ("temperature", "top_p"):
@@ -125,7 +126,7 @@ class Settings(msgspec.Struct):
             given["max_tokens"] = config.max_tokens_limit
         if "max_objects" not in given and config.max_objects_limit < DEFAULT_MAX_OBJECTS:
             given["max_objects"] = config.max_objects_limit
-        return given
+        return SamplingSettings(**given)
 
 
 def _check_text(name: str, value: str, config: Config) -> None:
@@ -161,11 +162,11 @@ class CaptionRequest(msgspec.Struct):
     model: Model = None
     variant: Variant = None
 
-    def check(self, config: Config) -> tuple[dict, dict]:
+    def check(self, config: Config) -> tuple[SkillParams, SamplingSettings]:
         """-> (params, settings) for protocol.Submit."""
         if self.length not in CAPTION_LENGTHS:
             raise InvalidValue(f"length must be one of {', '.join(CAPTION_LENGTHS)}")
-        return {"length": self.length}, (self.settings or Settings()).check(config)
+        return CaptionParams(length=self.length), (self.settings or Settings()).check(config)
 
 
 class QueryRequest(msgspec.Struct):
@@ -189,13 +190,13 @@ class QueryRequest(msgspec.Struct):
     model: Model = None
     variant: Variant = None
 
-    def check(self, config: Config) -> tuple[dict, dict]:
+    def check(self, config: Config) -> tuple[SkillParams, SamplingSettings]:
         _check_text("question", self.question, config)
         refs = self.spatial_refs or []
         if refs and self.image_url is None:
             raise InvalidValue("spatial_refs need an image: send image_url too")
         _check_spatial_refs(refs)
-        params = {"question": self.question, "reasoning": self.reasoning, "spatial_refs": refs}
+        params = QueryParams(question=self.question, reasoning=self.reasoning, spatial_refs=refs)
         return params, (self.settings or Settings()).check(config)
 
 
@@ -207,10 +208,11 @@ class DetectRequest(msgspec.Struct):
     settings: Optional[Settings] = None
     model: Model = None
     variant: Variant = None
+    params_type: ClassVar[type] = DetectParams  # PointRequest: PointParams
 
-    def check(self, config: Config) -> tuple[dict, dict]:
+    def check(self, config: Config) -> tuple[SkillParams, SamplingSettings]:
         _check_text("object", self.object, config)
-        return {"object": self.object}, (self.settings or Settings()).check(config)
+        return self.params_type(object=self.object), (self.settings or Settings()).check(config)
 
 
 class PointRequest(DetectRequest):
@@ -223,7 +225,9 @@ class PointRequest(DetectRequest):
         Meta(description="Not supported by Moondream 2 for point; must be absent or empty."),
     ] = None
 
-    def check(self, config: Config) -> tuple[dict, dict]:
+    params_type: ClassVar[type] = PointParams
+
+    def check(self, config: Config) -> tuple[SkillParams, SamplingSettings]:
         if self.spatial_refs:
             raise InvalidValue("spatial_refs are only supported by /v1/query")
         return super().check(config)

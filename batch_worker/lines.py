@@ -102,7 +102,7 @@ def to_submit(raw: bytes, request_id: str, config, names: models.ModelNames) -> 
     return submit, image
 
 
-def _checked(line: BatchLine, image: Optional[str], config) -> tuple[dict, dict]:
+def _checked(line: BatchLine, image: Optional[str], config) -> tuple[protocol.SkillParams, protocol.SamplingSettings]:
     """The route schema's own checks, on the line's fields."""
     settings = line.settings
     if line.skill != "query" and image is None:
@@ -116,7 +116,8 @@ def _checked(line: BatchLine, image: Optional[str], config) -> tuple[dict, dict]
                                     spatial_refs=line.spatial_refs, settings=settings).check(config)
     if line.object is None:
         raise schemas.InvalidValue(f"{line.skill} needs an object")
-    return schemas.DetectRequest(image_url="", object=line.object, settings=settings).check(config)
+    route = schemas.PointRequest if line.skill == "point" else schemas.DetectRequest
+    return route(image_url="", object=line.object, settings=settings).check(config)
 
 
 def new_request_id(job_id: str, line_index: int) -> str:

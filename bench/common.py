@@ -50,9 +50,11 @@ def load_engine(model: str, device: str, dtype: str) -> Engine:
     if model == "random:overhead":
         from bench.overhead import overhead_engine
 
-        return overhead_engine()
+        return overhead_engine(device)
     if model != "random:small":
-        return load_model(Config(model=model, device=device, dtype=dtype))
+        # eager unless COMPILE=on is set: the benchmarks' history is eager (bench/overhead.py --compile
+        # measures the compiled decode step), and compiling on a GPU would eat gpu.sh's time limits
+        return load_model(Config(model=model, device=device, dtype=dtype, compile=os.environ.get("COMPILE", "off")))
     cfg = ModelConfig.from_json({"revision": "2025-06-21", **SMALL_CONFIG}, "2025-06-21")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, cfg.revision)

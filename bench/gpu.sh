@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The engine benchmarks on one lent GPU (H100 / H200), in one go, in under 9 minutes.
+# The engine benchmarks on one lent GPU (H100 / H200), in one go, in under 12 minutes.
 #
 #   bash bench/gpu.sh            # from the repo root or anywhere
 #
@@ -38,6 +38,11 @@ timeout 200 $PY bench/throughput.py --device cuda --dtype bfloat16 --seconds 15 
 # at batch 1 a step reads 8 of 64, so the memory floor there is ~4x too high).
 timeout 180 $PY bench/engine.py --model random:md3-full --device cuda --dtype bfloat16 \
   --json "$RESULTS/engine_cuda_md3.json" 2>&1 | tee "$RESULTS/engine_cuda_md3.md" || status=1
+
+# overhead.py: random:overhead (24 layers, tiny widths) steady decode steps at batch 1 and 64, eager and
+# COMPILE=on (CUDA graphs): the host time per step a GPU waits on, against batch 1's 0.93 ms memory floor
+timeout 150 $PY bench/overhead.py --device cuda --baseline none --compile --batches 1 64 --steps 30 --rounds 1 \
+  --json "$RESULTS/overhead_cuda.json" 2>&1 | tee "$RESULTS/overhead_cuda.md" || status=1
 
 echo "results in $RESULTS"
 exit $status

@@ -35,6 +35,7 @@ from gpu_worker.engine import load_model  # noqa: E402
 from gpu_worker.engine_types import EngineRequest  # noqa: E402
 from gpu_worker.scheduler import Recorder  # noqa: E402
 from shared.config import Config  # noqa: E402
+from shared.protocol import CaptionParams, QueryParams, SamplingSettings  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFORMANCE_MAIN = os.path.join(REPO, "tests", "conformance", "main")
@@ -126,7 +127,7 @@ def greedy_runs(engine, requests: list[EngineRequest]) -> dict:
     out = {}
     for req in requests:
         sched.recorder = Recorder([req.request_id])
-        sched.add(EngineRequest(req.request_id, req.skill, dict(req.params), dict(req.settings), req.image))
+        sched.add(EngineRequest(req.request_id, req.skill, req.params, req.settings, req.image))
         while sched.has_work():
             sched.step()
         rec = sched.recorder.records[req.request_id]
@@ -157,10 +158,10 @@ def fidelity(model: str, requests: list[EngineRequest]) -> dict:
 
 def model_requests(max_tokens: int) -> list[EngineRequest]:
     image = synthetic_image(2, seed=7)
-    greedy = {"temperature": 0, "max_tokens": max_tokens}
-    return [EngineRequest(uuid.uuid4().hex, "caption", {"length": "normal"}, dict(greedy), image),
-            EngineRequest(uuid.uuid4().hex, "query", {"question": "What is in the image?"}, dict(greedy), image),
-            EngineRequest(uuid.uuid4().hex, "query", {"question": "Describe a cat."}, dict(greedy), None)]
+    greedy = SamplingSettings(temperature=0, max_tokens=max_tokens)
+    return [EngineRequest(uuid.uuid4().hex, "caption", CaptionParams(length="normal"), greedy, image),
+            EngineRequest(uuid.uuid4().hex, "query", QueryParams(question="What is in the image?"), greedy, image),
+            EngineRequest(uuid.uuid4().hex, "query", QueryParams(question="Describe a cat."), greedy, None)]
 
 
 def conformance_requests() -> list[EngineRequest]:

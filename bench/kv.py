@@ -167,12 +167,13 @@ def questions_on_one_image(engine, block_size) -> dict:
     """A real scheduler run: QUESTIONS queries on one image, the pool's peak use."""
     from gpu_worker.engine_types import EngineRequest
     from gpu_worker.scheduler import Scheduler
+    from shared.protocol import QueryParams, SamplingSettings
 
     sched = Scheduler(engine, max_batch=QUESTIONS, kv_cache_bytes=BUDGET, block_size=block_size)
     image = synthetic_image(1)
     for i in range(QUESTIONS):
-        sched.add(EngineRequest(f"q{i}", "query", {"question": f"What is item {i} in the image?"},
-                                {"temperature": 0, "max_tokens": 8}, image))
+        sched.add(EngineRequest(f"q{i}", "query", QueryParams(question=f"What is item {i} in the image?"),
+                                SamplingSettings(temperature=0, max_tokens=8), image))
     peak, peak_running = 0, 0
     while sched.has_work():
         sched.step()

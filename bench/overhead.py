@@ -3,6 +3,8 @@
     python bench/overhead.py                      # batches 1, 8, 32, 64, baseline = main's parent tree
     python bench/overhead.py --quick              # seconds; for the smoke test
     python bench/overhead.py --baseline none      # this tree only
+    python bench/overhead.py --compile            # this tree also with COMPILE=on (compiles first: minutes)
+    python bench/overhead.py --device cuda --baseline none --compile   # bench/gpu.sh: step time on a GPU
 
 `random:overhead` is Moondream 2's text stack (24 layers, the same op graph) at tiny
 widths (dim 128), so its arithmetic is negligible and a step's time is Python,
@@ -51,7 +53,10 @@ NO_KERNEL = {
 }
 
 
-def overhead_engine():
+COMPILED_KERNELS = ("cpp_fused", "triton_")  # inductor's generated kernels, profiled by name
+
+
+def overhead_engine(device: str = "cpu"):
     """random:overhead from the gpu_worker of whichever tree is first on sys.path."""
     import torch
     from gpu_worker.checkpoint import TINY_CONFIG, Checkpoint, ModelConfig, _byte_level_tokenizer
@@ -67,8 +72,19 @@ def overhead_engine():
             weights[name] = torch.ones(shape) if name.endswith(".weight") else torch.zeros(shape)
         else:
             weights[name] = torch.randn(shape, generator=gen) * 0.02
+    weights = {name: t.to(device) for name, t in weights.items()}
     return Engine(Checkpoint(cfg, weights, _byte_level_tokenizer(cfg.vocab_size), "random:overhead",
                              test_model=True))
+
+
+def query_fields(question: str, max_tokens: int) -> tuple:
+    """(params, settings) as the tree on sys.path takes them: typed structs, or the dicts of a
+    tree from before the typed messages (the baseline)."""
+    try:
+        from shared.protocol import QueryParams, SamplingSettings
+    except ImportError:
+        return {"question": question}, {"temperature": 0, "max_tokens": max_tokens}
+    return QueryParams(question=question), SamplingSettings(temperature=0, max_tokens=max_tokens)
 
 
 def steady_scheduler(engine, b: int, max_tokens: int):
@@ -76,10 +92,16 @@ def steady_scheduler(engine, b: int, max_tokens: int):
     from gpu_worker.engine_types import EngineRequest
     from gpu_worker.scheduler import Scheduler
 
-    sched = Scheduler(engine, max_batch=max(b, 1), context=512)
+    from gpu_worker.model import kv_bytes_per_position
+
+    # a pool of b full contexts, whatever memory other processes hold at the moment
+    pool = b * 512 * kv_bytes_per_position(engine.config, engine.kv_dtype)
+    sched = Scheduler(engine, max_batch=max(b, 1), context=512, kv_cache_bytes=pool)
+    # not streamed (HTTP's default), where the tree knows the difference
+    unstreamed = {"stream": False} if "stream" in EngineRequest.__dataclass_fields__ else {}
     for i in range(b):
-        sched.add(EngineRequest(f"q{i}", "query", {"question": f"Say something about number {i}."},
-                                {"temperature": 0, "max_tokens": max_tokens}))
+        params, settings = query_fields(f"Say something about number {i}.", max_tokens)
+        sched.add(EngineRequest(f"q{i}", "query", params, settings, **unstreamed))
     for _ in range(50):
         sched.step()
         if len(sched.running) == b and all(s.feed is not None and s.feed.length == 1 for s in sched.running.values()):
@@ -111,7 +133,6 @@ def time_steps(engine, b: int, steps: int) -> list[float]:
 
 def profile_step(engine, b: int) -> dict:
     """Kernel-launching aten ops in one steady step, and the share of the step outside them."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     sched = steady_scheduler(engine, b, max_tokens=40)
@@ -123,6 +144,10 @@ def profile_step(engine, b: int) -> dict:
         wall = time.perf_counter() - t0
     kernels, kernel_us, aten_calls = 0, 0.0, 0
     for ev in prof.events():
+        if ev.name.startswith(COMPILED_KERNELS):  # a kernel inductor generated (COMPILE=on)
+            kernels += 1
+            kernel_us += ev.cpu_time_total
+            continue
         if not ev.name.startswith("aten::"):
             continue
         aten_calls += 1
@@ -143,19 +168,27 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    engine = overhead_engine()
+    engine = overhead_engine(args.device)
+    if args.compile:
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True  # its kernels show in the profile, to count
+        engine.use_compiled_decode()
     result = {}
     for b in args.batches:
         times = time_steps(engine, b, args.steps)
         result[str(b)] = {"step_s": statistics.median(times), "steps": len(times)}
+        if args.compile and (engine.compiled.broken or not engine.compiled.compiled_calls):
+            raise RuntimeError("the compiled decode step did not run")
         if args.profile:
             result[str(b)].update(profile_step(engine, b))
     print("RESULT " + json.dumps(result))
 
 
-def run_tree(code: str, args, profile: bool) -> dict:
+def run_tree(code: str, args, profile: bool, compiled: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--code", code, "--steps", str(args.steps),
-           "--batches", *map(str, args.batches)] + (["--profile"] if profile else [])
+           "--batches", *map(str, args.batches), "--device", args.device] + (["--profile"] if profile else []) + \
+        (["--compile"] if compiled else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": code}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code, timeout=3600)
     if out.returncode != 0:
@@ -164,36 +197,41 @@ def run_tree(code: str, args, profile: bool) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", default=BASELINE, help="commit to compare against, or 'none'")
     ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     ap.add_argument("--steps", type=int, default=40, help="timed steps per batch size and round")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two trees")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (a lent GPU: host time per step there)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also this tree with the compiled decode step")
     ap.add_argument("--json", default="")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--code", default=ROOT, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker:
-        return worker(args)
+        worker(args)
+        return {}
     if args.quick:
         args.batches, args.steps, args.rounds = [1, 8], 5, 1
 
-    trees = {"this": ROOT}
+    trees = {"this": (ROOT, False)}
+    if args.compile:
+        trees["compiled"] = (ROOT, True)
     tmp = None
     if args.baseline != "none":
         tmp = tempfile.mkdtemp(prefix="bench-overhead-")
         subprocess.run(["git", "worktree", "add", "--detach", tmp, args.baseline], cwd=ROOT, check=True,
                        capture_output=True)
-        trees["baseline"] = tmp
+        trees["baseline"] = (tmp, False)
     try:
         times = {name: {b: [] for b in args.batches} for name in trees}
         prof = {}
         for r in range(args.rounds):
-            for name, code in trees.items():
-                res = run_tree(code, args, profile=(r == 0))
+            for name, (code, compiled) in trees.items():
+                res = run_tree(code, args, profile=(r == 0), compiled=compiled)
                 for b in args.batches:
                     times[name][b].append(res[str(b)]["step_s"])
                     if r == 0:
@@ -218,6 +256,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    return out
 
 
 if __name__ == "__main__":

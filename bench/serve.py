@@ -33,6 +33,7 @@ from gpu_worker.engine import load_model
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput
 from gpu_worker.scheduler import Scheduler
 from preprocess_worker.worker import preprocess
+from shared.protocol import PARAMS_OF_SKILL, SamplingSettings
 from tests.stack import REPO, config_from_env, running_stack
 
 IMAGE_DIR = REPO / "tests/conformance/main/images"
@@ -106,7 +107,8 @@ def run_in_process(scheduler: Scheduler, config, bodies: list[dict], jpegs: dict
             body, submitted = decoding.pop(job)
             done = job.result()
             rid = uuid.uuid4().hex
-            scheduler.add(EngineRequest(rid, body["skill"], dict(body["params"]), dict(body["settings"]),
+            params = PARAMS_OF_SKILL[body["skill"]](**body["params"])
+            scheduler.add(EngineRequest(rid, body["skill"], params, SamplingSettings(**body["settings"]),
                                         image=ImageInput(crops=done.crops, tiling=done.tiling, key=done.key)))
             started[rid] = submitted
         for event in scheduler.step():

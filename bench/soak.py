@@ -121,7 +121,7 @@ def expected_answers(cases: list[Case]) -> dict[Case, object]:
     from gpu_worker.engine_types import EngineRequest, ImageInput
     from gpu_worker.scheduler import Scheduler
     from preprocess_worker.worker import preprocess
-    from tests.engine_helpers import fixture_engine, run_requests
+    from tests.engine_helpers import fixture_engine, run_requests, sampling, skill_params
 
     scheduler = Scheduler(fixture_engine("main"), max_batch=len(cases))
     requests = {}
@@ -130,8 +130,8 @@ def expected_answers(cases: list[Case]) -> dict[Case, object]:
         if case.image:  # exactly what the preprocess workers make of the same bytes
             done = preprocess((IMAGE_DIR / case.image).read_bytes(), 50_000_000, 16384)
             image = ImageInput(crops=done.crops, tiling=done.tiling, key=done.key)
-        requests[case] = EngineRequest(request_id=uuid.uuid4().hex, skill=case.skill, params=dict(case.params),
-                                       settings=dict(SETTINGS), image=image)
+        requests[case] = EngineRequest(request_id=uuid.uuid4().hex, skill=case.skill, params=skill_params(case.skill, dict(case.params)),
+                                       settings=sampling(SETTINGS), image=image)
     outcomes = run_requests(scheduler, list(requests.values()))
     answers = {}
     for case, request in requests.items():

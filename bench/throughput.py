@@ -41,6 +41,7 @@ from bench.common import (PREFIX_LEN, Cost, best_peaks, code_version, describe_d
                           text_step_cost)
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput  # noqa: E402
 from gpu_worker.scheduler import Scheduler  # noqa: E402
+from shared.protocol import QueryParams, SamplingSettings  # noqa: E402
 
 # A ChartQA-sized question.  The random checkpoints use a byte-level stand-in
 # tokenizer (one token per byte), so this is 16 tokens: about what a real
@@ -68,7 +69,7 @@ def run_point(engine, max_tokens: int, concurrency: int, n_timed: int, max_secon
         nonlocal submitted
         rid = uuid.uuid4().hex
         image = ImageInput(crops=crops, tiling=tiling, key=f"bench-image-{submitted}")  # distinct image per request
-        sched.add(EngineRequest(rid, "query", {"question": QUESTION}, {"temperature": 0, "max_tokens": max_tokens},
+        sched.add(EngineRequest(rid, "query", QueryParams(question=QUESTION), SamplingSettings(temperature=0, max_tokens=max_tokens),
                                 image, seed=submitted))
         added_at[rid] = time.perf_counter()
         submitted += 1

@@ -66,9 +66,11 @@ class Worker:
     def free(self) -> int:
         return self.capacity - len(self.jobs)
 
-    def takes_background(self) -> bool:
-        """Batch lines never fill a GPU worker: some slots stay for interactive requests."""
-        return len(self.background_jobs) < priority.background_slots(self.slots)
+    def takes_background(self, interactive: bool = False) -> bool:
+        """Batch lines never fill a GPU worker: some slots stay for interactive requests, and
+        on a CPU fewer lines go on while interactive requests come (shared/priority.py)."""
+        narrow = interactive and priority.narrows_on(str(self.model.get("device", "")))
+        return len(self.background_jobs) < priority.background_slots(self.slots, narrow)
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Broker:
         self.requests: dict[str, Request] = {}
         self.preprocess_queue: deque[str] = deque()
         self.gpu_queue: deque[str] = deque()
+        self.interactive = priority.InteractiveTraffic()  # narrows batch lines' dispatch while it is present
         now = time.monotonic()
         self.no_gpu_since = now  # when the last GPU worker went away (or start-up)
         self.no_preprocess_since = now
@@ -189,6 +192,9 @@ class Broker:
             msg, blob = protocol.decode(frames[1:])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("malformed message from a front end dropped: %s", exc)
+            rid = protocol.request_id_of(frames[1]) if len(frames) > 1 else None
+            if rid is not None and isinstance(exc, msgspec.ValidationError):  # its sender waits for an answer
+                self.send_to_client(client, protocol.encode(Error(rid, 422, "invalid_request", f"malformed request: {exc}")))
             return
         if isinstance(msg, Submit):
             self.on_submit(client, msg, blob)
@@ -217,6 +223,8 @@ class Broker:
         req = Request(submit=msg, client=client, image=image if msg.has_image else None,
                       deadline=deadline, received=now, waiting_since=now)
         self.requests[rid] = req
+        if not priority.is_background(msg.priority):
+            self.interactive.started(now)
         if msg.has_image:
             self._enqueue(self.preprocess_queue, req)
         else:
@@ -427,6 +435,7 @@ class Broker:
         # The queue holds interactive requests first; each goes to a worker of its model, and a
         # model whose workers are full does not hold up the others' requests behind it.
         full = set()  # (model, background) with no free worker this round
+        interactive = self.interactive.present(time.monotonic())
         for rid in list(self.gpu_queue):
             req = self.requests.get(rid)
             if req is None:
@@ -435,7 +444,7 @@ class Broker:
             background = priority.is_background(req.submit.priority)
             if (req.submit.model, background) in full:
                 continue
-            worker = self._pick(protocol.GPU, background, req.submit.model)
+            worker = self._pick(protocol.GPU, background, req.submit.model, interactive)
             if worker is None:
                 full.add((req.submit.model, background))
                 continue
@@ -448,10 +457,10 @@ class Broker:
             frame, req.resized_frame = req.resized_frame, None  # the GPU worker holds it from now on
             self.send_to_worker(worker.identity, protocol.encode(req.generate, frame))
 
-    def _pick(self, kind: str, background: bool = False, model: str = "") -> Optional[Worker]:
+    def _pick(self, kind: str, background: bool = False, model: str = "", interactive: bool = False) -> Optional[Worker]:
         """A free worker of `kind` (GPU: serving `model`, any when "")."""
         candidates = [w for w in self.workers.values()
-                      if w.kind == kind and w.free > 0 and (not background or w.takes_background())
+                      if w.kind == kind and w.free > 0 and (not background or w.takes_background(interactive))
                       and (not model or w.model.get("id", "") == model)]
         if not candidates:
             return None
@@ -476,7 +485,8 @@ class Broker:
     def finish(self, req: Request, frames: Optional[list], msg) -> None:
         """Send the one final reply of a request and forget it."""
         rid = req.request_id
-        self.requests.pop(rid, None)
+        if self.requests.pop(rid, None) is not None and not priority.is_background(req.submit.priority):
+            self.interactive.ended(time.monotonic())
         for queue in (self.preprocess_queue, self.gpu_queue):
             if req.stage in (QUEUED_PREPROCESS, QUEUED_GPU) and rid in queue:
                 queue.remove(rid)

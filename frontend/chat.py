@@ -210,8 +210,7 @@ class ChatResource:
         # The same params /v1/query sends for a question without spatial references.
         # total_cap: max_completion_tokens counts reasoning and answer together (docs/chat.md);
         # reasoning None: the model's default (Moondream 3 reasons, Moondream 2 does not)
-        params = {"question": conversation.question, "reasoning": request.reasoning, "spatial_refs": [],
-                  "total_cap": True}
+        params = protocol.QueryParams(question=conversation.question, reasoning=request.reasoning, total_cap=True)
         image_url = conversation.image_url
         image = decode_image_url(image_url, self._fetch_remote) if image_url is not None else None
         streaming = bool(request.stream)

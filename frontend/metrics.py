@@ -29,10 +29,11 @@ from typing import Optional
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from shared import protocol
+from shared.step_times import cumulative_buckets
 
 # Generation takes seconds to minutes: the default buckets (up to 10 s) are too short.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -315,6 +316,11 @@ class BrokerCollector:
                 family.add_metric([], value)
                 seen.add(name)
                 yield family
+        step_times = cumulative_buckets(status.gpu_stats)
+        if step_times is not None:
+            buckets, total = step_times
+            yield HistogramMetricFamily("moondream_gpu_step_seconds", "Time of each GPU scheduler step, all GPU workers",
+                                        buckets=buckets, sum_value=total)
         restarts = status.worker_restarts
         if restarts:
             family = CounterMetricFamily("moondream_worker_restarts", "Workers that registered again (restarted or reconnected), by kind",

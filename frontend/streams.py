@@ -85,7 +85,8 @@ class EventStreamBody:
             self._stream.cancel()
 
 
-def start_request(client, config: Config, req: falcon.Request, skill: str, params: dict, settings: dict,
+def start_request(client, config: Config, req: falcon.Request, skill: str, params: protocol.SkillParams,
+                  settings: protocol.SamplingSettings,
                   image: Optional[bytes], streaming: bool, model: str = "", *,
                   variant: Optional[str] = None, seed: Optional[int] = None) -> tuple:
     """Submit a validated request to the broker -> (first event, the events after it, its stream).

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import collections
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -37,6 +38,13 @@ class Engine:
         }
         # concatenated adapters of recent batches' variant sets (M.LoraBatch), newest last
         self._adapter_sets: collections.OrderedDict = collections.OrderedDict()
+        self.compiled = None  # CompiledDecode when COMPILE is on (use_compiled_decode)
+
+    def use_compiled_decode(self, fault=None) -> None:
+        """Decode steps (one position per row) through the compiled graph (compiled_step.py)."""
+        from gpu_worker.compiled_step import CompiledDecode
+
+        self.compiled = CompiledDecode(self, fault=fault)
 
     def create_scheduler(self, max_batch: int = 32, image_cache_bytes: int = 1 << 30, **kwargs):
         from gpu_worker.scheduler import Scheduler
@@ -121,7 +129,9 @@ class Engine:
             cache.grow(seq, start + t)
         layout = M.batch_layout(cache, seqs, start_pos, t, split_prefixes=cache.attention == "split")
         lora = self.lora_batch(adapters) if adapters and any(a is not None for a in adapters) else None
-        hidden = M.text_forward(embeds, layout, cache, self.weights, self.config, self.rope, lora)
+        hidden = self.compiled(embeds, layout, cache, lora) if self.compiled is not None else None
+        if hidden is None:  # not compiled, or a batch the compiled step does not take
+            hidden = M.text_forward(embeds, layout, cache, self.weights, self.config, self.rope, lora)
         return hidden[:, -1]
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
@@ -152,8 +162,22 @@ def load_model(config) -> Engine:
     if config.engine != "native":
         raise ModelLoadError(f"MOONDREAM_ENGINE={config.engine} is not one of native, transformers")
     if config.dtype == "int8":
-        return _load_int8(config)
-    return Engine(load_checkpoint(config.model, config.revision, config.device, config.dtype, config.hf_token))
+        engine = _load_int8(config)
+    else:
+        engine = Engine(load_checkpoint(config.model, config.revision, config.device, config.dtype, config.hf_token))
+    _set_up_compile(engine, config)
+    return engine
+
+
+def _set_up_compile(engine: Engine, config) -> None:
+    """COMPILE: decode steps through the compiled graph, compiled lazily on the first one."""
+    from gpu_worker.compiled_step import compile_wanted, use_cache_dir
+
+    if not compile_wanted(getattr(config, "compile", "off"), engine.device):
+        return
+    run_dir = os.environ.get("RUN_DIR", "")
+    use_cache_dir(config.inductor_cache_dir or (os.path.join(run_dir, "inductor-cache") if run_dir else ""))
+    engine.use_compiled_decode()
 
 
 def _load_int8(config) -> Engine:

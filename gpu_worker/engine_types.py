@@ -1,10 +1,12 @@
 """Values passed between the GPU worker's process loop and the engine's scheduler."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
+
+from shared.protocol import SamplingSettings, SkillParams
 
 
 @dataclass
@@ -19,12 +21,13 @@ class ImageInput:
 class EngineRequest:
     request_id: str
     skill: str  # "caption" | "query" | "detect" | "point"
-    params: dict  # caption: {"length"}; query: {"question", "reasoning", "spatial_refs"}; detect/point: {"object"}
-    settings: dict = field(default_factory=dict)  # temperature, top_p, max_tokens, max_objects; missing = model defaults
+    params: SkillParams  # Generate.params: the skill's struct (shared/protocol.py)
+    settings: SamplingSettings = SamplingSettings()  # Generate.settings; None fields = model defaults (filled by add())
     image: Optional[ImageInput] = None  # None only for a text-only query
     seed: Optional[int] = None  # sampling seed; None = random
     variant: Optional[str] = None  # fine-tuned variant id (Generate.variant); None = base model
     priority: int = 0  # protocol.INTERACTIVE (0), or protocol.BACKGROUND (-1) for batch lines
+    stream: bool = True  # the client reads text chunks as they come; False: text decoded once, at the end
     kv_positions: int = 0  # most positions it may use (prefix + prompt + generation, within the context): set by Scheduler.add
 
 

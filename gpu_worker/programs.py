@@ -13,21 +13,22 @@ from typing import Callable, Generator, Optional
 
 import torch
 
-from shared.protocol import DEFAULT_MAX_OBJECTS, DEFAULT_MAX_TOKENS
+from shared.protocol import (DEFAULT_MAX_OBJECTS, DEFAULT_MAX_TOKENS, CaptionParams, QueryParams, SamplingSettings,
+                             SkillParams)
 
-DEFAULT_SETTINGS = {"temperature": 0.5, "top_p": 0.3, "max_tokens": DEFAULT_MAX_TOKENS, "max_objects": DEFAULT_MAX_OBJECTS}
-SETTING_NAMES = tuple(DEFAULT_SETTINGS)  # the only keys of EngineRequest.settings
-MOONDREAM3_SETTINGS = {**DEFAULT_SETTINGS, "top_p": 0.9, "max_objects": 150}
+DEFAULT_SETTINGS = SamplingSettings(temperature=0.5, top_p=0.3, max_tokens=DEFAULT_MAX_TOKENS,
+                                    max_objects=DEFAULT_MAX_OBJECTS)
+MOONDREAM3_SETTINGS = SamplingSettings(temperature=0.5, top_p=0.9, max_tokens=DEFAULT_MAX_TOKENS, max_objects=150)
 
 
-def default_settings(cfg) -> dict:
+def default_settings(cfg) -> SamplingSettings:
     """The settings a request leaves out take the model's defaults."""
-    return dict(MOONDREAM3_SETTINGS if cfg.is_moondream3 else DEFAULT_SETTINGS)
+    return MOONDREAM3_SETTINGS if cfg.is_moondream3 else DEFAULT_SETTINGS
 
 
-def reasoning_wanted(cfg, params: dict) -> bool:
+def reasoning_wanted(cfg, params: SkillParams) -> bool:
     """Moondream 3 reasons unless the request says not to; Moondream 2 only when asked."""
-    flag = params.get("reasoning")
+    flag = params.reasoning if isinstance(params, QueryParams) else False
     return bool(cfg.is_moondream3 if flag is None else flag)
 
 
@@ -65,6 +66,7 @@ class ProgramContext:
 
     engine: object  # gpu_worker.engine.Engine
     emit: Callable[[str], None]  # streams a text chunk to the client
+    stream: bool = True  # False: nobody reads chunks, so no per-token detokenisation (text decoded once)
     position: int = 0  # next free position (kept current by the scheduler)
     context: int = 2048  # positions available to this sequence (its KV slot's length)
     output_tokens: int = 0
@@ -184,14 +186,19 @@ def text_answer(ctx: ProgramContext, first: StepResult, spec_after: SampleSpec, 
     """Sample until stop_id or max_tokens; `first` holds the token sampled from the
     prefill logits (nothing suppressed there).  Returns (text, finish_reason)."""
     engine = ctx.engine
-    streamer = TextStreamer(engine.decode, ctx.emit)
+    # streamed: chunks as the reference segments them; not streamed: the tokens decoded once at the end
+    streamer = TextStreamer(engine.decode, ctx.emit) if ctx.stream else None
+    tokens: list[int] = []
     token, emitted = first.token, 0
     finish = "stop"
     while token != stop_id:
         if ctx.room() < 1:
             finish = "length"
             break
-        streamer.add(token)
+        if streamer is not None:
+            streamer.add(token)
+        else:
+            tokens.append(token)
         emitted += 1
         ctx.output_tokens += 1
         if emitted >= max_tokens:
@@ -200,22 +207,22 @@ def text_answer(ctx: ProgramContext, first: StepResult, spec_after: SampleSpec, 
             finish = "length"
             break
         token = (yield Feed(tokens=[token], sample=spec_after)).token
-    return streamer.finish(), finish
+    return (streamer.finish() if streamer is not None else engine.decode(tokens)), finish
 
 
-def run_caption(ctx: ProgramContext, params: dict, settings: dict) -> Program:
-    prompt = caption_prompt(ctx, params.get("length", "normal"))
+def run_caption(ctx: ProgramContext, params: CaptionParams, settings: SamplingSettings) -> Program:
+    prompt = caption_prompt(ctx, params.length)
     first = yield Feed(tokens=prompt, sample=_spec(settings))
     text, finish = yield from text_answer(ctx, first, _spec(settings, _suppress_answer(ctx)),
-                                         _tok(ctx)["eos_id"], settings["max_tokens"])
+                                         _tok(ctx)["eos_id"], settings.max_tokens)
     return {"caption": text}, finish
 
 
-def run_query(ctx: ProgramContext, params: dict, settings: dict, has_image: bool) -> Program:
+def run_query(ctx: ProgramContext, params: QueryParams, settings: SamplingSettings, has_image: bool) -> Program:
     tok = _tok(ctx)
-    refs = params.get("spatial_refs") or []
+    refs = params.spatial_refs
     reasoning = reasoning_wanted(ctx.engine.config, params)
-    prompt = query_prompt(ctx, params["question"], reasoning, refs)
+    prompt = query_prompt(ctx, params.question, reasoning, refs)
     if not has_image:
         prompt = [tok["bos_id"]] + prompt
     feed = Feed(embeds=spatial_ref_embeddings(ctx, prompt, refs)) if refs else Feed(tokens=prompt)
@@ -223,12 +230,12 @@ def run_query(ctx: ProgramContext, params: dict, settings: dict, has_image: bool
     feed.coord = reasoning  # a first reasoning token may be `coord`
     first = yield feed
     output = {}
-    budget = settings["max_tokens"]
+    budget = settings.max_tokens
     if reasoning:
         before = ctx.output_tokens
         text, grounding = yield from reasoning_trace(ctx, first, settings)
         output["reasoning"] = {"text": text, "grounding": grounding}
-        if params.get("total_cap"):
+        if params.total_cap:
             # Chat's max_completion_tokens caps reasoning and answer together (OpenAI's meaning);
             # /v1/query, like the reference, gives each its own max_tokens.
             budget -= ctx.output_tokens - before
@@ -240,7 +247,7 @@ def run_query(ctx: ProgramContext, params: dict, settings: dict, has_image: bool
     return {"answer": answer, **output}, finish
 
 
-def reasoning_trace(ctx: ProgramContext, first: StepResult, settings: dict):
+def reasoning_trace(ctx: ProgramContext, first: StepResult, settings: SamplingSettings):
     """Reasoning tokens until the answer token; `coord` tokens are fed back as the
     coordinate they decode to and recorded as grounding points."""
     tok = _tok(ctx)
@@ -248,7 +255,7 @@ def reasoning_trace(ctx: ProgramContext, first: StepResult, settings: dict):
     chunks: list[list[int]] = [[]]
     values: list[list[float]] = [[]]
     result, emitted = first, 0
-    while result.token != tok["answer_id"] and emitted < settings["max_tokens"] and ctx.room() > 1:
+    while result.token != tok["answer_id"] and emitted < settings.max_tokens and ctx.room() > 1:
         token = result.token
         if token in (tok["start_ground_points_id"], tok["end_ground_id"]):
             chunks.append([])
@@ -273,7 +280,7 @@ def reasoning_trace(ctx: ProgramContext, first: StepResult, settings: dict):
     return "".join(texts), grounding
 
 
-def run_objects(ctx: ProgramContext, skill: str, params: dict, settings: dict) -> Program:
+def run_objects(ctx: ProgramContext, skill: str, params: SkillParams, settings: SamplingSettings) -> Program:
     """detect (boxes) and point: coordinates decoded from hidden states, greedily."""
     engine = ctx.engine
     eos = _tok(ctx)["eos_id"]
@@ -282,9 +289,9 @@ def run_objects(ctx: ProgramContext, skill: str, params: dict, settings: dict) -
     # Moondream 2 takes the argmax over the whole vocabulary and goes on unless it is EOS
     after_object = SampleSpec(0.0, 0.0, choices=(_tok(ctx)["coord_id"], eos)) if engine.config.is_moondream3 else greedy
     with_size = skill == "detect"
-    result = yield Feed(tokens=object_prompt(ctx, skill, params["object"]), sample=greedy, coord=True)
+    result = yield Feed(tokens=object_prompt(ctx, skill, params.object), sample=greedy, coord=True)
     found: list[dict] = []
-    while result.token != eos and len(found) < settings["max_objects"] and ctx.room() > 3:
+    while result.token != eos and len(found) < settings.max_objects and ctx.room() > 3:
         x = result.coord
         y = (yield Feed(embeds=engine.encode_coordinates([x]), coord=True)).coord
         if with_size:
@@ -299,8 +306,8 @@ def run_objects(ctx: ProgramContext, skill: str, params: dict, settings: dict) -
     return ({"objects": found} if with_size else {"points": found}), None
 
 
-def _spec(settings: dict, suppress: tuple = ()) -> SampleSpec:
-    return SampleSpec(float(settings["temperature"]), float(settings["top_p"]), tuple(suppress))
+def _spec(settings: SamplingSettings, suppress: tuple = ()) -> SampleSpec:
+    return SampleSpec(float(settings.temperature), float(settings.top_p), tuple(suppress))
 
 
 def _suppress_answer(ctx) -> tuple:
@@ -308,29 +315,30 @@ def _suppress_answer(ctx) -> tuple:
     return () if ctx.engine.config.revision == "2025-04-14" else (_tok(ctx)["answer_id"],)
 
 
-def prompt_length(engine, skill: str, params: dict, has_image: bool) -> int:
+def prompt_length(engine, skill: str, params: SkillParams, has_image: bool) -> int:
     """Positions of the prompt a program feeds first (after the image prefix, if any)."""
     ctx = ProgramContext(engine=engine, emit=lambda _: None)
     if skill == "caption":
-        return len(caption_prompt(ctx, params.get("length", "normal")))
+        return len(caption_prompt(ctx, params.length))
     if skill == "query":
         reasoning = reasoning_wanted(engine.config, params)
-        prompt = query_prompt(ctx, params["question"], reasoning, params.get("spatial_refs") or [])
+        prompt = query_prompt(ctx, params.question, reasoning, params.spatial_refs)
         return len(prompt) + (0 if has_image else 1)  # a text-only query starts with BOS
-    return len(object_prompt(ctx, skill, params["object"]))
+    return len(object_prompt(ctx, skill, params.object))
 
 
-def generated_positions(config, skill: str, params: dict, settings: dict) -> int:
+def generated_positions(config, skill: str, params: SkillParams, settings: SamplingSettings) -> int:
     """Most positions a program feeds after its prompt (the KV blocks admission reserves):
     an answer feeds back at most max_tokens - 1 tokens; reasoning feeds all its max_tokens,
     the answer token, then an answer; each object takes 3 positions (detect) or 2 (point)."""
     if skill in ("detect", "point"):
-        return (3 if skill == "detect" else 2) * int(settings["max_objects"])
-    tokens = int(settings["max_tokens"])
+        return (3 if skill == "detect" else 2) * int(settings.max_objects)
+    tokens = int(settings.max_tokens)
     return 2 * tokens if reasoning_wanted(config, params) else tokens
 
 
-def start_program(ctx: ProgramContext, skill: str, params: dict, settings: dict, has_image: bool) -> Program:
+def start_program(ctx: ProgramContext, skill: str, params: SkillParams, settings: SamplingSettings,
+                  has_image: bool) -> Program:
     if skill == "caption":
         return run_caption(ctx, params, settings)
     if skill == "query":

@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -37,9 +37,7 @@ from gpu_worker.engine_types import EngineRequest, Failed, Finished, TextChunk
 from gpu_worker.model import DEFAULT_BLOCK_SIZE, PagedKVCache, PooledPrefix, SequenceKV, kv_bytes_per_position
 from gpu_worker.variants import Adapter, VariantError, VariantNotFound, VariantsUnsupported
 from shared.priority import background_slots, enqueue, is_background
-from shared.protocol import INTERACTIVE
-
-VALID_LENGTHS = ("short", "normal", "long")
+from shared.protocol import INTERACTIVE, SamplingSettings, check_params_match
 
 
 class PromptTooLong(ValueError):
@@ -107,7 +105,7 @@ class Sequence:
     ctx: P.ProgramContext
     program: P.Program
     feed: Optional[P.Feed] = None
-    settings: dict = field(default_factory=dict)
+    settings: SamplingSettings = P.DEFAULT_SETTINGS  # the request's, every field filled
     generator: Optional[torch.Generator] = None
     input_tokens: int = 0
     image_cache_hit: bool = False
@@ -218,26 +216,20 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
     def _validate(self, req: EngineRequest) -> None:
-        """Check a request and fill in its settings (model defaults for those left out).
+        """Check what only this model can judge and fill in the settings (model defaults for
+        those left out); the values' shapes and ranges were checked at the edge (api/schemas.py).
         Raises ValueError with a message for the client (422)."""
-        s = P.default_settings(self.engine.config)
-        s.update({k: v for k, v in (req.settings or {}).items() if v is not None})
-        unknown = set(s) - set(P.SETTING_NAMES)
-        if unknown:  # seed and variant are EngineRequest fields, never settings keys
-            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        s = req.settings.filled(P.default_settings(self.engine.config))
         if req.variant is not None and self.engine.config.is_moondream3:
             raise VariantsUnsupported(f"variants are not supported for {self.engine.config.revision}: "
                                       "no Moondream 3 adapter format is pinned yet; ask the base model")
         check_skill = _SKILL_CHECKS.get(req.skill)
         if check_skill is None:
             raise ValueError(f"unknown skill {req.skill!r}")
+        check_params_match(req.skill, req.params)  # as a decoded Generate is (a hand-built request too)
         if req.image is None and req.skill != "query":
             raise ValueError(f"{req.skill} needs an image")
         check_skill(req, self.engine.config)
-        if not (int(s["max_tokens"]) >= 1 and int(s["max_objects"]) >= 1):
-            raise ValueError("max_tokens and max_objects must be at least 1")
-        if float(s["temperature"]) < 0 or not (0.0 <= float(s["top_p"]) <= 1.0):
-            raise ValueError("temperature must be >= 0 and top_p in [0, 1]")
         if self.engine.config.is_moondream3:
             self._check_context(req, s)
         req.settings = s
@@ -259,14 +251,14 @@ class Scheduler:
                              f"max_tokens or max_objects); the KV cache (KV_CACHE_GB) holds "
                              f"{pool.n_blocks * pool.block_size}: ask for fewer tokens")
 
-    def _check_context(self, req: EngineRequest, settings: dict) -> None:
+    def _check_context(self, req: EngineRequest, settings: SamplingSettings) -> None:
         """Moondream 3: the prompt plus max_tokens must fit in the context (4,096 positions),
         checked before any work; its reference does not check and fails past the end."""
         needed = P.prompt_length(self.engine, req.skill, req.params, req.image is not None)
         if req.image is not None:
             needed += self.engine.config.prefix_attn
         if req.skill in ("caption", "query"):
-            needed += int(settings["max_tokens"])
+            needed += settings.max_tokens
         if needed > self.cache.context:
             raise PromptTooLong(f"the prompt and max_tokens need {needed} positions; "
                                 f"the model's context holds {self.cache.context}")
@@ -427,7 +419,7 @@ class Scheduler:
     def _new_sequence(self, req: EngineRequest, kv: SequenceKV, t_added: float,
                       cache_hit: bool, adapter: Optional[Adapter]) -> Sequence:
         ctx = P.ProgramContext(engine=self.engine, emit=lambda text, rid=req.request_id: self._emit(rid, text),
-                               context=self.cache.context, position=kv.start)
+                               context=self.cache.context, position=kv.start, stream=req.stream)
         program = P.start_program(ctx, req.skill, req.params, req.settings, req.image is not None)
         seq = Sequence(request=req, kv=kv, ctx=ctx, program=program, settings=req.settings,
                        t_added=t_added, t_started=time.perf_counter(), image_cache_hit=cache_hit, adapter=adapter)
@@ -492,11 +484,16 @@ class Scheduler:
             return
         specs = [seqs[i].feed.sample for i in rows]
         with torch.inference_mode():
-            logits = self.engine.logits(hidden[rows]).float()
+            logits = self.engine.logits(hidden if len(rows) == len(seqs) else hidden[rows]).float()
             if self.recorder is not None:
                 self.recorder.logits([seqs[i].request.request_id for i in rows], logits)
-            banned = [(j, t) for j, spec in enumerate(specs) for t in spec.suppress]
-            if banned:
+            suppressed = {spec.suppress for spec in specs}
+            if len(suppressed) == 1:  # the usual step: every row bans the same ids (or none): one op
+                ids = next(iter(suppressed))
+                if ids:
+                    logits[:, list(ids)] = float("-inf")
+            else:
+                banned = [(j, t) for j, spec in enumerate(specs) for t in spec.suppress]
                 logits[[j for j, _ in banned], [t for _, t in banned]] = float("-inf")
             next_tokens = logits.argmax(dim=-1)
             for j, spec in enumerate(specs):
@@ -532,6 +529,8 @@ class Scheduler:
         """Resume the program with its step result; it yields its next feed or finishes."""
         try:
             seq.feed = seq.program.send(result)
+            if not seq.t_first_output and not seq.ctx.stream and seq.ctx.output_tokens:  # no chunk marks it
+                seq.t_first_output = time.perf_counter()
             if self.recorder is not None:
                 self.recorder.feed(seq.request.request_id, seq.feed)
             if seq.ctx.position + seq.feed.length > self.cache.context:
@@ -586,32 +585,21 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------- per-skill rules
-def _check_caption(req: EngineRequest, cfg) -> None:
-    if req.params.get("length", "normal") not in VALID_LENGTHS:
-        raise ValueError("length must be one of short, normal, long")
-
-
 def _check_query(req: EngineRequest, cfg) -> None:
-    if not isinstance(req.params.get("question"), str):
-        raise ValueError("question must be a string")
-    if req.params.get("reasoning") and not cfg.reasoning_supported:  # None: the model's default
+    if req.params.reasoning and not cfg.reasoning_supported:  # None: the model's default
         raise ValueError(f"reasoning is not supported by revision {cfg.revision}")
-    refs = req.params.get("spatial_refs") or []
-    if refs and (req.image is None or not cfg.reasoning_supported):
+    if req.params.spatial_refs and (req.image is None or not cfg.reasoning_supported):
         raise ValueError("spatial_refs need an image and revision 2025-06-21")
-    for ref in refs:
-        if len(ref) not in (2, 4) or not all(0.0 <= float(v) <= 1.0 for v in ref):
-            raise ValueError("each spatial ref is [x, y] or [x_min, y_min, x_max, y_max] in 0..1")
     if req.image is None and not cfg.reasoning_supported:
         raise ValueError(f"a query without an image is not supported by revision {cfg.revision}")
 
 
-def _check_region(req: EngineRequest, cfg) -> None:  # detect and point
-    if not isinstance(req.params.get("object"), str):
-        raise ValueError("object must be a string")
+def _nothing_to_check(req: EngineRequest, cfg) -> None:  # the edge checked all a caption/detect/point carries
+    pass
 
 
-_SKILL_CHECKS = {"caption": _check_caption, "query": _check_query, "detect": _check_region, "point": _check_region}
+_SKILL_CHECKS = {"caption": _nothing_to_check, "query": _check_query, "detect": _nothing_to_check,
+                 "point": _nothing_to_check}
 
 
 class Recorder:

@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 from gpu_worker.checkpoint import KNOWN_REVISIONS, ModelLoadError, resolve_device, resolve_dtype
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, TextChunk
 from gpu_worker.programs import DEFAULT_SETTINGS
+from shared.protocol import check_params_match
 
 
 def remote_tokenizer(hf_model):
@@ -83,9 +84,8 @@ class SerialScheduler:
             raise ValueError(f"{req.skill} needs an image")
         if req.image is not None and getattr(req.image, "pixels", None) is None:
             raise ValueError("the transformers engine needs the decoded image pixels")
-        settings = dict(DEFAULT_SETTINGS)
-        settings.update({k: v for k, v in (req.settings or {}).items() if v is not None})
-        req.settings = settings
+        check_params_match(req.skill, req.params)
+        req.settings = req.settings.filled(DEFAULT_SETTINGS)
         self.waiting.append(req)
 
     def abort(self, request_id: str) -> None:
@@ -146,21 +146,21 @@ class SerialScheduler:
         model, s = self.engine.model, req.settings
         started = time.perf_counter()
         image = self._image(req)
-        text_settings = {"temperature": s["temperature"], "top_p": s["top_p"], "max_tokens": s["max_tokens"]}
+        text_settings = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
         if req.skill in ("detect", "point"):
             call = model.detect if req.skill == "detect" else model.point
-            output = call(image, req.params["object"], settings={"max_objects": s["max_objects"]})
+            output = call(image, req.params.object, settings={"max_objects": s.max_objects})
             yield Finished(req.request_id, {k: output[k] for k in ("objects", "points") if k in output}, None,
                            self._metrics(started, started, 0))
             return
         if req.skill == "caption":
-            result = model.caption(image, length=req.params.get("length", "normal"), stream=True, settings=text_settings)
+            result = model.caption(image, length=req.params.length, stream=True, settings=text_settings)
             key = "caption"
         else:
-            kwargs = {"reasoning": True} if req.params.get("reasoning") else {}
-            if req.params.get("spatial_refs"):
-                kwargs["spatial_refs"] = req.params["spatial_refs"]
-            result = model.query(image, req.params["question"], stream=True, settings=text_settings, **kwargs)
+            kwargs = {"reasoning": True} if req.params.reasoning else {}
+            if req.params.spatial_refs:
+                kwargs["spatial_refs"] = req.params.spatial_refs
+            result = model.query(image, req.params.question, stream=True, settings=text_settings, **kwargs)
             key = "answer"
         pieces, first = [], None
         for piece in result[key]:
@@ -172,7 +172,7 @@ class SerialScheduler:
             output["reasoning"] = result["reasoning"]
         # The remote code does not report why it stopped; equal to the limit means "length".
         n_tokens = len(self.engine.tokenizer.encode(output[key]).ids)
-        finish = "length" if n_tokens >= s["max_tokens"] else "stop"
+        finish = "length" if n_tokens >= s.max_tokens else "stop"
         yield Finished(req.request_id, output, finish, self._metrics(started, first or time.perf_counter(), n_tokens))
 
     @staticmethod

@@ -29,6 +29,7 @@ from shared.broker_link import BrokerLink
 from shared.config import EXIT_CONFIG, StartupError, stay_down
 from shared.image_tiling import split_resized_frame
 from shared.protocol import Cancel, Chunk, Error, Generate, Result
+from shared.step_times import StepTimes
 
 log = logging.getLogger("gpu_worker")
 
@@ -101,6 +102,7 @@ class GpuWorker:
         self.streaming: set[str] = set()  # of which the client wants text chunks as they come
         self.stopping = False
         self.last_progress = time.monotonic()
+        self.step_times = StepTimes()  # every step's duration, for the heartbeats (shared/step_times.py)
         context = context or zmq.Context.instance()
         address = f"inproc://gpu-worker-outbox-{uuid.uuid4().hex}"
         self.io = BrokerIO(config, context, address, dict(model.info),
@@ -130,7 +132,8 @@ class GpuWorker:
 
     def _stats(self) -> dict:
         try:
-            return {k: v for k, v in self.scheduler.stats().items() if isinstance(v, (int, float))}
+            counters = {k: v for k, v in self.scheduler.stats().items() if isinstance(v, (int, float))}
+            return {**counters, **self.step_times.as_stats()}
         except RuntimeError:  # read from the I/O thread while the scheduler changes: skip this beat
             return {}
 
@@ -203,9 +206,9 @@ class GpuWorker:
                 self.send(Error(rid, 400, "invalid_image", f"resized frame missing or of the wrong size: {exc}"))
                 return
             image = ImageInput(crops=crops, tiling=tuple(msg.tiling), key=msg.image_key, pixels=pixels)
-        request = EngineRequest(request_id=rid, skill=msg.skill, params=dict(msg.params),
-                                settings=dict(msg.settings), image=image, priority=msg.priority,
-                                seed=msg.seed, variant=msg.variant)
+        request = EngineRequest(request_id=rid, skill=msg.skill, params=msg.params,
+                                settings=msg.settings, image=image, priority=msg.priority,
+                                seed=msg.seed, variant=msg.variant, stream=msg.stream)
         try:
             self.scheduler.add(request)
         except VariantError as exc:  # unknown (404), bad id (400): answered before any GPU work
@@ -220,6 +223,7 @@ class GpuWorker:
 
     # ------------------------------------------------------------------ stepping and output
     def _step(self) -> None:
+        started = time.perf_counter()
         try:
             events = self.scheduler.step()
         except Exception as exc:
@@ -227,6 +231,8 @@ class GpuWorker:
             log.exception("scheduler step failed")
             self._drop_all(f"generation failed: {type(exc).__name__}", reply=True)
             return
+        finally:  # a failed step took its time too
+            self.step_times.observe(time.perf_counter() - started)
         for event in events:
             self._send_event(event)
 

@@ -51,6 +51,8 @@ class Config:
     kv_block_size: int = field(default=16, metadata={"env": "KV_BLOCK_SIZE", "help": "positions per KV block: a sequence takes blocks as it grows"})
     batch_timeout: float = field(default=0.005, metadata={"env": "BATCH_TIMEOUT", "help": "seconds the GPU worker waits to gather new requests when idle"})
     torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS", "help": "CPU threads of the GPU worker's torch; 0: on a GPU the CPUs it may use (affinity and cgroup quota), on the CPU those less one per front end, preprocess worker and the broker, at least 1. On a shared host set it to its share"})
+    compile: str = field(default="auto", metadata={"env": "COMPILE", "help": "auto, on or off: decode steps through one torch.compile graph (gpu_worker/compiled_step.py; any failure falls back to eager with one warning). auto: on for CUDA (CUDA graphs), off on the CPU, where image requests decode eagerly anyway (split attention) and compiling takes minutes at first start (docs/performance.md 4.1)"})
+    inductor_cache_dir: str = field(default="", metadata={"env": "TORCHINDUCTOR_CACHE_DIR", "help": "where COMPILE keeps compiled kernels across restarts; empty: $RUN_DIR/inductor-cache (torch's temp directory without RUN_DIR)"})
     gpu_step_timeout: float = field(default=120.0, metadata={"env": "GPU_STEP_TIMEOUT", "help": "seconds one GPU step may take; a GPU worker stuck longer exits (supervisord restarts it)"})
     image_cache_mb: int = field(default=2048, metadata={"env": "IMAGE_CACHE_MB", "help": "bytes budget (MiB) of encoded-image KV prefixes kept for reuse (in the KV pool; unused ones also make way for new requests)"})
 
@@ -207,6 +209,8 @@ def check_values(values: dict) -> None:
         if value < least or (most is not None and value > most):
             bounds = f"between {least} and {most}" if most is not None else f"at least {least}"
             raise StartupError(f"{name}={value} must be {bounds}")
+    if values["compile"] not in ("auto", "on", "off"):
+        raise StartupError(f"COMPILE={values['compile']!r} is not one of auto, on, off")
     key = values["api_key"]
     if key != key.strip():
         what = "is only spaces" if not key.strip() else "has spaces or line breaks around it"

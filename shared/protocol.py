@@ -17,7 +17,7 @@ Heartbeat back (Paranoid Pirate: any traffic counts as a heartbeat).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import msgspec
 
@@ -32,6 +32,63 @@ class Message(msgspec.Struct, tag=True, omit_defaults=True, array_like=False):
     """Base class; the class name is the msgpack tag."""
 
 
+# ---------------------------------------------------------------- a request's parameters
+# Each skill's parameters are a struct of their own, tagged with the skill's name on the wire
+# ({"skill": "caption", "length": "short"}).  The edge (api/schemas.py) builds them from a checked
+# request, with the server's limits; the broker carries them unchanged; the GPU worker reads them
+# as attributes.  The ranges below hold whatever the limits: decoding refuses a message outside them.
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+SpatialRef = Annotated[list[Fraction], msgspec.Meta(min_length=2, max_length=4)]  # [x, y] | [x0, y0, x1, y1]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class CaptionParams(msgspec.Struct, tag="caption", tag_field="skill", frozen=True, forbid_unknown_fields=True):
+    length: Literal["short", "normal", "long"] = "normal"
+
+
+class QueryParams(msgspec.Struct, tag="query", tag_field="skill", frozen=True, forbid_unknown_fields=True,
+                  omit_defaults=True):
+    question: str
+    reasoning: Optional[bool] = None  # None: the model's default (Moondream 3 reasons, Moondream 2 does not)
+    spatial_refs: list[SpatialRef] = []
+    total_cap: bool = False  # chat: max_tokens caps reasoning and answer together (docs/chat.md)
+
+
+class DetectParams(msgspec.Struct, tag="detect", tag_field="skill", frozen=True, forbid_unknown_fields=True):
+    object: str
+
+
+class PointParams(msgspec.Struct, tag="point", tag_field="skill", frozen=True, forbid_unknown_fields=True):
+    object: str
+
+
+SkillParams = Union[CaptionParams, QueryParams, DetectParams, PointParams]
+PARAMS_OF_SKILL: dict[str, type] = {"caption": CaptionParams, "query": QueryParams,
+                                    "detect": DetectParams, "point": PointParams}
+
+
+class SamplingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Sampling settings of one request.  A field left None takes the model's default
+    (`filled`); `seed` and `variant` are fields of Submit, never settings."""
+
+    temperature: Optional[Annotated[float, msgspec.Meta(ge=0)]] = None
+    top_p: Optional[Fraction] = None  # 0: greedy
+    max_tokens: Optional[AtLeastOne] = None
+    max_objects: Optional[AtLeastOne] = None
+
+    def filled(self, defaults: "SamplingSettings") -> "SamplingSettings":
+        """These settings, with `defaults`' value for each one left None."""
+        given = {name: getattr(self, name) for name in self.__struct_fields__}
+        return SamplingSettings(**{name: getattr(defaults, name) if value is None else value
+                                   for name, value in given.items()})
+
+
+def check_params_match(skill: str, params) -> None:
+    """A Submit's or Generate's params must be its skill's struct (raised on decode too)."""
+    if type(params) is not PARAMS_OF_SKILL.get(skill):
+        raise ValueError(f"skill {skill!r} carries {type(params).__name__}")
+
+
 # ---------------------------------------------------------------- front end -> broker
 class Submit(Message):
     """A validated API request.  The image (if any) travels as the next frame,
@@ -39,8 +96,8 @@ class Submit(Message):
 
     request_id: str
     skill: str  # "caption" | "query" | "detect" | "point"
-    params: dict  # caption: length; query: question, reasoning, spatial_refs; detect/point: object
-    settings: dict  # only temperature, top_p, max_tokens, max_objects (checked at the edge; missing = model default)
+    params: SkillParams  # the skill's own parameters, checked at the edge (api/schemas.py)
+    settings: SamplingSettings = SamplingSettings()  # checked at the edge; a field left None = the model's default
     stream: bool = False
     has_image: bool = False
     deadline: float = 0.0  # absolute time.time(); 0 = none
@@ -48,6 +105,9 @@ class Submit(Message):
     model: str = ""  # the served model's id (MOONDREAM_MODELS); "" = whichever GPU worker
     seed: Optional[int] = None  # the chat route's `seed`: the request's own sampler starts from it; None = random
     variant: Optional[str] = None  # fine-tuned variant id (checked by api/models.py); None = the base model
+
+    def __post_init__(self):
+        check_params_match(self.skill, self.params)
 
 
 # The model's sampling defaults for a setting a request leaves out (Moondream 3 differs in
@@ -167,8 +227,8 @@ class Generate(Message):
 
     request_id: str
     skill: str
-    params: dict
-    settings: dict
+    params: SkillParams  # Submit.params, unchanged
+    settings: SamplingSettings = SamplingSettings()  # Submit.settings, unchanged
     stream: bool = False
     has_image: bool = False
     tiling: tuple[int, int] = (1, 1)
@@ -178,6 +238,9 @@ class Generate(Message):
     priority: int = INTERACTIVE  # Submit.priority: the GPU worker starts interactive requests first
     seed: Optional[int] = None  # Submit.seed
     variant: Optional[str] = None  # Submit.variant
+
+    def __post_init__(self):
+        check_params_match(self.skill, self.params)
 
 
 # ---------------------------------------------------------------- replies (GPU/preprocess -> broker -> front end)
@@ -222,6 +285,17 @@ def encode(msg: Message, blob: Optional[bytes | memoryview] = None) -> list:
     if blob is not None:
         frames.append(blob)
     return frames
+
+
+def request_id_of(frame) -> Optional[str]:
+    """The request_id of a message that did not decode as its type (a value out of range), so that
+    its sender can still be answered; None when there is none to read."""
+    try:
+        fields = msgspec.msgpack.decode(frame.bytes if hasattr(frame, "bytes") else frame)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    rid = fields.get("request_id") if isinstance(fields, dict) else None
+    return rid if isinstance(rid, str) else None
 
 
 def decode(frames: list) -> tuple[AnyMessage, Optional[bytes | memoryview]]:

@@ -6,9 +6,9 @@ import dataclasses
 import functools
 import os
 import uuid
-
 from pathlib import Path
 
+import msgspec
 from PIL import Image
 
 from gpu_worker.engine import load_model
@@ -17,6 +17,7 @@ from gpu_worker.scheduler import Recorder, Scheduler
 from gpu_worker.variants import VariantStore
 from shared.config import Config
 from shared.image_tiling import pixels_key, tile_image
+from shared.protocol import PARAMS_OF_SKILL, SamplingSettings, SkillParams
 
 CONFORMANCE = os.path.join(os.path.dirname(__file__), "conformance")
 SETS = ("main", "edge", "edge-reasoning", "edge-grounding", "rev-2025-04-14", "variants", "md3-main", "md3-edge")
@@ -102,9 +103,18 @@ def assert_pool_holds_only_cached_images(scheduler: Scheduler) -> None:
     assert pool.prefixes == set(scheduler.images.entries.values())
 
 
+def skill_params(skill: str, fields: dict) -> SkillParams:
+    """A skill's parameters written as a dict (a fixture's, a test table's) -> its typed struct."""
+    return msgspec.convert(fields, PARAMS_OF_SKILL[skill])
+
+
+def sampling(fields: dict) -> SamplingSettings:
+    return msgspec.convert(fields, SamplingSettings)
+
+
 def request_from_case(case: dict, image: ImageInput | None, seed: int | None = None) -> EngineRequest:
     args = dict(case["args"])
     settings = dict(args.pop("settings", {}))
     variant = settings.pop("variant", None)  # the reference takes it in settings; here it is a request field
-    return EngineRequest(request_id=uuid.uuid4().hex, skill=case["skill"], params=args,
-                         settings=settings, image=image, seed=seed, variant=variant)
+    return EngineRequest(request_id=uuid.uuid4().hex, skill=case["skill"], params=skill_params(case["skill"], args),
+                         settings=sampling(settings), image=image, seed=seed, variant=variant)

@@ -31,7 +31,7 @@ from broker_client.client import BrokerClient
 from gpu_worker.engine_types import EngineRequest, ImageInput
 from gpu_worker.scheduler import Scheduler
 from preprocess_worker.worker import preprocess
-from tests.engine_helpers import CONFORMANCE, fixture_engine, run_requests
+from tests.engine_helpers import CONFORMANCE, fixture_engine, run_requests, sampling, skill_params
 from tests.stack import REPO, running_stack, wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -82,8 +82,8 @@ def expected():
             done = preprocess(image_bytes(image_name), 50_000_000, 16384)
             image = ImageInput(crops=done.crops, tiling=done.tiling, key=done.key)
         settings = REGION_SETTINGS if skill in ("detect", "point") else SETTINGS
-        request = EngineRequest(request_id=uuid.uuid4().hex, skill=skill, params=json.loads(params_json),
-                                settings=dict(settings), image=image)
+        request = EngineRequest(request_id=uuid.uuid4().hex, skill=skill, params=skill_params(skill, json.loads(params_json)),
+                                settings=sampling(settings), image=image)
         outcome = run_requests(scheduler, [request])[request.request_id]
         assert outcome.error is None, outcome.error
         result = dict(outcome.output)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import engine as engine_bench
+from bench import overhead as overhead_bench
 from bench import throughput as throughput_bench
 from tests.stack import REPO
 
@@ -35,6 +36,19 @@ def test_engine_benchmark_runs(tmp_path, capsys):
     for row in saved["rows"]:
         assert row["ms"] > 0 and row["gflop"] > 0 and row["gbytes"] > 0 and 0 < row["fraction_of_floor"]
     assert saved["peaks"]["matmul_flops_per_s"] > 0 and saved["peaks"]["bandwidth_bytes_per_s"] > 0
+
+
+def test_overhead_benchmark_runs(tmp_path, capsys):
+    """bench/overhead.py --quick --baseline none: this tree's steady decode steps at batch 1
+    and 8 (a subprocess, one torch thread), with kernels per step from the profiler."""
+    out = tmp_path / "overhead.json"
+    results = overhead_bench.main(["--quick", "--baseline", "none", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| batch | tree | step ms" in printed
+    assert json.loads(out.read_text()) == results
+    for batch in ("1", "8"):
+        row = results[batch]["this"]
+        assert row["step_s"] > 0 and row["kernels"] > 24 and 0 <= row["outside_kernels_share"] <= 1
 
 
 def test_throughput_benchmark_runs(tmp_path, capsys):

@@ -15,13 +15,13 @@ from PIL import Image
 from broker_client.client import BrokerClient
 from shared import protocol
 from shared.config import EXIT_CONFIG
-from shared.protocol import Error, Ready, Refused, Result, Submit
+from shared.protocol import CaptionParams, Error, QueryParams, Ready, Refused, Result, SamplingSettings, Submit
 from tests.stack import REPO, ProcessGroup, config_from_env, stack_env, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 PHOTO = (REPO / "tests/conformance/main/images/photo_773x767.jpg").read_bytes()
-SETTINGS = {"temperature": 0, "max_tokens": 16}
+SETTINGS = SamplingSettings(temperature=0, max_tokens=16)
 
 
 class Services:
@@ -54,8 +54,8 @@ class Services:
                  and all(getattr(status, name) == value for name, value in counts.items()), timeout, what)
 
     def run(self, skill="caption", params=None, image=None, **submit_fields) -> list:
-        msg = Submit(request_id=uuid.uuid4().hex, skill=skill, params=params or {"length": "short"},
-                     settings=dict(SETTINGS), has_image=image is not None, **submit_fields)
+        msg = Submit(request_id=uuid.uuid4().hex, skill=skill, params=params or CaptionParams(length="short"),
+                     settings=SETTINGS, has_image=image is not None, **submit_fields)
         return list(self.client.submit(msg, image))
 
     def broker_log(self, wait_for: str = "", timeout: float = 3.0) -> str:
@@ -130,7 +130,7 @@ def test_text_only_request_without_gpu_worker_gets_503(services):
     s = services(NO_GPU_GRACE=0.5)
     s.wait_for()
     started = time.monotonic()
-    events = s.run(skill="query", params={"question": "hi?"})
+    events = s.run(skill="query", params=QueryParams(question="hi?"))
     assert (events[-1].status, events[-1].code) == (503, "no_gpu_worker")
     assert time.monotonic() - started < 5
 
@@ -161,7 +161,7 @@ def test_killed_preprocess_worker_job_is_retried_on_another(services):
     s.wait_for(preprocess=1)
     s.start("preprocess_worker")
     s.wait_for(preprocess=2)
-    msg = Submit(request_id="retry-me", skill="caption", params={"length": "short"}, settings=SETTINGS, has_image=True)
+    msg = Submit(request_id="retry-me", skill="caption", params=CaptionParams(length="short"), settings=SETTINGS, has_image=True)
     stream = s.client.submit(msg, big_jpeg())
     s.wait_until("the job at a preprocess worker", queued=0, in_flight=1)  # at `first`: idle the longest, so chosen
     first.send_signal(signal.SIGKILL)
@@ -174,7 +174,7 @@ def test_killed_preprocess_worker_job_is_retried_on_another(services):
 def test_queue_limit_gives_429(services):
     s = services(MAX_QUEUE=2, NO_GPU_GRACE=1)
     s.wait_for()
-    streams = [s.client.submit(Submit(request_id=f"q{i}", skill="caption", params={}, settings={}, has_image=True), PHOTO)
+    streams = [s.client.submit(Submit(request_id=f"q{i}", skill="caption", params=CaptionParams(), has_image=True), PHOTO)
                for i in range(3)]
     third = streams[2].next_event(timeout=5)
     assert (third.status, third.code) == (429, "overloaded")
@@ -186,7 +186,7 @@ def test_queue_limit_gives_429(services):
 def test_deadline_gives_504(services):
     s = services(NO_GPU_GRACE=30)
     s.wait_for()
-    events = s.run(skill="query", params={"question": "hi?"}, deadline=time.time() + 0.5)
+    events = s.run(skill="query", params=QueryParams(question="hi?"), deadline=time.time() + 0.5)
     assert (events[-1].status, events[-1].code) == (504, "timeout")
 
 
@@ -228,7 +228,7 @@ def test_broker_unreachable_ends_stream_with_503(tmp_path):
     client = BrokerClient(config_from_env(env))  # nothing listens there
     try:
         started = time.monotonic()
-        events = list(client.submit(Submit(request_id="r", skill="query", params={"question": "q"}, settings={}), None))
+        events = list(client.submit(Submit(request_id="r", skill="query", params=QueryParams(question="q")), None))
         assert [(e.status, e.code) for e in events] == [(503, "broker_unavailable")]
         assert time.monotonic() - started < 5
         assert client.status(timeout=0.3) is None
@@ -239,7 +239,7 @@ def test_broker_unreachable_ends_stream_with_503(tmp_path):
 def test_broker_dying_mid_request_ends_stream_with_503(services):
     s = services(NO_GPU_GRACE=30)
     s.wait_for()
-    stream = s.client.submit(Submit(request_id="r", skill="query", params={"question": "q"}, settings={}), None)
+    stream = s.client.submit(Submit(request_id="r", skill="query", params=QueryParams(question="q")), None)
     s.wait_until("the request queued at the broker", queued=1)
     s.broker.send_signal(signal.SIGKILL)
     started = time.monotonic()
@@ -266,7 +266,7 @@ def test_preprocess_worker_stuck_past_its_time_limit_exits_and_the_job_is_taken_
     s = services(PREPROCESS_TIMEOUT=0.3, NO_GPU_GRACE=0.5)
     worker = s.start("preprocess_worker")
     s.wait_for(preprocess=1)
-    events = list(s.client.submit(Submit(request_id="slow", skill="caption", params={}, settings={}, has_image=True), big_jpeg()))
+    events = list(s.client.submit(Submit(request_id="slow", skill="caption", params=CaptionParams(), has_image=True), big_jpeg()))
     assert worker.wait(timeout=10) == 3  # supervisord would start a fresh one
     # Taken back into the queue; with no worker left it ends with a 503 instead of hanging.
     assert [(e.status, e.code) for e in events] == [(503, "no_preprocess_worker")]

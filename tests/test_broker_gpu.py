@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from shared.config import EXIT_CONFIG
-from shared.protocol import Chunk, Result, Submit
+from shared.protocol import CaptionParams, Chunk, QueryParams, Result, SamplingSettings, Submit
 from tests.test_broker import PHOTO, Services, png, services  # noqa: F401  (services is a fixture)
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,13 +35,13 @@ def test_stream_routes_chunks_then_result(gpu_services):
 
 
 def test_text_only_query_and_invalid_params(gpu_services):
-    assert isinstance(gpu_services.run(skill="query", params={"question": "hi?"})[-1], Result)
-    bad = gpu_services.run(skill="caption", params={"length": "epic"}, image=PHOTO)[-1]
+    assert isinstance(gpu_services.run(skill="query", params=QueryParams(question="hi?"))[-1], Result)
+    bad = gpu_services.run(skill="caption", params=CaptionParams(length="epic"), image=PHOTO)[-1]
     assert (bad.status, bad.code) == (422, "invalid_request")
 
 
 def test_cancel_frees_the_gpu_worker(gpu_services):
-    msg = Submit(request_id="long", skill="query", params={"question": "go on"}, settings={"temperature": 0, "max_tokens": 1500},
+    msg = Submit(request_id="long", skill="query", params=QueryParams(question="go on"), settings=SamplingSettings(temperature=0, max_tokens=1500),
                  stream=True)
     stream = gpu_services.client.submit(msg, None)
     time.sleep(0.3)
@@ -51,22 +51,22 @@ def test_cancel_frees_the_gpu_worker(gpu_services):
     while gpu_services.client.status().in_flight and time.monotonic() < end:
         time.sleep(0.05)
     assert gpu_services.client.status().in_flight == 0
-    assert isinstance(gpu_services.run(skill="query", params={"question": "hi?"})[-1], Result)
+    assert isinstance(gpu_services.run(skill="query", params=QueryParams(question="hi?"))[-1], Result)
 
 
 def test_concurrent_requests_each_get_their_own_answer(gpu_services):
     import concurrent.futures
 
     questions = [f"question number {i}?" for i in range(8)]
-    serial = {q: gpu_services.run(skill="query", params={"question": q})[-1].output for q in questions}
+    serial = {q: gpu_services.run(skill="query", params=QueryParams(question=q))[-1].output for q in questions}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda q: gpu_services.run(skill="query", params={"question": q})[-1].output, questions))
+        results = list(pool.map(lambda q: gpu_services.run(skill="query", params=QueryParams(question=q))[-1].output, questions))
     assert results == [serial[q] for q in questions]
 
 
 def test_gpu_worker_killed_mid_request_gives_503(gpu_services):
     s = gpu_services
-    msg = Submit(request_id="doomed", skill="query", params={"question": "go on"}, settings={"temperature": 0, "max_tokens": 1500},
+    msg = Submit(request_id="doomed", skill="query", params=QueryParams(question="go on"), settings=SamplingSettings(temperature=0, max_tokens=1500),
                  stream=True)
     stream = iter(s.client.submit(msg, None))
     first = next(stream)  # generating now; 1500 tokens take seconds more
@@ -123,8 +123,8 @@ def test_every_request_gets_exactly_one_final_reply_under_a_mixed_load(services)
         pick = rng.random()
         image = small if pick < 0.4 else (b"junk" if pick < 0.5 else None)
         msg = Submit(request_id=uuid.uuid4().hex, skill="caption" if image else "query",
-                     params={"length": "short"} if image else {"question": f"q{i}"},
-                     settings={"temperature": 0, "max_tokens": rng.choice([1, 4, 8])}, stream=rng.random() < 0.5,
+                     params=CaptionParams(length="short") if image else QueryParams(question=f"q{i}"),
+                     settings=SamplingSettings(temperature=0, max_tokens=rng.choice([1, 4, 8])), stream=rng.random() < 0.5,
                      has_image=image is not None, deadline=time.time() + 0.2 if rng.random() < 0.1 else 0.0)
         stream = s.client.submit(msg, image)
         if rng.random() < 0.1:
@@ -173,24 +173,24 @@ def test_requests_go_to_their_models_workers_and_a_busy_model_blocks_no_other(tm
         s.start("gpu_worker", MOONDREAM_MODEL_INDEX="1", BATCH_SIZE="1")
         status = s.wait_for(gpu=2, timeout=60)
         assert sorted(m["id"] for m in status.models) == ["moondream2", "moondream3-preview"]
-        families = {model: s.run(skill="query", params={"question": "hi?", "reasoning": False}, model=model)[-1]
+        families = {model: s.run(skill="query", params=QueryParams(question="hi?", reasoning=False), model=model)[-1]
                     for model in ("moondream2", "moondream3-preview")}
         assert all(isinstance(r, Result) for r in families.values())
         assert families["moondream2"].output != families["moondream3-preview"].output
-        long = Submit(request_id="long", skill="query", params={"question": "go on", "reasoning": False},
-                      settings={"temperature": 0, "max_tokens": 1000}, stream=True, model="moondream2")
+        long = Submit(request_id="long", skill="query", params=QueryParams(question="go on", reasoning=False),
+                      settings=SamplingSettings(temperature=0, max_tokens=1000), stream=True, model="moondream2")
         long_stream = s.client.submit(long, None)
         next(iter(long_stream))  # the Moondream 2 worker's one slot is taken
-        queued = s.client.submit(Submit(request_id="queued", skill="query", params={"question": "hi?"},
-                                        settings={"max_tokens": 3}, model="moondream2"), None)
+        queued = s.client.submit(Submit(request_id="queued", skill="query", params=QueryParams(question="hi?"),
+                                        settings=SamplingSettings(max_tokens=3), model="moondream2"), None)
         started = time.monotonic()
-        md3 = s.run(skill="query", params={"question": "hi?", "reasoning": False}, model="moondream3-preview")[-1]
+        md3 = s.run(skill="query", params=QueryParams(question="hi?", reasoning=False), model="moondream3-preview")[-1]
         assert isinstance(md3, Result) and md3.output == families["moondream3-preview"].output
         assert time.monotonic() - started < 20
         assert s.client.status().queued >= 1  # the second Moondream 2 request still waits
         long_stream.cancel()
         assert isinstance(list(queued)[-1], Result)
-        nobody = s.run(skill="query", params={"question": "hi?"}, model="moondream9")[-1]
+        nobody = s.run(skill="query", params=QueryParams(question="hi?"), model="moondream9")[-1]
         assert (nobody.status, nobody.code) == (503, "no_gpu_worker") and "moondream9" in nobody.message
     finally:
         s.close()

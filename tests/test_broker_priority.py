@@ -13,7 +13,7 @@ import zmq
 from batch_worker.worker import BatchWorker
 from broker_client.client import BrokerClient
 from shared import priority, protocol
-from shared.protocol import Generate, Heartbeat, Ready, Result, Submit
+from shared.protocol import Generate, Heartbeat, QueryParams, Ready, Result, Submit
 from shared.batch_store import BatchStore
 from tests.test_batch_store import scan, upload
 from tests.stack import ProcessGroup, config_from_env, stack_env, wait_for
@@ -23,15 +23,15 @@ pytestmark = pytest.mark.timeout(60)
 
 class FakeGpuWorker:
     """A GPU worker of `capacity` slots, reporting them honestly in its heartbeats; it answers
-    only when told to."""
+    only when told to.  Its model runs on `device` (as far as the broker can tell)."""
 
-    def __init__(self, config, capacity: int = 1):
+    def __init__(self, config, capacity: int = 1, device: str = "cpu"):
         self.capacity, self.held = capacity, []
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(config.broker_backend_addr)
         self.socket.send_multipart(protocol.encode(Ready(kind=protocol.GPU, worker_id="fake-gpu", capacity=capacity,
-                                                         deployment=config.deployment_id)))
+                                                         model={"device": device}, deployment=config.deployment_id)))
 
     def collect(self, seconds: float, until: int = 0) -> list[str]:
         """Heartbeat and take Generates for `seconds`, or until `until` are held."""
@@ -66,7 +66,7 @@ def broker(tmp_path):
     client = BrokerClient(config)
 
     def submit(rid: str, priority: int):
-        return client.submit(Submit(request_id=rid, skill="query", params={"question": "q"}, settings={},
+        return client.submit(Submit(request_id=rid, skill="query", params=QueryParams(question="q"),
                                     priority=priority))
 
     def queued(n: int) -> None:
@@ -118,6 +118,53 @@ def test_batch_lines_never_hold_every_gpu_slot(broker):
         assert isinstance(list(stream)[-1], Result)
 
 
+def test_the_policy_narrows_batch_lines_while_interactive_requests_come():
+    assert [priority.background_slots(n) for n in (1, 4, 8, 32)] == [1, 3, 6, 24]
+    assert [priority.background_slots(n, interactive=True) for n in (1, 4, 8, 32)] == [1, 1, 1, 4]
+    assert priority.narrows_on("cpu") and not priority.narrows_on("cuda:0")
+    traffic = priority.InteractiveTraffic()
+    assert not traffic.present(100.0)
+    traffic.started(100.0)
+    assert traffic.present(100.0 + 10 * priority.INTERACTIVE_LINGER_S)  # in flight: present however long
+    traffic.ended(200.0)
+    assert traffic.present(200.0 + priority.INTERACTIVE_LINGER_S / 2)
+    assert not traffic.present(200.0 + priority.INTERACTIVE_LINGER_S)
+
+
+def test_the_broker_narrows_batch_lines_while_an_interactive_request_runs(broker):
+    config, submit, queued = broker
+    gpu = FakeGpuWorker(config, capacity=8)
+    streams = [submit("interactive", protocol.INTERACTIVE)]
+    assert gpu.next_generate() == "interactive"
+    streams += [submit(f"batch-{i}", protocol.BACKGROUND) for i in range(6)]
+    gpu.collect(10, until=2)
+    queued(5)  # background_slots(8, interactive=True) = 1 line on the worker; the other 5 wait
+    assert gpu.held == ["interactive", "batch-0"]
+    gpu.answer("interactive")
+    answered = time.monotonic()
+    assert gpu.next_generate() == "batch-1"
+    # the narrowing outlasts the request by INTERACTIVE_LINGER_S, then the lines widen to 6
+    assert time.monotonic() - answered >= priority.INTERACTIVE_LINGER_S * 0.9
+    assert sorted(gpu.collect(10, until=6)) == [f"batch-{i}" for i in range(6)]
+    for rid in list(gpu.held):
+        gpu.answer(rid)
+    for stream in streams:
+        assert isinstance(list(stream)[-1], Result)
+
+
+def test_a_worker_on_a_gpu_takes_batch_lines_wide_beside_an_interactive_request(broker):
+    config, submit, _ = broker
+    gpu = FakeGpuWorker(config, capacity=8, device="cuda:0")
+    streams = [submit("interactive", protocol.INTERACTIVE)]
+    assert gpu.next_generate() == "interactive"
+    streams += [submit(f"batch-{i}", protocol.BACKGROUND) for i in range(6)]
+    assert sorted(gpu.collect(10, until=7)) == sorted(["interactive"] + [f"batch-{i}" for i in range(6)])
+    for rid in list(gpu.held):
+        gpu.answer(rid)
+    for stream in streams:
+        assert isinstance(list(stream)[-1], Result)
+
+
 class SubmitOnlyClient:
     """The real BrokerClient, offering the batch worker only `submit`: a call to anything else
     (Status polling) fails the test with an AttributeError."""
@@ -142,14 +189,18 @@ def test_the_batch_worker_only_submits_background_lines(broker, tmp_path):
         interactive = submit("interactive", protocol.INTERACTIVE)
         generates = []
         end = time.monotonic() + 10
-        while len(generates) < 4 and time.monotonic() < end:  # 3 lines (background_slots(4)) + interactive
+        # until the interactive request and at least one line are on the worker (lines that reached
+        # the broker before the interactive request went wide: up to background_slots(4) of them)
+        while not (protocol.INTERACTIVE in {g.priority for g in generates} and len(generates) >= 2) \
+                and time.monotonic() < end:
             gpu.socket.send_multipart(protocol.encode(Heartbeat(worker_id="fake-gpu", free=4 - len(generates))))
             if gpu.socket.poll(100):
                 msg, _ = protocol.decode(gpu.socket.recv_multipart())
                 if isinstance(msg, Generate):
                     generates.append(msg)
             loop.step()
-        assert sorted(g.priority for g in generates) == [protocol.BACKGROUND] * 3 + [protocol.INTERACTIVE]
+        lines = [g for g in generates if g.priority == protocol.BACKGROUND]
+        assert len(lines) == len(generates) - 1 and 1 <= len(lines) <= priority.background_slots(4)
         for g in generates:
             gpu.socket.send_multipart(protocol.encode(Result(g.request_id, {"answer": "ok"})))
         assert isinstance(list(interactive)[-1], Result)

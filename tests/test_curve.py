@@ -24,7 +24,7 @@ import zmq.auth
 from broker_client.client import BrokerClient
 from shared import protocol
 from shared.config import EXIT_CONFIG
-from shared.protocol import Ready, Submit
+from shared.protocol import CaptionParams, QueryParams, Ready, Submit
 from tests.stack import REPO, ProcessGroup, config_from_env, stack_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -93,7 +93,7 @@ def test_keyed_workers_join_and_serve_other_keys_and_plaintext_peers_do_not(tmp_
         wait_for_status(client, preprocess=1, gpu=0)
         # It serves: the image is decoded by the keyed worker (503 only because no GPU worker runs).
         image = (REPO / "tests/conformance/main/images/photo_773x767.jpg").read_bytes()
-        events = list(client.submit(Submit(request_id=uuid.uuid4().hex, skill="caption", params={}, settings={},
+        events = list(client.submit(Submit(request_id=uuid.uuid4().hex, skill="caption", params=CaptionParams(),
                                            has_image=True), image))
         assert (events[-1].status, events[-1].code) == (503, "no_gpu_worker")
 
@@ -124,7 +124,7 @@ def test_a_front_end_with_another_key_gets_the_reason_not_answers(tmp_path):
             time.sleep(0.1)
         assert "refused this front end's CURVE key" in (stranger.problem or ""), stranger.problem
         assert stranger.status(timeout=0.5) is None
-        events = list(stranger.submit(Submit(request_id="r", skill="query", params={"question": "q"}, settings={})))
+        events = list(stranger.submit(Submit(request_id="r", skill="query", params=QueryParams(question="q"))))
         assert [(e.status, e.code) for e in events] == [(503, "broker_unavailable")]
     finally:
         stranger.close()

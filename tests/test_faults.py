@@ -22,6 +22,7 @@ import time
 import pytest
 
 from bench.soak import CASES, Reply, expected_answers, run_load, send
+from shared.protocol import QueryParams, SamplingSettings
 from tests.stack import running_stack, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -226,8 +227,8 @@ def test_a_request_sent_after_a_broker_restart_is_not_failed_as_forgotten(tmp_pa
         port = int(config.broker_frontend_addr.rsplit(":", 1)[1])
         wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() is None, 30,
                  "the new broker to listen")
-        stream = client.submit(Submit(request_id=uuid.uuid4().hex, skill="query", params={"question": "q"},
-                                      settings={}), None)
+        stream = client.submit(Submit(request_id=uuid.uuid4().hex, skill="query", params=QueryParams(question="q"),
+                                      settings=SamplingSettings()), None)
         try:
             event = stream.next_event(timeout=2.0)
         except TimeoutError:

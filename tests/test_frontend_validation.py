@@ -455,10 +455,11 @@ def test_schemas_describe_the_routes():
 
 def test_defaults_left_out_respect_the_server_limits():
     from api.schemas import Settings
+    from shared.protocol import SamplingSettings
 
-    assert Settings().check(Config(max_tokens_limit=16, max_objects_limit=5)) == {"max_tokens": 16, "max_objects": 5}
-    assert Settings().check(Config()) == {}  # within the limits the engine's defaults apply
-    assert Settings(max_tokens=8).check(Config(max_tokens_limit=16))["max_tokens"] == 8
+    assert Settings().check(Config(max_tokens_limit=16, max_objects_limit=5)) == SamplingSettings(max_tokens=16, max_objects=5)
+    assert Settings().check(Config()) == SamplingSettings()  # within the limits the engine's defaults apply
+    assert Settings(max_tokens=8).check(Config(max_tokens_limit=16)).max_tokens == 8
 
 
 def test_an_unknown_field_is_ignored_but_named_in_a_header_and_a_log_line(client, caplog):

@@ -18,6 +18,7 @@ from gpu_worker.engine import load_model
 from gpu_worker.engine_types import EngineRequest
 from gpu_worker.quantize import Int8Linear, quantizable
 from shared.config import Config
+from shared.protocol import CaptionParams, DetectParams, PointParams, QueryParams, SamplingSettings
 from tests.engine_helpers import CONFORMANCE, VARIANTS_DIR, fixture_engine, fixture_image, run_requests, variant_store
 from tests.stack import running_stack
 
@@ -60,12 +61,12 @@ def test_int8_linear_close_to_float(int8_engine, name):
 
 
 def _skill_requests(image):
-    greedy = {"temperature": 0, "max_tokens": 8}
-    return [EngineRequest(uuid.uuid4().hex, "caption", {"length": "short"}, dict(greedy), image),
-            EngineRequest(uuid.uuid4().hex, "query", {"question": "What?", "reasoning": True}, dict(greedy), image),
-            EngineRequest(uuid.uuid4().hex, "query", {"question": "Hi"}, dict(greedy), None, variant="ft-beta@7"),
-            EngineRequest(uuid.uuid4().hex, "detect", {"object": "cat"}, {"max_objects": 2}, image, variant="ft-alpha@100"),
-            EngineRequest(uuid.uuid4().hex, "point", {"object": "sofa"}, {"max_objects": 2}, image)]
+    greedy = SamplingSettings(temperature=0, max_tokens=8)
+    return [EngineRequest(uuid.uuid4().hex, "caption", CaptionParams(length="short"), greedy, image),
+            EngineRequest(uuid.uuid4().hex, "query", QueryParams(question="What?", reasoning=True), greedy, image),
+            EngineRequest(uuid.uuid4().hex, "query", QueryParams(question="Hi"), greedy, None, variant="ft-beta@7"),
+            EngineRequest(uuid.uuid4().hex, "detect", DetectParams(object="cat"), SamplingSettings(max_objects=2), image, variant="ft-alpha@100"),
+            EngineRequest(uuid.uuid4().hex, "point", PointParams(object="sofa"), SamplingSettings(max_objects=2), image)]
 
 
 def test_every_skill_answers_with_int8_and_variants_batched_as_alone(int8_engine):
@@ -85,7 +86,7 @@ def test_every_skill_answers_with_int8_and_variants_batched_as_alone(int8_engine
     assert len(batched[batched_reqs[3].request_id].output["objects"]) >= 1
     # the same detect without the variant answers differently: the adapter ran in int8 mode
     base = batched_reqs[3]
-    plain = EngineRequest(uuid.uuid4().hex, "detect", dict(base.params), {"max_objects": 2}, image)
+    plain = EngineRequest(uuid.uuid4().hex, "detect", base.params, SamplingSettings(max_objects=2), image)
     without = run_requests(int8_engine.create_scheduler(max_batch=8, variants=variant_store(int8_engine)), [plain])
     assert without[plain.request_id].output != batched[base.request_id].output
 
@@ -144,12 +145,12 @@ def test_moondream3_experts_are_int8_and_close_to_float(md3_int8_engine):
 def test_every_moondream3_skill_answers_with_int8(md3_int8_engine):
     sched = md3_int8_engine.create_scheduler(max_batch=8)
     image = fixture_image("md3-main", "photo_773x767.jpg")
-    greedy = {"temperature": 0, "max_tokens": 8}
-    reqs = [EngineRequest(uuid.uuid4().hex, "caption", {"length": "short"}, dict(greedy), image),
-            EngineRequest(uuid.uuid4().hex, "query", {"question": "What?"}, dict(greedy), image),  # reasons by default
-            EngineRequest(uuid.uuid4().hex, "query", {"question": "Hi", "reasoning": False}, dict(greedy), None),
-            EngineRequest(uuid.uuid4().hex, "detect", {"object": "cat"}, {"max_objects": 2}, image),
-            EngineRequest(uuid.uuid4().hex, "point", {"object": "sofa"}, {"max_objects": 2}, image)]
+    greedy = SamplingSettings(temperature=0, max_tokens=8)
+    reqs = [EngineRequest(uuid.uuid4().hex, "caption", CaptionParams(length="short"), greedy, image),
+            EngineRequest(uuid.uuid4().hex, "query", QueryParams(question="What?"), greedy, image),  # reasons by default
+            EngineRequest(uuid.uuid4().hex, "query", QueryParams(question="Hi", reasoning=False), greedy, None),
+            EngineRequest(uuid.uuid4().hex, "detect", DetectParams(object="cat"), SamplingSettings(max_objects=2), image),
+            EngineRequest(uuid.uuid4().hex, "point", PointParams(object="sofa"), SamplingSettings(max_objects=2), image)]
     outcomes = run_requests(sched, reqs)
     for r in reqs:
         out = outcomes[r.request_id]

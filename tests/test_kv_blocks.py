@@ -15,6 +15,7 @@ from gpu_worker.engine import Engine
 from gpu_worker.engine_types import EngineRequest, ImageInput
 from gpu_worker.model import BlockAllocator, PoolExhausted, kv_bytes_per_position
 from gpu_worker.scheduler import Scheduler
+from shared.protocol import QueryParams, SamplingSettings
 from tests.engine_helpers import (CONFORMANCE, assert_pool_holds_only_cached_images, fixture_engine, fixture_image,
                                   run_requests)
 
@@ -26,12 +27,12 @@ def summary(outcome):
 
 
 def query(question: str, image, max_tokens: int = 12) -> EngineRequest:
-    return EngineRequest(uuid.uuid4().hex, "query", {"question": question}, {"temperature": 0, "max_tokens": max_tokens},
+    return EngineRequest(uuid.uuid4().hex, "query", QueryParams(question=question), SamplingSettings(temperature=0, max_tokens=max_tokens),
                          image, seed=3)
 
 
 def clone(req: EngineRequest) -> EngineRequest:
-    return EngineRequest(uuid.uuid4().hex, req.skill, dict(req.params), dict(req.settings), req.image, req.seed)
+    return EngineRequest(uuid.uuid4().hex, req.skill, req.params, req.settings, req.image, req.seed)
 
 
 def serial(engine, requests, **kwargs) -> list:

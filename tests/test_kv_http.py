@@ -12,7 +12,8 @@ import requests
 from gpu_worker.engine_types import EngineRequest
 from gpu_worker.model import kv_bytes_per_position
 from gpu_worker.scheduler import Scheduler
-from tests.engine_helpers import fixture_engine, run_requests
+from shared.protocol import QueryParams
+from tests.engine_helpers import fixture_engine, run_requests, sampling
 from tests.stack import running_stack
 from tests.test_stack_e2e import PHOTO, engine_image, pil_image
 
@@ -36,7 +37,7 @@ def test_32_questions_on_one_image_share_its_prefix_in_a_small_pool():
     # 32 slots of the full context would need 65,568 positions; 32 copies of the prefix alone 23,360
     alone = []
     for question in QUESTIONS:
-        req = EngineRequest(uuid.uuid4().hex, "query", {"question": question}, dict(SETTINGS), engine_image(PHOTO))
+        req = EngineRequest(uuid.uuid4().hex, "query", QueryParams(question=question), sampling(SETTINGS), engine_image(PHOTO))
         out = run_requests(Scheduler(engine, max_batch=1), [req])[req.request_id]
         alone.append(out.output["answer"])
 

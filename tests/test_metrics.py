@@ -10,8 +10,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.broker import _sum_counters
 from frontend.metrics import BrokerCollector
 from shared import protocol
+from shared.step_times import STEP_BUCKETS, StepTimes
 from tests.frontend_helpers import SMALL_IMAGE, warm_up
 
 pytestmark = pytest.mark.timeout(240)
@@ -116,6 +118,55 @@ def test_traffic_moves_counters_and_histograms(warm):
     assert value(after, "moondream_gpu_ready") == 1
     assert value(after, "moondream_queue_depth") == 0
     assert ("moondream_requests_in_flight", ()) in after
+
+
+def test_gpu_step_times_are_a_histogram_after_real_requests(warm):
+    """Every scheduler step the GPU worker ran is in moondream_gpu_step_seconds (from its heartbeats)."""
+    stack = warm
+    before = scrape(stack)
+    status, body = post(stack, "/v1/caption", {"image_url": IMAGE_URL, "settings": FEW})
+    assert status == 200, body
+    output_tokens = json.loads(body)["metrics"]["output_tokens"]
+    steps = "moondream_gpu_step_seconds"
+    end = time.monotonic() + 10  # the next heartbeat (every 0.5 s here) carries the new counts
+    while True:
+        after = scrape(stack)
+        # one heartbeat carries both counts (one taken inside a step may be one apart)
+        settled = value(after, steps + "_count") == value(after, "moondream_gpu_steps_total")
+        if (settled and delta(before, after, "moondream_gpu_steps_total") >= output_tokens) or time.monotonic() > end:
+            break
+        time.sleep(0.2)
+    assert delta(before, after, steps + "_count") >= output_tokens >= 1  # a step per token at least
+    assert value(after, steps + "_count") == value(after, "moondream_gpu_steps_total")  # every step counted is timed
+    assert value(after, steps + "_bucket", le="+Inf") == value(after, steps + "_count")
+    assert delta(before, after, steps + "_sum") > 0
+    bounds = [f"{bound:g}" for bound in STEP_BUCKETS]
+    counts = [value(after, steps + "_bucket", le=bound) for bound in bounds]
+    assert counts == sorted(counts)  # cumulative
+
+
+def test_step_time_buckets_add_up_over_workers():
+    """Two GPU workers' step times, summed by the broker as it sums any counter, read as one histogram."""
+    first, second = StepTimes(), StepTimes()
+    for seconds in (0.0004, 0.003, 0.2):
+        first.observe(seconds)
+    second.observe(0.2)
+    second.observe(100.0)  # a stalled step: beyond the largest bucket
+
+    class Client:  # stands in for the BrokerClient: only status() is used
+        def status(self, timeout):
+            return protocol.Status("s", 2, 2, True, gpu_stats=_sum_counters([first.as_stats(), second.as_stats()]))
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in BrokerCollector(Client()).collect() for s in family.samples}
+    bucket = "moondream_gpu_step_seconds_bucket"
+    assert samples[(bucket, (("le", "0.001"),))] == 1
+    assert samples[(bucket, (("le", "0.005"),))] == 2
+    assert samples[(bucket, (("le", "0.25"),))] == 4
+    assert samples[(bucket, (("le", "30"),))] == 4
+    assert samples[(bucket, (("le", "+Inf"),))] == 5
+    assert samples[("moondream_gpu_step_seconds_count", ())] == 5
+    assert samples[("moondream_gpu_step_seconds_sum", ())] == pytest.approx(100.4034)
 
 
 def test_status_slots_gpu_stats_and_restarts_are_exported():

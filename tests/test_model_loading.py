@@ -10,6 +10,7 @@ import torch
 
 from gpu_worker.engine import ModelLoadError, load_model
 from shared.config import Config
+from shared.protocol import CaptionParams, SamplingSettings
 from tests.engine_helpers import CONFORMANCE
 
 MAIN = os.path.join(CONFORMANCE, "main")
@@ -84,7 +85,7 @@ def test_random_tiny_model_runs():
 
     engine = load_model(Config(model="random:tiny", device="cpu"))
     sched = engine.create_scheduler(max_batch=2)
-    req = EngineRequest("r", "caption", {"length": "short"}, {"temperature": 0, "max_tokens": 4},
+    req = EngineRequest("r", "caption", CaptionParams(length="short"), SamplingSettings(temperature=0, max_tokens=4),
                         fixture_image("main", "small_96x64.png"))
     out = run_requests(sched, [req])["r"]
     assert out.error is None and out.metrics["output_tokens"] <= 4

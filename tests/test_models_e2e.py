@@ -5,17 +5,15 @@ The stack serves the Moondream 2 `main` set and the Moondream 3 `md3-main` set; 
 cases, sent with its id, must be exactly that set's reference answers (streamed too)."""
 from __future__ import annotations
 
-import base64
 import json
 import os
-import urllib.error
-import urllib.request
 
 import moondream as md
 import pytest
 from moondream.types import Base64EncodedImage
 
 from tests.engine_helpers import CONFORMANCE
+from tests.http_helpers import fixture_data_url, http_json
 from tests.stack import running_stack, wait_for
 from tests.test_conformance import close_numbers
 
@@ -39,24 +37,6 @@ def stack():
         yield s
 
 
-def data_url(set_name: str, image_name: str) -> str:
-    with open(os.path.join(CONFORMANCE, set_name, "images", image_name), "rb") as f:
-        raw = f.read()
-    kind = "jpeg" if image_name.endswith(".jpg") else "png"
-    return f"data:image/{kind};base64,{base64.b64encode(raw).decode()}"
-
-
-def call(stack, method: str, route: str, body: dict | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"{stack.url}{route}", data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def expected(case) -> dict:
     out = dict(case["output"])
     if case["skill"] == "query" and out.get("reasoning") is None:
@@ -70,8 +50,8 @@ def test_each_model_answers_its_own_cases(stack, model_id):
     for case in cases(set_name):
         body = {**case["args"], "model": model_id}
         if case["image"]:
-            body["image_url"] = data_url(set_name, case["image"])
-        status, got = call(stack, "POST", f"/v1/{case['skill']}", body)
+            body["image_url"] = fixture_data_url(set_name, case["image"])
+        status, got = http_json(stack, "POST", f"/v1/{case['skill']}", body)
         assert status == 200, (model_id, case, got)
         answer = {k: v for k, v in got.items() if k in case["output"]}
         assert close_numbers(answer, expected(case), 1e-6), (model_id, case)
@@ -87,7 +67,7 @@ def test_each_model_streams_its_answers(stack, model_id):
     assert len(chosen) >= 4
     for case in chosen:
         args = dict(case["args"])
-        image = Base64EncodedImage(image_url=data_url(set_name, case["image"])) if case["image"] else None
+        image = Base64EncodedImage(image_url=fixture_data_url(set_name, case["image"])) if case["image"] else None
         if case["skill"] == "caption":
             out = client.caption(image, length=args["length"], stream=True, settings=args["settings"])
             assert "".join(out["caption"]) == case["output"]["caption"], (model_id, case)
@@ -102,23 +82,23 @@ def test_models_health_names_and_unknown_models(stack):
     assert status == 200 and [m["id"] for m in health["models"]] == list(SETS)
     assert [m["family"] for m in health["models"]] == ["moondream2", "moondream3"]
     assert all(m["ready"] for m in health["models"]) and health["model"]["id"] == "moondream2"
-    status, listing = call(stack, "GET", "/v1/models")
+    status, listing = http_json(stack, "GET", "/v1/models")
     assert status == 200 and [m["id"] for m in listing["data"]][:2] == list(SETS)
     question = {"question": "Hi", "reasoning": False, "settings": {"temperature": 0, "max_tokens": 24}}
     md2_case = next(c for c in cases("main") if c["image"] is None and c["skill"] == "query")
     md2_body = {**md2_case["args"]}
     for name in (None, "moondream2", "vikhyatk/moondream2"):  # the default is the first model
-        status, got = call(stack, "POST", "/v1/query", {**md2_body, **({"model": name} if name else {})})
+        status, got = http_json(stack, "POST", "/v1/query", {**md2_body, **({"model": name} if name else {})})
         assert status == 200 and got["answer"] == md2_case["output"]["answer"], name
-    status, got = call(stack, "POST", "/v1/query", {**question, "model": "moondream/moondream3-preview"})
+    status, got = http_json(stack, "POST", "/v1/query", {**question, "model": "moondream/moondream3-preview"})
     assert status == 200
-    status, got = call(stack, "POST", "/v1/query", {**question, "model": "moondream9"})
+    status, got = http_json(stack, "POST", "/v1/query", {**question, "model": "moondream9"})
     assert status == 404 and "moondream2" in json.dumps(got) and "moondream3-preview" in json.dumps(got)
-    status, got = call(stack, "POST", "/v1/chat/completions",
+    status, got = http_json(stack, "POST", "/v1/chat/completions",
                        {"model": "moondream3-preview", "messages": [{"role": "user", "content": "Hi"}],
                         "max_tokens": 3, "temperature": 0})
     assert status == 200 and got["model"] == "moondream3-preview"
-    status, got = call(stack, "POST", "/v1/query", {**question, "model": "moondream3-preview/ft-alpha@100"})
+    status, got = http_json(stack, "POST", "/v1/query", {**question, "model": "moondream3-preview/ft-alpha@100"})
     assert status == 422 and "variants are not supported" in json.dumps(got)
 
 
@@ -131,7 +111,7 @@ def test_batch_cli_model_sends_every_line_to_that_model(stack, tmp_path):
     with open(source, "w") as f:
         for i, case in enumerate(chosen):
             f.write(json.dumps({"id": f"l{i}", "skill": case["skill"], **case["args"],
-                                "image": data_url("md3-main", case["image"])}) + "\n")
+                                "image": fixture_data_url("md3-main", case["image"])}) + "\n")
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "MOONDREAM_ENDPOINT": stack.url}
     run = subprocess.run([sys.executable, "-m", "batch_cli", "submit", str(source), "--model", "moondream3-preview",

@@ -23,6 +23,7 @@ from gpu_worker.engine import Engine
 from gpu_worker.engine_types import EngineRequest
 from gpu_worker.scheduler import PromptTooLong, Scheduler
 from gpu_worker.variants import VariantsUnsupported
+from shared.protocol import CaptionParams, DetectParams, PointParams, QueryParams, SamplingSettings
 from tests.engine_helpers import CONFORMANCE, fixture_engine, fixture_image, run_requests
 
 MAIN = os.path.join(CONFORMANCE, "md3-main")
@@ -201,7 +202,7 @@ def test_after_an_object_coord_wins_a_tie_with_eos():
     found = {}
     for label, margin in (("tie", 0.0), ("eos", 1e-3)):
         sched = Scheduler(_engine_with_lm_head(rows_tied(margin)), max_batch=1)
-        req = EngineRequest(label, "point", {"object": "cat"}, {"max_objects": 4}, image)
+        req = EngineRequest(label, "point", PointParams(object="cat"), SamplingSettings(max_objects=4), image)
         found[label] = run_requests(sched, [req])[label].output["points"]
     assert len(found["tie"]) == 4  # coord on every tie, up to max_objects
     assert len(found["eos"]) == 1  # EOS a hair ahead: one object, then stop
@@ -210,28 +211,28 @@ def test_after_an_object_coord_wins_a_tie_with_eos():
 def test_moondream3_defaults_and_reasoning_by_default():
     engine = fixture_engine("md3-main")
     sched = Scheduler(engine, max_batch=2)
-    plain = EngineRequest("d", "point", {"object": "cat"}, {}, fixture_image("md3-main", "small_96x64.png"))
+    plain = EngineRequest("d", "point", PointParams(object="cat"), SamplingSettings(), fixture_image("md3-main", "small_96x64.png"))
     sched.add(plain)
-    assert plain.settings["top_p"] == 0.9 and plain.settings["max_objects"] == 150
-    assert plain.settings["temperature"] == 0.5 and plain.settings["max_tokens"] == 768
+    assert plain.settings.top_p == 0.9 and plain.settings.max_objects == 150
+    assert plain.settings.temperature == 0.5 and plain.settings.max_tokens == 768
     sched.abort("d")
-    query = EngineRequest("q", "query", {"question": "What is in the image?"}, {"temperature": 0, "max_tokens": 4},
+    query = EngineRequest("q", "query", QueryParams(question="What is in the image?"), SamplingSettings(temperature=0, max_tokens=4),
                           fixture_image("md3-main", "small_96x64.png"))
     out = run_requests(sched, [query])["q"]
     assert out.error is None and "reasoning" in out.output
-    no = EngineRequest("n", "query", {"question": "What is in the image?", "reasoning": False},
-                       {"temperature": 0, "max_tokens": 4}, fixture_image("md3-main", "small_96x64.png"))
+    no = EngineRequest("n", "query", QueryParams(question="What is in the image?", reasoning=False),
+                       SamplingSettings(temperature=0, max_tokens=4), fixture_image("md3-main", "small_96x64.png"))
     assert "reasoning" not in run_requests(sched, [no])["n"].output
     moondream2 = Scheduler(fixture_engine("main"), max_batch=1)
-    md2 = EngineRequest("m", "point", {"object": "cat"}, {}, fixture_image("main", "small_96x64.png"))
+    md2 = EngineRequest("m", "point", PointParams(object="cat"), SamplingSettings(), fixture_image("main", "small_96x64.png"))
     moondream2.add(md2)
-    assert md2.settings["top_p"] == 0.3 and md2.settings["max_objects"] == 50
+    assert md2.settings.top_p == 0.3 and md2.settings.max_objects == 50
 
 
 def test_a_variant_on_moondream3_is_refused_before_any_work():
     sched = Scheduler(fixture_engine("md3-main"), max_batch=1)
     for variant in ("ft-alpha@100", "ft-alpha"):
-        req = EngineRequest("v", "caption", {}, {}, fixture_image("md3-main", "small_96x64.png"), variant=variant)
+        req = EngineRequest("v", "caption", CaptionParams(), SamplingSettings(), fixture_image("md3-main", "small_96x64.png"), variant=variant)
         with pytest.raises(VariantsUnsupported) as err:
             sched.add(req)
         assert err.value.status == 422 and "variants are not supported" in str(err.value)
@@ -243,13 +244,13 @@ def test_prompt_plus_max_tokens_over_the_context_is_refused_before_any_work():
     sched = Scheduler(engine, max_batch=1)
     image = fixture_image("md3-main", "small_96x64.png")
     prompt = len(engine.tokenizer.encode("Hi", add_special_tokens=False).ids) + 4  # [1, 304, 2] ... [3]
-    fits = EngineRequest("ok", "query", {"question": "Hi", "reasoning": False}, {"max_tokens": 1024 - 730 - prompt}, image)
+    fits = EngineRequest("ok", "query", QueryParams(question="Hi", reasoning=False), SamplingSettings(max_tokens=1024 - 730 - prompt), image)
     sched.add(fits)
     sched.abort("ok")
-    over = EngineRequest("x", "query", {"question": "Hi", "reasoning": False}, {"max_tokens": 1024 - 730 - prompt + 1}, image)
+    over = EngineRequest("x", "query", QueryParams(question="Hi", reasoning=False), SamplingSettings(max_tokens=1024 - 730 - prompt + 1), image)
     with pytest.raises(PromptTooLong, match="context holds 1024"):
         sched.add(over)
-    text_only = EngineRequest("t", "caption", {"length": "long"}, {"max_tokens": 2000}, image)
+    text_only = EngineRequest("t", "caption", CaptionParams(length="long"), SamplingSettings(max_tokens=2000), image)
     with pytest.raises(PromptTooLong):
         sched.add(text_only)
     assert not sched.has_work() and sched.stats()["image_encodes"] == 0
@@ -479,5 +480,5 @@ def test_fp8_experts_fused_tau_and_the_region_layer_norm(tmp_path):
     assert torch.equal(M.decode_coordinate_bins(hidden, w), F.linear(normed, w["region.coord_decoder.weight"],
                                                                       w["region.coord_decoder.bias"]).argmax(-1))
     sched = Scheduler(engine, max_batch=2)
-    req = EngineRequest("fp8", "detect", {"object": "cat"}, {"max_objects": 2}, fixture_image("md3-main", "square_378.png"))
+    req = EngineRequest("fp8", "detect", DetectParams(object="cat"), SamplingSettings(max_objects=2), fixture_image("md3-main", "square_378.png"))
     assert run_requests(sched, [req])["fp8"].error is None

@@ -6,17 +6,15 @@ tests/conformance/md3-main/expected.json, streamed or not, including the text-on
 that leaves `reasoning` out (Moondream 3 reasons by default)."""
 from __future__ import annotations
 
-import base64
 import json
 import os
-import urllib.error
-import urllib.request
 
 import moondream as md
 import pytest
 from moondream.types import Base64EncodedImage
 
 from tests.engine_helpers import CONFORMANCE
+from tests.http_helpers import fixture_data_url, http_json
 from tests.stack import running_stack
 from tests.test_conformance import close_numbers
 
@@ -33,20 +31,11 @@ def stack():
 
 
 def data_url(image_name: str) -> str:
-    with open(os.path.join(SET_DIR, "images", image_name), "rb") as f:
-        raw = f.read()
-    kind = "jpeg" if image_name.endswith(".jpg") else "png"
-    return f"data:image/{kind};base64,{base64.b64encode(raw).decode()}"
+    return fixture_data_url("md3-main", image_name)
 
 
 def post(stack, route: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{stack.url}/v1/{route}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return http_json(stack, "POST", f"/v1/{route}", body)
 
 
 def body_for(case) -> dict:
@@ -105,3 +94,4 @@ def test_moondream3_names_errors_and_health(stack):
     assert status == 422 and "variants are not supported" in json.dumps(body)
     status, body = post(stack, "query", {**question, "settings": {"max_tokens": 1020}})  # context: 1024
     assert status == 422 and "context" in json.dumps(body)
+

@@ -8,9 +8,10 @@ end-ground tokens (which decides the grounding entries' character ranges)."""
 from __future__ import annotations
 
 from gpu_worker.programs import ProgramContext, StepResult, run_query
+from shared.protocol import QueryParams, SamplingSettings
 from tests.engine_helpers import fixture_engine
 
-SETTINGS = {"temperature": 0.5, "top_p": 0.3, "max_tokens": 64, "max_objects": 50}
+SETTINGS = SamplingSettings(temperature=0.5, top_p=0.3, max_tokens=64, max_objects=50)
 
 
 def engine_and_ids():
@@ -27,7 +28,7 @@ def drive_reasoning_query(engine, script: list[StepResult]):
     (feeds the program yielded, its output, its finish reason, streamed chunks)."""
     chunks: list[str] = []
     ctx = ProgramContext(engine=engine, emit=chunks.append)
-    program = run_query(ctx, {"question": "How many?", "reasoning": True}, SETTINGS, has_image=True)
+    program = run_query(ctx, QueryParams(question="How many?", reasoning=True), SETTINGS, has_image=True)
     feeds = [next(program)]
     try:
         for result in script:
@@ -83,3 +84,30 @@ def test_reasoning_text_is_cut_at_the_ground_tokens():
         "grounding": [{"start_idx": start, "end_idx": start + len(pieces["ground"]), "points": [[0.25, 0.75]]}],
     }
     assert "".join(chunks) == output["answer"]  # reasoning is not streamed, only the answer
+
+
+def test_unstreamed_text_is_decoded_once_and_equals_the_streamed_text():
+    """A request nobody streams has its text decoded once at the end (no per-token
+    detokenisation): the same answer, reasoning and metrics shape, and no chunks."""
+    import json
+    import os
+
+    from tests.engine_helpers import CONFORMANCE, fixture_image, fixture_scheduler, request_from_case, run_requests
+
+    compared = 0
+    for set_name in ("main", "edge", "edge-reasoning"):
+        with open(os.path.join(CONFORMANCE, set_name, "expected.json")) as f:
+            cases = [c for c in json.load(f)["cases"] if c["skill"] in ("caption", "query")]
+        scheduler = fixture_scheduler(set_name, max_batch=4)
+        for case in cases[:4]:
+            image = fixture_image(set_name, case["image"]) if case["image"] else None
+            streamed, whole = request_from_case(case, image, seed=7), request_from_case(case, image, seed=7)
+            whole.stream = False
+            out = run_requests(scheduler, [streamed, whole])
+            a, b = out[streamed.request_id], out[whole.request_id]
+            assert a.error is None and b.error is None
+            assert b.output == a.output and b.finish_reason == a.finish_reason, case["args"]
+            assert "".join(a.chunks) in (a.output.get("caption"), a.output.get("answer")) and not b.chunks
+            assert b.metrics["output_tokens"] == a.metrics["output_tokens"] and b.metrics["ttft_ms"] > 0
+            compared += 1
+    assert compared >= 10

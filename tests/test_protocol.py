@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import protocol
+from shared.protocol import CaptionParams, QueryParams, SamplingSettings
 from shared.protocol import (
     Cancel, Chunk, Error, Generate, Heartbeat, Leaving, PreprocessJob, Preprocessed, Ready, Refused, Result,
     Status, StatusQuery, Submit,
@@ -15,8 +16,8 @@ from shared.protocol import (
 pytestmark = pytest.mark.timeout(60)
 
 EXAMPLES = [
-    Submit("r1", "query", {"question": "what?", "reasoning": True, "spatial_refs": [[0.1, 0.2]]},
-           {"temperature": 0.5, "top_p": 0.9, "max_tokens": 16}, stream=True, has_image=True, deadline=123.5),
+    Submit("r1", "query", QueryParams(question="what?", reasoning=True, spatial_refs=[[0.1, 0.2]]),
+           SamplingSettings(temperature=0.5, top_p=0.9, max_tokens=16), stream=True, has_image=True, deadline=123.5),
     Cancel("r1"),
     StatusQuery("s1"),
     Status("s1", 2, 1, True, {"name": "m", "test_model": True}, queued=3, in_flight=4, broker_id="abc"),
@@ -27,7 +28,7 @@ EXAMPLES = [
     Heartbeat(),
     PreprocessJob("r1", deadline=1.0),
     Preprocessed("r1", tiling=(1, 1), image_key="k", size_wh=(96, 64), preprocess_ms=1.5),
-    Generate("r1", "caption", {"length": "short"}, {}, has_image=True, tiling=(1, 1), image_key="k"),
+    Generate("r1", "caption", CaptionParams(length="short"), SamplingSettings(), has_image=True, tiling=(1, 1), image_key="k"),
     Chunk("r1", "héllo 世界\n"),
     Result("r1", {"objects": [{"x_min": 0.1, "y_min": 0.2, "x_max": 0.3, "y_max": 0.4}]}, None, {"output_tokens": 3}),
     Error("r1", 503, "worker_died", "gone"),
@@ -83,5 +84,5 @@ def test_random_bytes_never_raise_anything_but_decode_errors(data):
 @given(rid=st.text(min_size=1, max_size=40), question=st.text(max_size=200),
        temperature=st.floats(0, 2, allow_nan=False), stream=st.booleans())
 def test_submit_round_trips_any_text(rid, question, temperature, stream):
-    msg = Submit(rid, "query", {"question": question}, {"temperature": temperature}, stream=stream)
+    msg = Submit(rid, "query", QueryParams(question=question), SamplingSettings(temperature=temperature), stream=stream)
     assert protocol.decode(protocol.encode(msg))[0] == msg

@@ -21,7 +21,7 @@ from shared import protocol
 from shared.image_tiling import (
     CROP_BYTES, resize_for_tiling, resized_frame, resized_frame_size, select_tiling, split_resized_frame, tile_image,
 )
-from shared.protocol import Error, Generate, Heartbeat, Preprocessed, PreprocessJob, Ready, Result, Submit
+from shared.protocol import CaptionParams, Error, Generate, Heartbeat, PreprocessJob, Preprocessed, Ready, Result, SamplingSettings, Submit
 from tests.stack import REPO, ProcessGroup, free_port, stack_env
 from tests.test_broker import PHOTO, services  # noqa: F401  (services is a fixture)
 
@@ -169,8 +169,8 @@ def gpu_worker_and_fake_broker(tmp_path_factory):
 
 
 def generate(tiling, pixels_shape=()) -> Generate:
-    return Generate(request_id=uuid.uuid4().hex, skill="caption", params={"length": "short"},
-                    settings={"temperature": 0, "max_tokens": 4}, has_image=True, tiling=tiling,
+    return Generate(request_id=uuid.uuid4().hex, skill="caption", params=CaptionParams(length="short"),
+                    settings=SamplingSettings(temperature=0, max_tokens=4), has_image=True, tiling=tiling,
                     image_key=uuid.uuid4().hex, pixels_shape=pixels_shape)
 
 
@@ -205,8 +205,8 @@ def test_broker_fails_a_request_whose_frame_does_not_match_its_tiling(services):
         peer.send_multipart(protocol.encode(Ready(kind=protocol.PREPROCESS, worker_id="short-frames", capacity=1,
                                                   deployment=s.config.deployment_id)))
         s.wait_for(preprocess=1)
-        stream = s.client.submit(Submit(request_id=uuid.uuid4().hex, skill="caption", params={"length": "short"},
-                                        settings={}, has_image=True), PHOTO)
+        stream = s.client.submit(Submit(request_id=uuid.uuid4().hex, skill="caption", params=CaptionParams(length="short"),
+                                        settings=SamplingSettings(), has_image=True), PHOTO)
         end, job = time.monotonic() + 20, None
         while not isinstance(job, PreprocessJob):  # heartbeats from the broker come first
             assert time.monotonic() < end and peer.poll(5000), "no PreprocessJob came"

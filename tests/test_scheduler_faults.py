@@ -6,11 +6,12 @@ import uuid
 from gpu_worker import programs as P
 from gpu_worker.engine_types import EngineRequest
 from gpu_worker.scheduler import Scheduler
+from shared.protocol import CaptionParams, SamplingSettings
 from tests.engine_helpers import assert_pool_holds_only_cached_images, fixture_engine, fixture_image, run_requests
 
 
 def caption(max_tokens=4):
-    return EngineRequest(uuid.uuid4().hex, "caption", {"length": "short"}, {"temperature": 0, "max_tokens": max_tokens},
+    return EngineRequest(uuid.uuid4().hex, "caption", CaptionParams(length="short"), SamplingSettings(temperature=0, max_tokens=max_tokens),
                          fixture_image("main", "small_96x64.png"))
 
 

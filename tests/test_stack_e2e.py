@@ -26,7 +26,7 @@ from PIL import Image
 from gpu_worker.engine_types import EngineRequest, ImageInput
 from gpu_worker.scheduler import Scheduler
 from preprocess_worker.worker import preprocess
-from tests.engine_helpers import CONFORMANCE, fixture_engine, run_requests
+from tests.engine_helpers import CONFORMANCE, fixture_engine, run_requests, sampling, skill_params
 from tests.stack import wait_for
 
 pytestmark = pytest.mark.timeout(240)  # a 2-core machine under load needs it; usually ~20-40 s each
@@ -49,7 +49,8 @@ def direct():
     def run(skill: str, params: dict, image_name: str | None):
         settings = settings_for(skill)
         image = engine_image(image_name) if image_name else None
-        request = EngineRequest(request_id=uuid.uuid4().hex, skill=skill, params=dict(params), settings=dict(settings), image=image)
+        request = EngineRequest(request_id=uuid.uuid4().hex, skill=skill, params=skill_params(skill, params),
+                                settings=sampling(settings), image=image)
         outcome = run_requests(scheduler, [request])[request.request_id]
         assert outcome.error is None, outcome.error
         return outcome

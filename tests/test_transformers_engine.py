@@ -15,6 +15,7 @@ from gpu_worker.checkpoint import ModelLoadError
 from gpu_worker.engine_types import EngineRequest, Failed, Finished, ImageInput, TextChunk
 from gpu_worker.transformers_engine import TransformersEngine
 from shared.config import Config
+from shared.protocol import CaptionParams, DetectParams, PointParams, QueryParams, SamplingSettings
 
 FIXTURE_TOKENIZER = os.path.join(os.path.dirname(__file__), "conformance", "main", "tokenizer.json")
 
@@ -90,7 +91,7 @@ def make(fail_on=None):
 
 def test_caption_streams_chunks_then_finishes():
     stand_in, sched = make()
-    sched.add(EngineRequest("r1", "caption", {"length": "short"}, {"max_tokens": 50}, image()))
+    sched.add(EngineRequest("r1", "caption", CaptionParams(length="short"), SamplingSettings(max_tokens=50), image()))
     events = drain(sched)
     assert [e.text for e in events if isinstance(e, TextChunk)] == ["A ", "cat ", "on a mat."]
     assert isinstance(events[-1], Finished) and events[-1].output == {"caption": "A cat on a mat."}
@@ -99,7 +100,7 @@ def test_caption_streams_chunks_then_finishes():
 
 def test_output_tokens_counted_with_the_inner_models_tokenizer():
     stand_in, sched = make()
-    sched.add(EngineRequest("r1", "caption", {}, {"max_tokens": 50}, image()))
+    sched.add(EngineRequest("r1", "caption", CaptionParams(), SamplingSettings(max_tokens=50), image()))
     finished = drain(sched)[-1]
     expected = len(stand_in.tokenizer.encode("A cat on a mat.").ids)
     assert expected > 0 and finished.metrics["output_tokens"] == expected
@@ -109,8 +110,8 @@ def test_output_tokens_counted_with_the_inner_models_tokenizer():
 def test_answer_as_long_as_max_tokens_finishes_by_length():
     stand_in, sched = make()
     n_tokens = len(stand_in.tokenizer.encode("Two dogs.").ids)
-    sched.add(EngineRequest("at", "query", {"question": "how many?"}, {"max_tokens": n_tokens}, image()))
-    sched.add(EngineRequest("under", "query", {"question": "how many?"}, {"max_tokens": n_tokens + 1}, image()))
+    sched.add(EngineRequest("at", "query", QueryParams(question="how many?"), SamplingSettings(max_tokens=n_tokens), image()))
+    sched.add(EngineRequest("under", "query", QueryParams(question="how many?"), SamplingSettings(max_tokens=n_tokens + 1), image()))
     done = {e.request_id: e for e in drain(sched) if isinstance(e, Finished)}
     assert done["at"].finish_reason == "length" and done["at"].metrics["output_tokens"] == n_tokens
     assert done["under"].finish_reason == "stop"
@@ -126,7 +127,7 @@ def test_a_model_without_a_tokenizer_is_a_load_error():
 def test_one_request_at_a_time_and_image_reuse():
     stand_in, sched = make()
     for i in range(3):
-        sched.add(EngineRequest(f"q{i}", "query", {"question": "how many?"}, {}, image("same")))
+        sched.add(EngineRequest(f"q{i}", "query", QueryParams(question="how many?"), SamplingSettings(), image("same")))
     assert sched.free_slots() == 0
     events = drain(sched)
     finished = [e.request_id for e in events if isinstance(e, Finished)]
@@ -136,10 +137,10 @@ def test_one_request_at_a_time_and_image_reuse():
 
 def test_reasoning_detect_point_and_text_only():
     stand_in, sched = make()
-    sched.add(EngineRequest("a", "query", {"question": "q", "reasoning": True}, {}, image()))
-    sched.add(EngineRequest("b", "detect", {"object": "cat"}, {"max_objects": 3}, image()))
-    sched.add(EngineRequest("c", "point", {"object": "cat"}, {}, image()))
-    sched.add(EngineRequest("d", "query", {"question": "hello"}, {}, None))
+    sched.add(EngineRequest("a", "query", QueryParams(question="q", reasoning=True), SamplingSettings(), image()))
+    sched.add(EngineRequest("b", "detect", DetectParams(object="cat"), SamplingSettings(max_objects=3), image()))
+    sched.add(EngineRequest("c", "point", PointParams(object="cat"), SamplingSettings(), image()))
+    sched.add(EngineRequest("d", "query", QueryParams(question="hello"), SamplingSettings(), None))
     done = {e.request_id: e for e in drain(sched) if isinstance(e, Finished)}
     assert done["a"].output["reasoning"]["text"] == "counting"
     assert done["b"].output == {"objects": [{"x_min": 0.1, "y_min": 0.2, "x_max": 0.3, "y_max": 0.4}]}
@@ -149,8 +150,8 @@ def test_reasoning_detect_point_and_text_only():
 
 def test_remote_code_error_fails_only_that_request():
     _, sched = make(fail_on="query")
-    sched.add(EngineRequest("bad", "query", {"question": "q"}, {}, image()))
-    sched.add(EngineRequest("good", "caption", {}, {}, image()))
+    sched.add(EngineRequest("bad", "query", QueryParams(question="q"), SamplingSettings(), image()))
+    sched.add(EngineRequest("good", "caption", CaptionParams(), SamplingSettings(), image()))
     events = drain(sched)
     assert isinstance(events[0], Failed) and "out of memory" in events[0].message
     assert isinstance(events[-1], Finished) and events[-1].request_id == "good"
@@ -158,7 +159,7 @@ def test_remote_code_error_fails_only_that_request():
 
 def test_abort_mid_stream():
     _, sched = make()
-    sched.add(EngineRequest("r", "caption", {}, {}, image()))
+    sched.add(EngineRequest("r", "caption", CaptionParams(), SamplingSettings(), image()))
     assert isinstance(sched.step()[0], TextChunk)
     sched.abort("r")
     assert not sched.has_work()
@@ -167,9 +168,9 @@ def test_abort_mid_stream():
 def test_needs_pixels_and_valid_skill():
     _, sched = make()
     with pytest.raises(ValueError):
-        sched.add(EngineRequest("r", "caption", {}, {}, ImageInput(np.zeros((1, 378, 378, 3), np.uint8), (1, 1))))
+        sched.add(EngineRequest("r", "caption", CaptionParams(), SamplingSettings(), ImageInput(np.zeros((1, 378, 378, 3), np.uint8), (1, 1))))
     with pytest.raises(ValueError):
-        sched.add(EngineRequest("r", "segment", {}, {}, image()))
+        sched.add(EngineRequest("r", "segment", CaptionParams(), SamplingSettings(), image()))
 
 
 def test_load_failure_is_one_clear_line(monkeypatch, tmp_path):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from shared import protocol
 from shared.image_tiling import split_resized_frame, tile_image
-from shared.protocol import Generate, Ready, Result, Submit
+from shared.protocol import CaptionParams, Generate, Ready, Result, SamplingSettings, Submit
 from tests.test_broker import PHOTO, services  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(60)
@@ -58,8 +58,8 @@ def test_pixels_travel_with_the_crops_for_the_transformers_engine(services):  # 
     peer = TransformersWorkerPeer(s.config.broker_backend_addr, s.config.deployment_id)
     peer.start()
     s.wait_for(preprocess=1, gpu=1)
-    events = list(s.client.submit(Submit(request_id=uuid.uuid4().hex, skill="caption", params={"length": "short"},
-                                         settings={}, has_image=True), PHOTO))
+    events = list(s.client.submit(Submit(request_id=uuid.uuid4().hex, skill="caption", params=CaptionParams(length="short"),
+                                         settings=SamplingSettings(), has_image=True), PHOTO))
     assert isinstance(events[-1], Result)
     peer.join(5)
     msg, frame = peer.received[0]

@@ -20,7 +20,7 @@ from gpu_worker.engine_types import EngineRequest
 from gpu_worker.scheduler import Scheduler
 from gpu_worker import variants
 from gpu_worker.variants import BadVariantId, VariantNotFound, check_variant_id
-from tests.engine_helpers import KV_LAYOUT_IDS, KV_LAYOUTS, VARIANTS_DIR, assert_pool_holds_only_cached_images, fixture_engine, fixture_image, run_requests, variant_store
+from tests.engine_helpers import KV_LAYOUT_IDS, KV_LAYOUTS, VARIANTS_DIR, assert_pool_holds_only_cached_images, fixture_engine, fixture_image, run_requests, sampling, skill_params, variant_store
 
 ALPHA, BETA = "ft-alpha@100", "ft-beta@7"
 IMAGES = ["small_96x64.png", "landscape_800x600.png", "photo_773x767.jpg"]
@@ -29,7 +29,8 @@ IMAGES = ["small_96x64.png", "landscape_800x600.png", "photo_773x767.jpg"]
 def request(skill, params, variant=None, image=IMAGES[0], max_tokens=16, **settings):
     settings = {"temperature": 0, "max_tokens": max_tokens, **settings}
     img = fixture_image("variants", image) if image else None
-    return EngineRequest(uuid.uuid4().hex, skill, dict(params), settings, img, seed=5, variant=variant)
+    return EngineRequest(uuid.uuid4().hex, skill, skill_params(skill, params), sampling(settings), img, seed=5,
+                         variant=variant)
 
 
 def mixed_requests():
@@ -50,7 +51,7 @@ def mixed_requests():
 
 
 def clone(req):
-    return EngineRequest(uuid.uuid4().hex, req.skill, dict(req.params), dict(req.settings), req.image, req.seed,
+    return EngineRequest(uuid.uuid4().hex, req.skill, req.params, req.settings, req.image, req.seed,
                          variant=req.variant)
 
 
@@ -78,7 +79,7 @@ def test_variants_change_answers(serial_answers):
     assert len({str(base), str(alpha), str(beta)}) == 3
 
 
-@pytest.mark.parametrize("block_size,attention", KV_LAYOUTS, ids=KV_LAYOUT_IDS)
+@pytest.mark.parametrize("block_size,attention", KV_LAYOUTS[:2], ids=KV_LAYOUT_IDS[:2])  # the odd block size: rows joining below
 def test_mixed_batch_equals_serial(serial_answers, block_size, attention):
     sched = new_scheduler(max_batch=32, block_size=block_size, attention=attention)
     reqs = [clone(r) for r in mixed_requests()]

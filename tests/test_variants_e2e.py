@@ -6,10 +6,8 @@ passes an already-encoded image through unchanged), so every answer must be
 exactly the reference's answer from tests/conformance/variants/expected.json."""
 from __future__ import annotations
 
-import base64
 import json
 import os
-import urllib.error
 import urllib.request
 
 import moondream as md
@@ -17,6 +15,7 @@ import pytest
 from moondream.types import Base64EncodedImage
 
 from tests.engine_helpers import CONFORMANCE, VARIANTS_DIR
+from tests.http_helpers import fixture_data_url, http_json
 from tests.stack import running_stack
 from tests.test_conformance import close_numbers
 
@@ -33,20 +32,11 @@ def stack():
 
 
 def data_url(image_name: str) -> str:
-    with open(os.path.join(SET_DIR, "images", image_name), "rb") as f:
-        raw = f.read()
-    kind = "jpeg" if image_name.endswith(".jpg") else "png"
-    return f"data:image/{kind};base64,{base64.b64encode(raw).decode()}"
+    return fixture_data_url("variants", image_name)
 
 
 def post(stack, route: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{stack.url}/v1/{route}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return http_json(stack, "POST", f"/v1/{route}", body)
 
 
 def cases_for(variant, image=None):
@@ -182,3 +172,4 @@ def test_openai_sdk_lists_and_chats_with_variants(stack):
             assert answer.choices[0].message.content == case["output"]["answer"], case
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="moondream2/ft-nope@1", messages=[{"role": "user", "content": "Hi"}])
+

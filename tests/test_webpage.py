@@ -301,6 +301,7 @@ window.fetch = (url, init) => {
 
 def test_model_picker_sends_the_chosen_model(browser):
     """With MOONDREAM_MODELS the page offers the models and a run goes to the one picked."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import Select
 
     conformance = REPO / "tests/conformance"
@@ -308,11 +309,17 @@ def test_model_picker_sends_the_chosen_model(browser):
     with running_stack(MOONDREAM_MODELS=models, preprocess_workers=1, TORCH_THREADS=1) as two:
         warm_up(two)
         browser.get(two.url + "/")
-        wait = WebDriverWait(browser, 60)
+        # the page refills the picker from /health now and then: an option read at that moment is
+        # stale, so each look (and the choice) is retried until it holds
+        wait = WebDriverWait(browser, 60, ignored_exceptions=[StaleElementReferenceException])
         wait.until(lambda d: [o.text for o in Select(d.find_element(By.ID, "model")).options]
                    == ["moondream2", "moondream3-preview"])
         assert browser.find_element(By.ID, "model-field").is_displayed()
-        Select(browser.find_element(By.ID, "model")).select_by_value("moondream3-preview")
+
+        def choose(d):
+            Select(d.find_element(By.ID, "model")).select_by_value("moondream3-preview")
+            return d.find_element(By.ID, "model").get_attribute("value") == "moondream3-preview"
+        wait.until(choose)
         browser.execute_script(RECORD_BODIES_JS)
         browser.find_element(By.ID, "image-input").send_keys(str(PHOTO))
         wait.until(lambda d: d.find_element(By.ID, "image-stage").get_attribute("data-loaded") == "true")
