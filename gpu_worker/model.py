@@ -533,10 +533,10 @@ class SplitPlan:
     together in one kernel call, and each image of `shared` read once for all its rows."""
 
     lone: list  # [LoneRow]
-    rest: list  # batch rows, ints
+    rest: "slice | torch.Tensor | None"  # those batch rows (`_row_selector`)
     rest_read: torch.Tensor  # (len(rest), L) their gathered positions (`BatchLayout.read`'s rows)
     rest_bias: Optional[torch.Tensor]  # (len(rest), 1, T, L) additive mask; None: all visible
-    shared: list  # [(the prefix's pool positions, its rows as a list of ints)]
+    shared: list  # [(the prefix's pool positions, its rows (`_row_selector`))]
 
 
 @dataclass
@@ -597,10 +597,11 @@ def batch_layout(cache: PagedKVCache, seqs: list, start_pos: list, t: int, split
                         bias=None if t == 1 else bias[members[0]:members[0] + 1, :, :, :len(rows[members[0]][1])])
                 for key, (_, members) in groups.items() if len(members) == 1]
         alone = {r.row for r in lone}
-        rest = [i for i in range(b) if i not in alone]
-        split = SplitPlan(lone=lone, rest=rest, rest_read=read[rest],
-                          rest_bias=None if bias is None else bias[rest],
-                          shared=[(where[key], members) for key, (_, members) in groups.items() if len(members) > 1])
+        rest = _row_selector([i for i in range(b) if i not in alone], device)
+        split = SplitPlan(lone=lone, rest=rest, rest_read=read[rest] if rest is not None else read[:0],
+                          rest_bias=None if bias is None or rest is None else bias[rest],
+                          shared=[(where[key], _row_selector(members, device))
+                                  for key, (_, members) in groups.items() if len(members) > 1])
     # every layer gathers into the same two buffers: a fresh 16 MB tensor per layer (batch 32)
     # came back from the allocator as new pages each time, and faulting them in cost as much
     # as the gather itself
@@ -608,6 +609,18 @@ def batch_layout(cache: PagedKVCache, seqs: list, start_pos: list, t: int, split
                                      dtype=cache.k[0].dtype, device=device) for _ in range(2))
     return BatchLayout(positions=positions, write=write, read=read, mask=mask, groups=group_list, split=split,
                        gather_space=gather_space)
+
+
+def _row_selector(rows: list, device) -> "slice | torch.Tensor | None":
+    """Batch rows as the split attention indexes them: a slice when they are consecutive (a view:
+    the scheduler puts the rows on one image side by side), else an index tensor built once per
+    step (indexing with a Python list converts it again at every use: ~15 times per layer);
+    None for no rows."""
+    if not rows:
+        return None
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, device=device)
 
 
 def _gather(pool: torch.Tensor, read: torch.Tensor, space: torch.Tensor) -> torch.Tensor:
@@ -670,6 +683,12 @@ def _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, plan: SplitPlan, gath
     maps query heads to fewer key heads itself (grouped-query attention)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     b, h, t, d = q.shape
+    if b == 1 and plan.lone:  # batch 1 on an image: both parts straight into the merge, no scatter
+        lone = plan.lone[0]
+        out, lse = flash(q, _gather(k_pool, lone.own.view(1, -1), gather_space[0]),
+                         _gather(v_pool, lone.own.view(1, -1), gather_space[1]), attn_mask=lone.bias)
+        out_p, lse_p = flash(q, k_pool[:, lone.prefix].unsqueeze(0), v_pool[:, lone.prefix].unsqueeze(0))
+        return _merge_parts(out, lse.float(), out_p, lse_p.float(), q.dtype)
     out, out_p = torch.empty_like(q), torch.zeros_like(q)
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     lse_p = torch.full_like(lse, float("-inf"))  # rows without a prefix: its weight is 0
@@ -679,21 +698,31 @@ def _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, plan: SplitPlan, gath
         own_v = _gather(v_pool, lone.own.view(1, -1), gather_space[1])
         out[r:r + 1], lse[r:r + 1] = flash(q_r, own_k, own_v, attn_mask=lone.bias)
         out_p[r:r + 1], lse_p[r:r + 1] = flash(q_r, k_pool[:, lone.prefix].unsqueeze(0), v_pool[:, lone.prefix].unsqueeze(0))
-    if plan.rest:
+    if plan.rest is not None:
         keys = _gather(k_pool, plan.rest_read, gather_space[0])
         values = _gather(v_pool, plan.rest_read, gather_space[1])
-        out[plan.rest], lse[plan.rest] = flash(q[plan.rest], keys, values, attn_mask=plan.rest_bias)
+        if isinstance(plan.rest, slice) and plan.rest == slice(0, b):  # every row: the kernel's own outputs, no copy
+            out, lse = flash(q, keys, values, attn_mask=plan.rest_bias)
+        else:
+            out[plan.rest], lse[plan.rest] = flash(q[plan.rest], keys, values, attn_mask=plan.rest_bias)
     for where, rows in plan.shared:
         # the group's rows side by side as one (1, H, n*T, D) query: one read of the prefix for all of them
-        n = len(rows)
-        q_g = q[rows].permute(1, 0, 2, 3).reshape(1, h, n * t, d)
+        q_g = q[rows].permute(1, 0, 2, 3)
+        n = q_g.shape[1]
+        q_g = q_g.reshape(1, h, n * t, d)
         o, l = flash(q_g, k_pool[:, where].unsqueeze(0), v_pool[:, where].unsqueeze(0))
         out_p[rows] = o.view(h, n, t, d).permute(1, 0, 2, 3)
         lse_p[rows] = l.view(h, n, t).permute(1, 0, 2)
+    return _merge_parts(out, lse, out_p, lse_p, q.dtype)
+
+
+def _merge_parts(out, lse, out_p, lse_p, dtype):
+    """Two attentions of the same queries over disjoint keys -> the attention over all of
+    them, by their log-sum-exps (a common maximum)."""
     lse, lse_p = lse.unsqueeze(-1), lse_p.unsqueeze(-1)
     top = torch.maximum(lse, lse_p)
     w_own, w_p = torch.exp(lse - top), torch.exp(lse_p - top)
-    return ((out.float() * w_own + out_p.float() * w_p) / (w_own + w_p)).to(q.dtype)
+    return ((out.float() * w_own + out_p.float() * w_p) / (w_own + w_p)).to(dtype)
 
 
 def _attention_with_shared_prefixes(q, k_slot, v_slot, mask, prefixes):

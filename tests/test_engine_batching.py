@@ -215,6 +215,61 @@ def test_split_softmax_attention_equals_full_attention():
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_split_attention_row_selectors_and_batch_one_are_the_same_arithmetic():
+    """The plan's rows as lists, as the slices and index tensors `batch_layout` builds, and a
+    lone row at batch 1 (its own short path) give bit-identical results."""
+    import torch
+
+    from gpu_worker.model import LoneRow, SplitPlan, _attention_with_shared_prefixes_cpu, _row_selector
+
+    gen = torch.Generator().manual_seed(1)
+    b, h, t, d, p, slot = 6, 2, 1, 16, 40, 7
+    q = torch.randn(b, h, t, d, generator=gen)
+    k_pool, v_pool = torch.randn(h, 2 * p + b * slot, d, generator=gen), torch.randn(h, 2 * p + b * slot, d, generator=gen)
+    own = (2 * p + torch.randperm(b * slot, generator=gen)).view(b, slot)
+    space = (torch.empty(h * b * slot * d), torch.empty(h * b * slot * d))
+    assert _row_selector([], "cpu") is None and _row_selector([2, 3, 4], "cpu") == slice(2, 5)
+    assert torch.equal(_row_selector([0, 2], "cpu"), torch.tensor([0, 2]))
+
+    def run(rest, shared_rows, lone_row=5):
+        plan = SplitPlan(lone=[LoneRow(row=lone_row, prefix=slice(p, 2 * p), own=own[lone_row], bias=None)],
+                         rest=rest, rest_read=own[rest], rest_bias=None, shared=[(slice(0, p), shared_rows)])
+        return _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, plan, space)
+
+    as_lists = run([0, 1, 2, 3, 4], [0, 1, 2])
+    as_selectors = run(_row_selector([0, 1, 2, 3, 4], "cpu"), _row_selector([0, 1, 2], "cpu"))
+    assert torch.equal(as_lists, as_selectors)
+    # the image's rows interleaved with the others: an index tensor, the same arithmetic per row
+    order = [0, 3, 1, 4, 2, 5]
+    q_mixed = q[order]
+    plan = SplitPlan(lone=[LoneRow(row=5, prefix=slice(p, 2 * p), own=own[5], bias=None)],
+                     rest=_row_selector([0, 1, 2, 3, 4], "cpu"), rest_read=own[order][:5], rest_bias=None,
+                     shared=[(slice(0, p), _row_selector([0, 2, 4], "cpu"))])
+    mixed = _attention_with_shared_prefixes_cpu(q_mixed, k_pool, v_pool, plan, space)
+    assert torch.equal(mixed, as_lists[order])
+    alone = SplitPlan(lone=[LoneRow(row=0, prefix=slice(p, 2 * p), own=own[5], bias=None)], rest=None,
+                      rest_read=own[:0], rest_bias=None, shared=[])
+    assert torch.equal(_attention_with_shared_prefixes_cpu(q[5:6], k_pool, v_pool, alone, space), as_lists[5:6])
+
+
+def test_decode_rows_sit_side_by_side_by_image():
+    """rows_by_image: rows on a shared image together (first come first), then rows without an
+    image, rows alone on their image last; each group in arrival order."""
+    from gpu_worker.scheduler import rows_by_image
+
+    sched = Scheduler(fixture_engine("main"), max_batch=8)
+    names = ["square_378.png", "landscape_800x600.png", "square_378.png", None, "small_96x64.png",
+             "landscape_800x600.png", None, "square_378.png"]
+    for i, name in enumerate(names):
+        sched.add(EngineRequest(f"r{i}", "query", QueryParams(question=f"What is {i}?"),
+                                SamplingSettings(temperature=0, max_tokens=4),
+                                fixture_image("main", name) if name else None))
+    sched.step()
+    assert len(sched.running) == 8
+    ordered = [s.request.request_id for s in rows_by_image(list(sched.running.values()))]
+    assert ordered == ["r0", "r2", "r7", "r1", "r5", "r3", "r6", "r4"]
+
+
 def test_bfloat16_engine_tracks_float32_reference():
     """The serving dtype on GPUs is bf16: it must stay close to the float32 reference."""
     import json
