@@ -5,6 +5,7 @@
     python bench/overhead.py --baseline none      # this tree only
     python bench/overhead.py --compile            # this tree also with COMPILE=on (compiles first: minutes)
     python bench/overhead.py --device cuda --baseline none --compile   # bench/gpu.sh: step time on a GPU
+    python bench/overhead.py --image --baseline 3667eda   # rows on images (4 fixture images, cached)
 
 `random:overhead` is Moondream 2's text stack (24 layers, the same op graph) at tiny
 widths (dim 128), so its arithmetic is negligible and a step's time is Python,
@@ -87,21 +88,42 @@ def query_fields(question: str, max_tokens: int) -> tuple:
     return QueryParams(question=question), SamplingSettings(temperature=0, max_tokens=max_tokens)
 
 
+IMAGES = ("square_378.png", "photo_773x767.jpg", "landscape_800x600.png", "gray_500x400.png")
+WITH_IMAGES = False  # --image: every query on one of IMAGES (row i on image i % 4)
+
+
+def fixture_images() -> list:
+    """IMAGES as the scheduler takes them (preprocessed by the tree's own preprocess worker)."""
+    from gpu_worker.engine_types import ImageInput
+    from preprocess_worker.worker import preprocess
+
+    out = []
+    for name in IMAGES:
+        with open(os.path.join(ROOT, "tests/conformance/main/images", name), "rb") as f:
+            done = preprocess(f.read(), 10 ** 8, 10 ** 5)
+        out.append(ImageInput(crops=done.crops, tiling=done.tiling, key=done.key))
+    return out
+
+
 def steady_scheduler(engine, b: int, max_tokens: int):
-    """A Scheduler with b text-only greedy queries, stepped until every row decodes."""
+    """A Scheduler with b greedy queries (text-only, or on images with --image), stepped until every row decodes."""
     from gpu_worker.engine_types import EngineRequest
     from gpu_worker.scheduler import Scheduler
 
     from gpu_worker.model import kv_bytes_per_position
 
-    # a pool of b full contexts, whatever memory other processes hold at the moment
-    pool = b * 512 * kv_bytes_per_position(engine.config, engine.kv_dtype)
-    sched = Scheduler(engine, max_batch=max(b, 1), context=512, kv_cache_bytes=pool)
+    # a pool of b full contexts (an image prefix each: the images are few), whatever memory
+    # other processes hold at the moment
+    context = 1024 if WITH_IMAGES else 512
+    pool = b * context * kv_bytes_per_position(engine.config, engine.kv_dtype)
+    sched = Scheduler(engine, max_batch=max(b, 1), context=context, kv_cache_bytes=pool)
     # not streamed (HTTP's default), where the tree knows the difference
     unstreamed = {"stream": False} if "stream" in EngineRequest.__dataclass_fields__ else {}
+    images = fixture_images() if WITH_IMAGES else None
     for i in range(b):
         params, settings = query_fields(f"Say something about number {i}.", max_tokens)
-        sched.add(EngineRequest(f"q{i}", "query", params, settings, **unstreamed))
+        image = {"image": images[i % len(images)]} if images else {}
+        sched.add(EngineRequest(f"q{i}", "query", params, settings, **image, **unstreamed))
     for _ in range(50):
         sched.step()
         if len(sched.running) == b and all(s.feed is not None and s.feed.length == 1 for s in sched.running.values()):
@@ -166,6 +188,9 @@ def worker(args) -> None:
     sys.path.insert(0, args.code)
     import torch
 
+    global WITH_IMAGES
+    WITH_IMAGES = args.image
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
     engine = overhead_engine(args.device)
@@ -188,7 +213,7 @@ def worker(args) -> None:
 def run_tree(code: str, args, profile: bool, compiled: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--code", code, "--steps", str(args.steps),
            "--batches", *map(str, args.batches), "--device", args.device] + (["--profile"] if profile else []) + \
-        (["--compile"] if compiled else [])
+        (["--compile"] if compiled else []) + (["--image"] if args.image else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": code}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code, timeout=3600)
     if out.returncode != 0:
@@ -206,6 +231,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (a lent GPU: host time per step there)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also this tree with the compiled decode step")
+    ap.add_argument("--image", action="store_true", help="queries on images (rows read an image prefix)")
     ap.add_argument("--json", default="")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
@@ -240,7 +266,8 @@ def main(argv=None) -> dict:
         if tmp:
             subprocess.run(["git", "worktree", "remove", "--force", tmp], cwd=ROOT, capture_output=True)
 
-    print(f"random:overhead (24 layers, dim 128), one torch thread, {args.rounds} rounds x {args.steps} steps")
+    print(f"random:overhead (24 layers, dim 128), one torch thread, {args.rounds} rounds x {args.steps} steps, "
+          f"{'queries on images' if args.image else 'text-only queries'}")
     print("| batch | tree | step ms (median of rounds) | steps/s | kernels/step | aten calls | outside kernels | ratio to baseline |")
     print("|---|---|---|---|---|---|---|---|")
     out = {}

@@ -718,11 +718,12 @@ def _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, plan: SplitPlan, gath
 
 def _merge_parts(out, lse, out_p, lse_p, dtype):
     """Two attentions of the same queries over disjoint keys -> the attention over all of
-    them, by their log-sum-exps (a common maximum)."""
-    lse, lse_p = lse.unsqueeze(-1), lse_p.unsqueeze(-1)
-    top = torch.maximum(lse, lse_p)
-    w_own, w_p = torch.exp(lse - top), torch.exp(lse_p - top)
-    return ((out.float() * w_own + out_p.float() * w_p) / (w_own + w_p)).to(dtype)
+    them, weighted by their log-sum-exps: the prefix part's share of the softmax mass is
+    exp(lse_p) / (exp(lse) + exp(lse_p)) = sigmoid(lse_p - lse), so three kernels
+    (subtract, sigmoid, lerp) instead of ten with a common maximum.  A row without a
+    prefix has lse_p = -inf: share 0, its own part unchanged."""
+    share = torch.sigmoid((lse_p - lse).unsqueeze(-1))
+    return torch.lerp(out.float(), out_p.float(), share).to(dtype)
 
 
 def _attention_with_shared_prefixes(q, k_slot, v_slot, mask, prefixes):
