@@ -270,6 +270,11 @@ class SequenceKV:
     start: int
     blocks: list = field(default_factory=list)
     index: Optional[torch.Tensor] = None  # pool indexes of every position its blocks hold
+    run: Optional[int] = None  # the pool index of its first own position when its blocks are consecutive
+
+    def own_run(self, n: int) -> Optional[slice]:
+        """Its first n own positions as one slice of the pool (a view, no gather), when its blocks are consecutive."""
+        return slice(self.run, self.run + n) if self.run is not None else None
     reserved: int = 0
     closed: bool = False
 
@@ -373,6 +378,9 @@ class PagedKVCache:
             raise PoolExhausted("a sequence outgrew its reserved KV blocks and the pool has no more free")
         new = self.allocator.take(missing)
         seq.blocks += new
+        first = seq.blocks[0]
+        consecutive = all(block == first + i for i, block in enumerate(seq.blocks))  # a sequence alone: usually
+        seq.run = first * self.block_size if consecutive else None
         fresh = self.physical(new, 0, missing * self.block_size)
         seq.index = fresh if seq.index is None else torch.cat([seq.index, fresh])
         seq.reserved -= from_reserve
@@ -383,7 +391,7 @@ class PagedKVCache:
             return
         seq.closed = True
         self.allocator.give_back(seq.blocks)
-        seq.blocks, seq.index = [], None
+        seq.blocks, seq.index, seq.run = [], None, None
         self.allocator.reserved -= seq.reserved
         seq.reserved = 0
         if seq.prefix is not None:
@@ -522,7 +530,7 @@ class LoneRow:
 
     row: int
     prefix: "slice | torch.Tensor"  # the prefix's pool positions
-    own: torch.Tensor  # (n,) pool indexes of the row's own positions (no padding)
+    own: "torch.Tensor | slice"  # (n,) pool indexes of the row's own positions (no padding), or them as one slice
     bias: Optional[torch.Tensor]  # (1, 1, T, n) additive mask; None: each input sees all n
 
 
@@ -556,6 +564,7 @@ class BatchLayout:
     groups: list  # [(the prefix's pool positions: a slice or an index tensor, batch rows tensor)]
     split: Optional[SplitPlan]  # the CPU's plan when prefixes are split, else None
     gather_space: tuple  # two flat buffers that every layer gathers keys and values into (see `_gather`)
+    read_run: Optional[slice] = None  # batch 1 reading its own consecutive positions only: `read` as a pool slice
 
 
 def batch_layout(cache: PagedKVCache, seqs: list, start_pos: list, t: int, split_prefixes: bool) -> BatchLayout:
@@ -564,12 +573,13 @@ def batch_layout(cache: PagedKVCache, seqs: list, start_pos: list, t: int, split
     in place, once per image (the CPU's way: no copy of the 730 positions per row);
     without, every row gathers all its positions (the GPU's way: one fused attention)."""
     device = cache.device
-    rows, groups, starts = [], {}, []
+    rows, groups, starts, runs = [], {}, [], []
     for i, (seq, s) in enumerate(zip(seqs, start_pos)):
         own = seq.index
         live_own = s + t - seq.start
         read = own[:live_own]
         first = seq.start
+        runs.append(seq.own_run(live_own) if seq.prefix is None or split_prefixes else None)
         if seq.prefix is not None:
             if split_prefixes:
                 groups.setdefault(id(seq.prefix), (seq.prefix, []))[1].append(i)
@@ -593,7 +603,7 @@ def batch_layout(cache: PagedKVCache, seqs: list, start_pos: list, t: int, split
     split = None
     if groups and device.type == "cpu":
         bias = None if mask is None else torch.zeros(mask.shape, dtype=cache.k[0].dtype).masked_fill_(~mask, float("-inf"))
-        lone = [LoneRow(row=members[0], prefix=where[key], own=rows[members[0]][1],
+        lone = [LoneRow(row=members[0], prefix=where[key], own=runs[members[0]] or rows[members[0]][1],
                         bias=None if t == 1 else bias[members[0]:members[0] + 1, :, :, :len(rows[members[0]][1])])
                 for key, (_, members) in groups.items() if len(members) == 1]
         alone = {r.row for r in lone}
@@ -608,7 +618,7 @@ def batch_layout(cache: PagedKVCache, seqs: list, start_pos: list, t: int, split
     gather_space = tuple(torch.empty(read.numel() * cache.k[0].shape[0] * cache.k[0].shape[2],
                                      dtype=cache.k[0].dtype, device=device) for _ in range(2))
     return BatchLayout(positions=positions, write=write, read=read, mask=mask, groups=group_list, split=split,
-                       gather_space=gather_space)
+                       gather_space=gather_space, read_run=runs[0] if b == 1 else None)
 
 
 def _row_selector(rows: list, device) -> "slice | torch.Tensor | None":
@@ -630,6 +640,13 @@ def _gather(pool: torch.Tensor, read: torch.Tensor, space: torch.Tensor) -> torc
     n, width = read.shape
     into = space[:heads * n * width * head_dim].view(heads, n * width, head_dim)
     return torch.index_select(pool, 1, read.view(-1), out=into).view(heads, n, width, head_dim).transpose(0, 1)
+
+
+def _own_positions(pool: torch.Tensor, own: "torch.Tensor | slice", space: torch.Tensor) -> torch.Tensor:
+    """A lone row's own positions as (1, H, n, D): a view when they are one slice of the pool, else gathered into `space`."""
+    if isinstance(own, slice):
+        return pool[:, own].unsqueeze(0)
+    return _gather(pool, own.view(1, -1), space)
 
 
 def text_forward(embeds: torch.Tensor, layout: BatchLayout, cache: PagedKVCache, w: dict, cfg: ModelConfig, rope,
@@ -658,8 +675,11 @@ def text_forward(embeds: torch.Tensor, layout: BatchLayout, cache: PagedKVCache,
             if layout.split is not None:
                 out = _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, layout.split, layout.gather_space)
                 return _as(out, embeds.dtype)
-            keys = _gather(k_pool, layout.read, layout.gather_space[0])
-            values = _gather(v_pool, layout.read, layout.gather_space[1])
+            if layout.read_run is not None:  # batch 1 on consecutive blocks: the pool's own slice, no copy
+                keys, values = k_pool[:, layout.read_run].unsqueeze(0), v_pool[:, layout.read_run].unsqueeze(0)
+            else:
+                keys = _gather(k_pool, layout.read, layout.gather_space[0])
+                values = _gather(v_pool, layout.read, layout.gather_space[1])
             if not layout.groups:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.mask, enable_gqa=gqa)
             else:
@@ -685,8 +705,8 @@ def _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, plan: SplitPlan, gath
     b, h, t, d = q.shape
     if b == 1 and plan.lone:  # batch 1 on an image: both parts straight into the merge, no scatter
         lone = plan.lone[0]
-        out, lse = flash(q, _gather(k_pool, lone.own.view(1, -1), gather_space[0]),
-                         _gather(v_pool, lone.own.view(1, -1), gather_space[1]), attn_mask=lone.bias)
+        out, lse = flash(q, _own_positions(k_pool, lone.own, gather_space[0]),
+                         _own_positions(v_pool, lone.own, gather_space[1]), attn_mask=lone.bias)
         out_p, lse_p = flash(q, k_pool[:, lone.prefix].unsqueeze(0), v_pool[:, lone.prefix].unsqueeze(0))
         return _merge_parts(out, lse.float(), out_p, lse_p.float(), q.dtype)
     out, out_p = torch.empty_like(q), torch.zeros_like(q)
@@ -694,8 +714,8 @@ def _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, plan: SplitPlan, gath
     lse_p = torch.full_like(lse, float("-inf"))  # rows without a prefix: its weight is 0
     for lone in plan.lone:
         r, q_r = lone.row, q[lone.row:lone.row + 1]
-        own_k = _gather(k_pool, lone.own.view(1, -1), gather_space[0])  # the same buffers for every row
-        own_v = _gather(v_pool, lone.own.view(1, -1), gather_space[1])
+        own_k = _own_positions(k_pool, lone.own, gather_space[0])  # the same buffers for every row
+        own_v = _own_positions(v_pool, lone.own, gather_space[1])
         out[r:r + 1], lse[r:r + 1] = flash(q_r, own_k, own_v, attn_mask=lone.bias)
         out_p[r:r + 1], lse_p[r:r + 1] = flash(q_r, k_pool[:, lone.prefix].unsqueeze(0), v_pool[:, lone.prefix].unsqueeze(0))
     if plan.rest is not None:

@@ -89,6 +89,31 @@ def test_sequences_take_blocks_as_they_grow_and_reference_one_prefix():
     assert_pool_holds_only_cached_images(sched)
 
 
+def test_a_sequence_on_consecutive_blocks_is_read_as_one_pool_slice():
+    """A sequence whose own blocks are consecutive (one alone: the usual batch 1) is read as a
+    slice of the pool, no gather; once another sequence's block lands between its own, it is not."""
+    import torch
+
+    from gpu_worker.model import batch_layout
+
+    pool = fixture_engine("main").new_cache(n_blocks=24, block_size=4)
+    first = pool.open_sequence(None, 20)
+    pool.grow(first, 10)  # blocks 0, 1, 2
+    assert first.run == 0 and first.own_run(10) == slice(0, 10)
+    layout = batch_layout(pool, [first], [9], 1, split_prefixes=True)
+    assert layout.read_run == slice(0, 10)
+    assert torch.equal(torch.arange(pool.discard_position + 1)[layout.read_run], layout.read[0])
+    second = pool.open_sequence(None, 20)
+    pool.grow(second, 4)  # block 3
+    pool.grow(first, 14)  # block 4: not next to block 2
+    assert first.blocks == [0, 1, 2, 4] and first.run is None and first.own_run(14) is None
+    assert batch_layout(pool, [first], [13], 1, split_prefixes=True).read_run is None
+    assert second.run == 12
+    assert batch_layout(pool, [first, second], [13, 3], 1, split_prefixes=True).read_run is None  # batch 2: gathered
+    pool.close_sequence(first)
+    assert first.run is None
+
+
 @pytest.mark.parametrize("block_size", [16, 7])
 def test_prefix_in_scattered_blocks_answers_the_same(block_size):
     """When no run of free blocks is left, the image's prefix goes to scattered blocks and is
