@@ -590,9 +590,8 @@ def batch_layout(cache: PagedKVCache, seqs: list, start_pos: list, t: int, split
         starts.append(first)
     b = len(seqs)
     width = max(len(read) for _, read in rows)
-    read = torch.full((b, width), cache.discard_position, dtype=torch.long, device=device)
-    for i, (_, r) in enumerate(rows):
-        read[i, :len(r)] = r
+    # padded with the discard position, in one call (not one copy per row)
+    read = torch.nn.utils.rnn.pad_sequence([r for _, r in rows], batch_first=True, padding_value=cache.discard_position)
     write = torch.cat([w for w, _ in rows])
     positions = torch.tensor(start_pos, device=device).view(b, 1) + torch.arange(t, device=device).view(1, t)
     columns = torch.tensor(starts, device=device).view(b, 1) + torch.arange(width, device=device).view(1, width)
