@@ -3,11 +3,13 @@
     python bench/http_overhead.py                   # this tree against BASELINE, alternating rounds
     python bench/http_overhead.py --baseline none   # this tree only
     python bench/http_overhead.py --quick           # seconds; for the smoke test
+    python bench/http_overhead.py --baseline none --env COMPILE=on   # a setting changed (compiles in the warm-up)
 
 A checkpoint with Moondream 2's 24 text layers at tiny widths (bench/overhead.py's
 `random:overhead`: dim 128, 2 vision layers, seeded random weights) is written to a
 temporary directory and served by the real stack under supervisord (tests/stack.py)
-with one torch thread (TORCH_THREADS=1) and every other setting at its default.  Its
+with one torch thread (TORCH_THREADS=1) and every other GPU worker setting at its default
+(HTTP_THREADS=40, so that 32 requests at once never meet the front end's in-flight limit).  Its
 arithmetic is negligible, so the GPU worker's CPU time is host time: what a GPU
 would wait on.
 
@@ -118,7 +120,11 @@ def worker(args) -> None:
     try:
         write_checkpoint(model_dir)
         data_urls = {name: fixture_data_url("main", name) for name in IMAGES}
-        with running_stack(ready_timeout=300, MOONDREAM_MODEL=model_dir, TORCH_THREADS=1) as stack:
+        # HTTP_THREADS above the 32 in flight (a front-end setting, as bench/serve.py does): a request
+        # of the last wave can still hold its in-flight count when the next wave starts, and get a 429
+        settings = dict(item.split("=", 1) for item in args.env)
+        with running_stack(ready_timeout=300, MOONDREAM_MODEL=model_dir, TORCH_THREADS=1,
+                           HTTP_THREADS=CONCURRENT + 8, **settings) as stack:
             pid = stack.pid("gpu_worker")
             for workload in args.workloads:  # warm-up: every image encoded (and cached), code paths run
                 warm = bodies(workload, len(IMAGES), 4, data_urls)
@@ -138,7 +144,8 @@ def worker(args) -> None:
 
 def run_tree(code: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--code", code, "--sequential", str(args.sequential),
-           "--waves", str(args.waves), "--max-tokens", str(args.max_tokens), "--workloads", *args.workloads]
+           "--waves", str(args.waves), "--max-tokens", str(args.max_tokens), "--workloads", *args.workloads] + \
+        [f"--env={item}" for item in args.env]
     env = {**os.environ, "PYTHONPATH": code}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code, timeout=3600)
     if out.returncode != 0:
@@ -155,6 +162,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--waves", type=int, default=2, help=f"waves of {CONCURRENT} requests sent at once")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--workloads", nargs="+", default=["image", "text"], choices=["image", "text"])
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="a stack setting for both trees (e.g. COMPILE=on); repeatable")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default="")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -183,8 +192,8 @@ def main(argv=None) -> dict:
         if tmp:
             subprocess.run(["git", "worktree", "remove", "--force", tmp], cwd=ROOT, capture_output=True)
 
-    print(f"24-layer tiny-width checkpoint over HTTP, TORCH_THREADS=1, defaults otherwise; max_tokens "
-          f"{args.max_tokens}; {args.rounds} rounds; GPU worker CPU ms per generated token (median of rounds)")
+    print(f"24-layer tiny-width checkpoint over HTTP, TORCH_THREADS=1, HTTP_THREADS=40, defaults otherwise; max_tokens "
+          f"{args.max_tokens}; {args.rounds} rounds; {' '.join(args.env) or 'no other setting'}; GPU worker CPU ms per generated token (median of rounds)")
     print("| workload | in flight | tree | CPU ms/token | rounds | tokens/round | bar | ratio to baseline |")
     print("|---|---|---|---|---|---|---|---|")
     out = {}
