@@ -127,9 +127,9 @@ def worker(args) -> None:
                            HTTP_THREADS=CONCURRENT + 8, **settings) as stack:
             pid = stack.pid("gpu_worker")
             for workload in args.workloads:  # warm-up: every image encoded (and cached), code paths run
-                warm = bodies(workload, len(IMAGES), 4, data_urls)
+                warm = bodies(workload, len(IMAGES), 4, data_urls)  # (COMPILE=on: the graphs compiled)
                 measure(stack.url, pid, warm, 1)
-                measure(stack.url, pid, warm * 2, len(warm) * 2)
+                measure(stack.url, pid, warm * (CONCURRENT // len(warm)), CONCURRENT)
             result = {}
             for workload in args.workloads:
                 result[workload] = {
