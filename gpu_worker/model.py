@@ -513,19 +513,49 @@ def prefill_prefixes(embeds: torch.Tensor, w: dict, cfg: ModelConfig, rope,
 
 
 @dataclass
+class LoneRow:
+    """A batch row alone on its image (the CPU's split attention): its own positions are
+    gathered by themselves, into a buffer small enough to stay in the core's cache, and
+    its prefix is read in place.  One big gather of every row's own positions cost ~15%
+    more than the slot design's decode step at batch 32: the gathered copy went out to
+    memory and was read back; per row it does not."""
+
+    row: int
+    prefix: "slice | torch.Tensor"  # the prefix's pool positions
+    own: torch.Tensor  # (n,) pool indexes of the row's own positions (no padding)
+    bias: Optional[torch.Tensor]  # (1, 1, T, n) additive mask; None: each input sees all n
+
+
+@dataclass
+class SplitPlan:
+    """How the CPU's split attention reads a batch: `lone` rows one by one (see LoneRow);
+    the `rest` (rows sharing an image with others, rows without an image) gathered
+    together in one kernel call, and each image of `shared` read once for all its rows."""
+
+    lone: list  # [LoneRow]
+    rest: list  # batch rows, ints
+    rest_read: torch.Tensor  # (len(rest), L) their gathered positions (`BatchLayout.read`'s rows)
+    rest_bias: Optional[torch.Tensor]  # (len(rest), 1, T, L) additive mask; None: all visible
+    shared: list  # [(the prefix's pool positions, its rows as a list of ints)]
+
+
+@dataclass
 class BatchLayout:
     """Where one batched forward writes and reads in the pool (built by `batch_layout`).
 
     Row r's new keys and values go to `write[r]`.  It attends to the pool positions
     `read[r]` (gathered; padding columns point at the discard position and are masked)
     and, when it is in one of `groups`, to that group's image prefix read in place once
-    for all the group's rows; both parts are merged exactly (one softmax over both)."""
+    for all the group's rows; both parts are merged exactly (one softmax over both).
+    On the CPU, `split` says the same in the order the CPU kernel wants it."""
 
     positions: torch.Tensor  # (B, T) the new inputs' positions
     write: torch.Tensor  # (B * T,) pool indexes of their keys and values
     read: torch.Tensor  # (B, L) pool indexes of the positions each row gathers
     mask: Optional[torch.Tensor]  # (B, 1, T, L) which gathered positions each input sees; None: all
     groups: list  # [(the prefix's pool positions: a slice or an index tensor, batch rows tensor)]
+    split: Optional[SplitPlan]  # the CPU's plan when prefixes are split, else None
+    gather_space: tuple  # two flat buffers that every layer gathers keys and values into (see `_gather`)
 
 
 def batch_layout(cache: PagedKVCache, seqs: list, start_pos: list, t: int, split_prefixes: bool) -> BatchLayout:
@@ -558,9 +588,35 @@ def batch_layout(cache: PagedKVCache, seqs: list, start_pos: list, t: int, split
     columns = torch.tensor(starts, device=device).view(b, 1) + torch.arange(width, device=device).view(1, width)
     full = t == 1 and all(len(r) == width for _, r in rows)  # one new position each, no padding: sees all
     mask = None if full else columns.view(b, 1, 1, width) <= positions.view(b, 1, t, 1)
-    group_list = [(prefix.run if prefix.run is not None else prefix.index,
-                   torch.tensor(members, device=device)) for prefix, members in groups.values()]
-    return BatchLayout(positions=positions, write=write, read=read, mask=mask, groups=group_list)
+    where = {key: prefix.run if prefix.run is not None else prefix.index for key, (prefix, _) in groups.items()}
+    group_list = [(where[key], torch.tensor(members, device=device)) for key, (_, members) in groups.items()]
+    split = None
+    if groups and device.type == "cpu":
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=cache.k[0].dtype).masked_fill_(~mask, float("-inf"))
+        lone = [LoneRow(row=members[0], prefix=where[key], own=rows[members[0]][1],
+                        bias=None if t == 1 else bias[members[0]:members[0] + 1, :, :, :len(rows[members[0]][1])])
+                for key, (_, members) in groups.items() if len(members) == 1]
+        alone = {r.row for r in lone}
+        rest = [i for i in range(b) if i not in alone]
+        split = SplitPlan(lone=lone, rest=rest, rest_read=read[rest],
+                          rest_bias=None if bias is None else bias[rest],
+                          shared=[(where[key], members) for key, (_, members) in groups.items() if len(members) > 1])
+    # every layer gathers into the same two buffers: a fresh 16 MB tensor per layer (batch 32)
+    # came back from the allocator as new pages each time, and faulting them in cost as much
+    # as the gather itself
+    gather_space = tuple(torch.empty(read.numel() * cache.k[0].shape[0] * cache.k[0].shape[2],
+                                     dtype=cache.k[0].dtype, device=device) for _ in range(2))
+    return BatchLayout(positions=positions, write=write, read=read, mask=mask, groups=group_list, split=split,
+                       gather_space=gather_space)
+
+
+def _gather(pool: torch.Tensor, read: torch.Tensor, space: torch.Tensor) -> torch.Tensor:
+    """The pool's (H, positions, D) entries at `read` (n, L), as (n, H, L, D), copied into `space`.
+    (index_select: plain advanced indexing on the pool's middle axis is several times slower on the CPU.)"""
+    heads, _, head_dim = pool.shape
+    n, width = read.shape
+    into = space[:heads * n * width * head_dim].view(heads, n * width, head_dim)
+    return torch.index_select(pool, 1, read.view(-1), out=into).view(heads, n, width, head_dim).transpose(0, 1)
 
 
 def text_forward(embeds: torch.Tensor, layout: BatchLayout, cache: PagedKVCache, w: dict, cfg: ModelConfig, rope,
@@ -573,7 +629,7 @@ def text_forward(embeds: torch.Tensor, layout: BatchLayout, cache: PagedKVCache,
     cos = rope[0][layout.positions].unsqueeze(1)  # (B, 1, T, 16)
     sin = rope[1][layout.positions].unsqueeze(1)
     gqa = cfg.n_heads != cfg.n_kv_heads
-    heads, width = cfg.n_kv_heads, layout.read.shape[1]
+    heads = cfg.n_kv_heads
 
     def attend_for_layer(layer):
         k_pool, v_pool = cache.k[layer], cache.v[layer]
@@ -581,52 +637,60 @@ def text_forward(embeds: torch.Tensor, layout: BatchLayout, cache: PagedKVCache,
         def attend(q, k, v):
             # a pool in a narrower dtype than the model's (int8 weights: bfloat16) is
             # read in its own dtype; with equal dtypes the casts are no-ops
-            # index_copy_ / index_select: plain advanced indexing on the pool's middle axis is
-            # many times slower on the CPU (measured: 7.8 ms against 0.014 ms per write)
+            # index_copy_: plain advanced indexing on the pool's middle axis is many times
+            # slower on the CPU (measured: 7.8 ms against 0.014 ms per write)
             k_pool.index_copy_(1, layout.write, _as(k.transpose(0, 1).reshape(heads, b * t, -1), k_pool.dtype))
             v_pool.index_copy_(1, layout.write, _as(v.transpose(0, 1).reshape(heads, b * t, -1), v_pool.dtype))
-            keys = k_pool.index_select(1, layout.read.view(-1)).view(heads, b, width, -1).transpose(0, 1)
-            values = v_pool.index_select(1, layout.read.view(-1)).view(heads, b, width, -1).transpose(0, 1)
             q = _as(q, k_pool.dtype)
+            if layout.split is not None:
+                out = _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, layout.split, layout.gather_space)
+                return _as(out, embeds.dtype)
+            keys = _gather(k_pool, layout.read, layout.gather_space[0])
+            values = _gather(v_pool, layout.read, layout.gather_space[1])
             if not layout.groups:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.mask, enable_gqa=gqa)
             else:
                 mask = layout.mask if layout.mask is not None else torch.ones(
-                    b, 1, t, width, dtype=torch.bool, device=q.device)
+                    b, 1, t, keys.shape[2], dtype=torch.bool, device=q.device)
                 parts = [(k_pool[:, where], v_pool[:, where], members) for where, members in layout.groups]
-                attention = _attention_with_shared_prefixes_cpu if q.device.type == "cpu" else _attention_with_shared_prefixes
-                out = attention(q, keys, values, mask, parts)
+                out = _attention_with_shared_prefixes(q, keys, values, mask, parts)
             return _as(out, embeds.dtype)
         return attend
 
     return _text_blocks(embeds, w, cfg, cos, sin, attend_for_layer, lora, layout.positions)
 
 
-def _attention_with_shared_prefixes_cpu(q, k_own, v_own, mask, prefixes):
+def _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, plan: SplitPlan, gather_space: tuple):
     """The same as `_attention_with_shared_prefixes`, from PyTorch's CPU flash-attention
-    kernel, which also returns each query's log-sum-exp: the own part and each group's
-    prefix part are separate attentions, merged once for all rows by their log-sum-exps
-    (a common maximum).  A plain matmul of one query row against a prefix is many times
-    slower on the CPU than this kernel."""
+    kernel, which also returns each query's log-sum-exp: a row's own positions and its
+    image's prefix are separate attentions, merged once for all rows by their
+    log-sum-exps (a common maximum).  A plain matmul of one query row against a prefix
+    is many times slower on the CPU than this kernel.  The kernel computes each (row,
+    head) by itself, so a row's result is the same whichever call it is part of; it
+    maps query heads to fewer key heads itself (grouped-query attention)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     b, h, t, d = q.shape
-    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    out, lse = flash(q, k_own, v_own, attn_mask=bias)
-    out_p = torch.zeros_like(out)
+    out, out_p = torch.empty_like(q), torch.zeros_like(q)
+    lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     lse_p = torch.full_like(lse, float("-inf"))  # rows without a prefix: its weight is 0
-    for k_p, v_p, idx in prefixes:
-        n = len(idx)
-        if n == 1:  # a row alone on its image: views, no copies
-            row = int(idx[0])
-            o, l = flash(q[row:row + 1], k_p.unsqueeze(0), v_p.unsqueeze(0))
-            out_p[row:row + 1], lse_p[row:row + 1] = o, l
-            continue
+    for lone in plan.lone:
+        r, q_r = lone.row, q[lone.row:lone.row + 1]
+        own_k = _gather(k_pool, lone.own.view(1, -1), gather_space[0])  # the same buffers for every row
+        own_v = _gather(v_pool, lone.own.view(1, -1), gather_space[1])
+        out[r:r + 1], lse[r:r + 1] = flash(q_r, own_k, own_v, attn_mask=lone.bias)
+        out_p[r:r + 1], lse_p[r:r + 1] = flash(q_r, k_pool[:, lone.prefix].unsqueeze(0), v_pool[:, lone.prefix].unsqueeze(0))
+    if plan.rest:
+        keys = _gather(k_pool, plan.rest_read, gather_space[0])
+        values = _gather(v_pool, plan.rest_read, gather_space[1])
+        out[plan.rest], lse[plan.rest] = flash(q[plan.rest], keys, values, attn_mask=plan.rest_bias)
+    for where, rows in plan.shared:
         # the group's rows side by side as one (1, H, n*T, D) query: one read of the prefix for all of them
-        q_g = q[idx].permute(1, 0, 2, 3).reshape(1, h, n * t, d)
-        o, l = flash(q_g, k_p.unsqueeze(0), v_p.unsqueeze(0))
-        out_p[idx] = o.view(h, n, t, d).permute(1, 0, 2, 3)
-        lse_p[idx] = l.view(h, n, t).permute(1, 0, 2)
-    lse, lse_p = lse.float().unsqueeze(-1), lse_p.float().unsqueeze(-1)
+        n = len(rows)
+        q_g = q[rows].permute(1, 0, 2, 3).reshape(1, h, n * t, d)
+        o, l = flash(q_g, k_pool[:, where].unsqueeze(0), v_pool[:, where].unsqueeze(0))
+        out_p[rows] = o.view(h, n, t, d).permute(1, 0, 2, 3)
+        lse_p[rows] = l.view(h, n, t).permute(1, 0, 2)
+    lse, lse_p = lse.unsqueeze(-1), lse_p.unsqueeze(-1)
     top = torch.maximum(lse, lse_p)
     w_own, w_p = torch.exp(lse - top), torch.exp(lse_p - top)
     return ((out.float() * w_own + out_p.float() * w_p) / (w_own + w_p)).to(q.dtype)

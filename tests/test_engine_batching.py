@@ -178,27 +178,39 @@ def test_shared_image_prefix_read_in_place_equals_serial(model_name, block_size,
 
 
 def test_split_softmax_attention_equals_full_attention():
-    """The shared-prefix attention (prefix part + own part, merged) is plain attention, both ways."""
+    """The shared-prefix attention (prefix part + own part, merged) is plain attention, both
+    ways: the CPU kernel's plan with an image shared by two rows, a row alone on its image
+    (its own positions gathered by themselves) and rows without an image."""
     import torch
     import torch.nn.functional as F
 
-    from gpu_worker.model import _attention_with_shared_prefixes, _attention_with_shared_prefixes_cpu
+    from gpu_worker.model import LoneRow, SplitPlan, _attention_with_shared_prefixes, _attention_with_shared_prefixes_cpu
 
     gen = torch.Generator().manual_seed(0)
     b, h, t, d, p, slot = 5, 2, 3, 16, 40, 9
     q = torch.randn(b, h, t, d, generator=gen)
-    k_prefix, v_prefix = torch.randn(h, p, d, generator=gen), torch.randn(h, p, d, generator=gen)
-    k_slot, v_slot = torch.randn(b, h, slot, d, generator=gen), torch.randn(b, h, slot, d, generator=gen)
+    # a pool: image A at positions 0..p-1 (rows 0 and 2), image B at p..2p-1 (row 4 alone),
+    # then the rows' own positions, scattered
+    k_pool, v_pool = torch.randn(h, 2 * p + b * slot, d, generator=gen), torch.randn(h, 2 * p + b * slot, d, generator=gen)
+    own = (2 * p + torch.randperm(b * slot, generator=gen)).view(b, slot)
+    images = [(slice(0, p), [0, 2]), (slice(p, 2 * p), [4])]  # rows 1 and 3 read no prefix
     mask = torch.rand(b, 1, t, slot, generator=gen) > 0.3
     mask[..., 0] = True
-    rows = torch.tensor([0, 2, 4])  # rows 1 and 3 read no prefix
-    got = _attention_with_shared_prefixes(q, k_slot, v_slot, mask, [(k_prefix, v_prefix, rows)])
-    got_cpu = _attention_with_shared_prefixes_cpu(q, k_slot, v_slot, mask, [(k_prefix, v_prefix, rows)])
+    k_slot, v_slot = k_pool[:, own].transpose(0, 1), v_pool[:, own].transpose(0, 1)  # (B, H, slot, D)
+    parts = [(k_pool[:, where], v_pool[:, where], torch.tensor(rows)) for where, rows in images]
+    got = _attention_with_shared_prefixes(q, k_slot, v_slot, mask, parts)
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    rest = [0, 1, 2, 3]
+    plan = SplitPlan(lone=[LoneRow(row=4, prefix=slice(p, 2 * p), own=own[4], bias=bias[4:5])], rest=rest,
+                     rest_read=own[rest], rest_bias=bias[rest], shared=[images[0]])
+    space = (torch.empty(h * b * slot * d), torch.empty(h * b * slot * d))
+    got_cpu = _attention_with_shared_prefixes_cpu(q, k_pool, v_pool, plan, space)
     assert torch.allclose(got_cpu, got, atol=1e-5, rtol=1e-5)  # the CPU kernel's way (merged by log-sum-exp)
-    in_group = torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool).view(b, 1, 1, 1)  # rows 1, 3: no prefix columns
-    k_full = torch.cat([k_prefix.expand(b, h, p, d), k_slot], dim=2)
-    v_full = torch.cat([v_prefix.expand(b, h, p, d), v_slot], dim=2)
-    full_mask = torch.cat([in_group.expand(b, 1, t, p), mask], dim=-1)
+    prefix_of = {row: where for where, rows in images for row in rows}
+    k_full = torch.stack([torch.cat([k_pool[:, prefix_of.get(r, slice(0, p))], k_slot[r]], dim=1) for r in range(b)])
+    v_full = torch.stack([torch.cat([v_pool[:, prefix_of.get(r, slice(0, p))], v_slot[r]], dim=1) for r in range(b)])
+    in_image = torch.tensor([r in prefix_of for r in range(b)]).view(b, 1, 1, 1)  # rows 1, 3: no prefix columns
+    full_mask = torch.cat([in_image.expand(b, 1, t, p), mask], dim=-1)
     want = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=full_mask)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
