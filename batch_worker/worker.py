@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 from typing import Optional
 
@@ -83,6 +84,9 @@ class BatchWorker:
         self.running_jobs: list[str] = []
         self.running_set: frozenset[str] = frozenset()  # read by the pool threads: a line of another job stops
         self.stopping = False
+        # set by the chunker when a job's lines are ready: the loop looks at once instead of
+        # after its next sleep and housekeeping (up to half a second of a short job's time)
+        self.wake = threading.Event()
         self.next_housekeeping = 0.0
         self.next_purge = 0.0
 
@@ -103,7 +107,9 @@ class BatchWorker:
             self.housekeeping(now)
         self.top_up(now)
         if not self.in_flight:
-            time.sleep(POLL_S)
+            if self.wake.wait(POLL_S):
+                self.wake.clear()
+                self.next_housekeeping = 0.0
             return
         done, _ = concurrent.futures.wait(self.in_flight, timeout=POLL_S,
                                           return_when=concurrent.futures.FIRST_COMPLETED)
@@ -157,6 +163,7 @@ class BatchWorker:
             return
         self.store.set_lines(job_id, spans)
         log.info("job %s: %d lines (chunked in %.2f s)", job_id, len(spans), time.monotonic() - started)
+        self.wake.set()
 
     def top_up(self, now: float) -> None:
         """Start lines until BATCH_IN_FLIGHT are in flight.  Retries that are due first, then new lines."""

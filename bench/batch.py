@@ -6,7 +6,8 @@
 Throughput: the same caption requests, first sent over HTTP by bench/load.py's
 closed loop at --concurrency, then as one batch job with BATCH_IN_FLIGHT =
 --concurrency (rounds alternate, to spread drift in the machine's load over
-both).  Reported: requests/s vs lines/s, and their ratio (goal >= 0.9).
+both, each job INTERACTIVE_LINGER_S after the HTTP round, when the broker no longer
+narrows batch lines for it).  Reported: requests/s vs lines/s, and their ratio (goal >= 0.9).
 
 Fairness: an open-loop interactive load (--rate queries/s, short answers) runs
 for --seconds without a job, then again while a large caption job runs; the
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 from batch_cli.cli import BatchClient  # noqa: E402
 from bench.common import code_version, describe_device, save_json  # noqa: E402
 from bench.load import make_requests, run_load, synthetic_image  # noqa: E402
+from shared.priority import INTERACTIVE_LINGER_S  # noqa: E402
 
 
 def caption_requests(n: int, max_tokens: int, seed: int) -> list[tuple[str, dict]]:
@@ -81,6 +83,10 @@ def throughput(url: str, client: BatchClient, args, tmp: str) -> dict:
     for _ in range(args.rounds):
         http_runs.append(run_load(url, requests, args.concurrency, None, args.seed))
         print(f"  http: {http_runs[-1]['req_per_s']:.2f} req/s", file=sys.stderr, flush=True)
+        # the HTTP round's requests were interactive: for INTERACTIVE_LINGER_S after the last
+        # one the broker still narrows batch lines (the policy for interactive traffic); the
+        # job's own throughput is measured once they are gone
+        time.sleep(INTERACTIVE_LINGER_S + 0.5)
         job_runs.append(run_job(client, data, tmp))
         print(f"  job:  {job_runs[-1]['lines_per_s']:.2f} lines/s", file=sys.stderr, flush=True)
     http_rate = statistics.fmean(r["req_per_s"] for r in http_runs)
