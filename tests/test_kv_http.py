@@ -35,11 +35,11 @@ def test_32_questions_on_one_image_share_its_prefix_in_a_small_pool():
     engine = fixture_engine("main")
     assert 9_000 <= POOL_BYTES // kv_bytes_per_position(engine.config, engine.kv_dtype) <= 11_000
     # 32 slots of the full context would need 65,568 positions; 32 copies of the prefix alone 23,360
-    alone = []
-    for question in QUESTIONS:
-        req = EngineRequest(uuid.uuid4().hex, "query", QueryParams(question=question), sampling(SETTINGS), engine_image(PHOTO))
-        out = run_requests(Scheduler(engine, max_batch=1), [req])[req.request_id]
-        alone.append(out.output["answer"])
+    # each question asked alone: one row at a time (the image encoded once, then from the cache)
+    reqs = [EngineRequest(uuid.uuid4().hex, "query", QueryParams(question=q), sampling(SETTINGS), engine_image(PHOTO))
+            for q in QUESTIONS]
+    outcomes = run_requests(Scheduler(engine, max_batch=1), reqs)
+    alone = [outcomes[req.request_id].output["answer"] for req in reqs]
 
     import base64
     import io
