@@ -8,4 +8,6 @@ if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
     || echo "note: could not install chromium; the web-page test will be skipped"
 fi
-exec .venv/bin/python -m pytest "$@"
+# Two processes, each taking whole test files (module fixtures such as a running stack stay
+# shared within a file); TEST_PROCESSES=0 runs everything in this one process.
+exec .venv/bin/python -m pytest -n "${TEST_PROCESSES:-2}" --dist loadfile "$@"
