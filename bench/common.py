@@ -19,10 +19,13 @@ same code serves the full-size model and the tiny test model.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import json
 import os
 import statistics
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -35,6 +38,7 @@ from shared.config import Config
 
 IMAGE_TOKENS = 729  # (378 / 14)^2 patches per crop, and image tokens per image
 PREFIX_LEN = IMAGE_TOKENS + 1  # BOS + image tokens
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout
 
 
 # --------------------------------------------------------------------- engines
@@ -70,6 +74,32 @@ def load_engine(model: str, device: str, dtype: str) -> Engine:
 
 
 # --------------------------------------------------------------------- model sizes
+def run_child(cmd: list, env: dict, cwd: str) -> dict:
+    """Run a benchmark's child process and return the JSON of its last "RESULT " line."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{cwd}: {out.stderr[-3000:]}")
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@contextlib.contextmanager
+def baseline_tree(commit: str, with_venv: bool = False):
+    """Yields a temporary git worktree of `commit` (None for "none"), removed afterwards.
+    `with_venv` links this checkout's .venv into it (supervisord.conf runs <tree>/.venv)."""
+    if commit == "none":
+        yield None
+        return
+    tmp = tempfile.mkdtemp(prefix="bench-baseline-")
+    subprocess.run(["git", "worktree", "add", "--detach", tmp, commit], cwd=ROOT, check=True, capture_output=True)
+    try:
+        if with_venv:
+            os.symlink(os.path.join(ROOT, ".venv"), os.path.join(tmp, ".venv"))
+        yield tmp
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", tmp], cwd=ROOT, capture_output=True)
+
+
 def kv_sequences(engine, b: int, positions: int, prefix=None):
     """A KV pool with room for b sequences of `positions` positions, and the b sequences
     (each on `prefix`, a dense model.PrefixKV stored once in the pool, when given)."""

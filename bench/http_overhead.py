@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -147,11 +146,9 @@ def run_tree(code: str, args) -> dict:
            "--waves", str(args.waves), "--max-tokens", str(args.max_tokens), "--workloads", *args.workloads] + \
         [f"--env={item}" for item in args.env]
     env = {**os.environ, "PYTHONPATH": code}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code, timeout=3600)
-    if out.returncode != 0:
-        raise RuntimeError(f"{code}: {out.stderr[-3000:]}")
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    from bench.common import run_child  # here, not at the top: a child runs with the other tree's bench first
+
+    return run_child(cmd, env, code)
 
 
 def main(argv=None) -> dict:
@@ -175,22 +172,15 @@ def main(argv=None) -> dict:
     if args.quick:
         args.sequential, args.waves, args.max_tokens, args.rounds, args.workloads = 2, 1, 8, 1, ["image"]
 
-    trees = {"this": ROOT}
-    tmp = None
-    if args.baseline != "none":
-        tmp = tempfile.mkdtemp(prefix="bench-http-overhead-")
-        subprocess.run(["git", "worktree", "add", "--detach", tmp, args.baseline], cwd=ROOT, check=True,
-                       capture_output=True)
-        os.symlink(os.path.join(ROOT, ".venv"), os.path.join(tmp, ".venv"))  # supervisord.conf runs <tree>/.venv
-        trees["baseline"] = tmp
-    try:
+    sys.path.insert(0, ROOT)  # this tree's bench package, for the parent only (a child runs the baseline's tree first)
+    from bench.common import baseline_tree
+
+    with baseline_tree(args.baseline, with_venv=True) as baseline:
+        trees = {"this": ROOT, **({"baseline": baseline} if baseline else {})}
         runs = {name: [] for name in trees}
         for _ in range(args.rounds):
             for name, code in trees.items():
                 runs[name].append(run_tree(code, args))
-    finally:
-        if tmp:
-            subprocess.run(["git", "worktree", "remove", "--force", tmp], cwd=ROOT, capture_output=True)
 
     print(f"24-layer tiny-width checkpoint over HTTP, TORCH_THREADS=1, HTTP_THREADS=40, defaults otherwise; max_tokens "
           f"{args.max_tokens}; {args.rounds} rounds; {' '.join(args.env) or 'no other setting'}; GPU worker CPU ms per generated token (median of rounds)")

@@ -28,9 +28,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,11 +213,9 @@ def run_tree(code: str, args, profile: bool, compiled: bool = False) -> dict:
            "--batches", *map(str, args.batches), "--device", args.device] + (["--profile"] if profile else []) + \
         (["--compile"] if compiled else []) + (["--image"] if args.image else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": code}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code, timeout=3600)
-    if out.returncode != 0:
-        raise RuntimeError(f"{code}: {out.stderr[-2000:]}")
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    from bench.common import run_child  # here, not at the top: a child runs with the other tree's bench first
+
+    return run_child(cmd, env, code)
 
 
 def main(argv=None) -> dict:
@@ -243,16 +239,15 @@ def main(argv=None) -> dict:
     if args.quick:
         args.batches, args.steps, args.rounds = [1, 8], 5, 1
 
-    trees = {"this": (ROOT, False)}
-    if args.compile:
-        trees["compiled"] = (ROOT, True)
-    tmp = None
-    if args.baseline != "none":
-        tmp = tempfile.mkdtemp(prefix="bench-overhead-")
-        subprocess.run(["git", "worktree", "add", "--detach", tmp, args.baseline], cwd=ROOT, check=True,
-                       capture_output=True)
-        trees["baseline"] = (tmp, False)
-    try:
+    sys.path.insert(0, ROOT)  # this tree's bench package, for the parent only (a child runs the baseline's tree first)
+    from bench.common import baseline_tree
+
+    with baseline_tree(args.baseline) as baseline:
+        trees = {"this": (ROOT, False)}
+        if args.compile:
+            trees["compiled"] = (ROOT, True)
+        if baseline:
+            trees["baseline"] = (baseline, False)
         times = {name: {b: [] for b in args.batches} for name in trees}
         prof = {}
         for r in range(args.rounds):
@@ -262,9 +257,6 @@ def main(argv=None) -> dict:
                     times[name][b].append(res[str(b)]["step_s"])
                     if r == 0:
                         prof.setdefault(name, {})[b] = {k: v for k, v in res[str(b)].items() if k != "step_s"}
-    finally:
-        if tmp:
-            subprocess.run(["git", "worktree", "remove", "--force", tmp], cwd=ROOT, capture_output=True)
 
     print(f"random:overhead (24 layers, dim 128), one torch thread, {args.rounds} rounds x {args.steps} steps, "
           f"{'queries on images' if args.image else 'text-only queries'}")
