@@ -181,6 +181,40 @@ def profile_step(engine, b: int) -> dict:
             "outside_kernels_share": max(0.0, 1 - kernel_us / 1e6 / wall), "profiled_step_s": wall}
 
 
+def kernel_floor(engine, b: int, width: int = 48, reps: int = 40) -> float:
+    """Seconds for only the unavoidable kernels of a decode step at batch b, one eager call each:
+    every decoder linear and lm_head with the model's own weights (in layer order, so each weight
+    comes from wherever the cache hierarchy keeps it, as in a real step) and one attention per
+    layer over `width` positions.  No norms, rotary, cache writes, scheduler or sampling: what no
+    host-side cut can go below on this machine."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg, w = engine.config, engine.weights
+    x = torch.randn(b, cfg.dim)
+    hidden = torch.randn(b, w["text.blocks.0.mlp.fc1.weight"].shape[0])
+    q = torch.randn(b, cfg.n_heads, 1, cfg.head_dim)
+    kv = torch.randn(b, cfg.n_kv_heads, width, cfg.head_dim)
+
+    def step():
+        for i in range(cfg.n_layers):
+            name = f"text.blocks.{i}"
+            for linear, inp in (("attn.qkv", x), ("attn.proj", x), ("mlp.fc1", x), ("mlp.fc2", hidden)):
+                F.linear(inp, w[f"{name}.{linear}.weight"], w[f"{name}.{linear}.bias"])
+            F.scaled_dot_product_attention(q, kv, kv, enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+        F.linear(x, w["text.lm_head.weight"], w["text.lm_head.bias"])
+
+    out = []
+    with torch.inference_mode():
+        for _ in range(3):
+            step()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
 def worker(args) -> None:
     """Run in a subprocess with one code tree first on sys.path; print one JSON line."""
     sys.path.insert(0, args.code)
@@ -195,7 +229,8 @@ def worker(args) -> None:
     if args.compile:
         import torch._inductor.config
 
-        torch._inductor.config.cpp.enable_kernel_profile = True  # its kernels show in the profile, to count
+        if args.profile:  # its kernels show in the profile, to count (not in timed rounds: it costs time)
+            torch._inductor.config.cpp.enable_kernel_profile = True
         engine.use_compiled_decode()
     result = {}
     for b in args.batches:
@@ -205,6 +240,7 @@ def worker(args) -> None:
             raise RuntimeError("the compiled decode step did not run")
         if args.profile:
             result[str(b)].update(profile_step(engine, b))
+            result[str(b)]["kernel_floor_s"] = kernel_floor(engine, b)
     print("RESULT " + json.dumps(result))
 
 
@@ -254,17 +290,25 @@ def main(argv=None) -> dict:
             for name, (code, compiled) in trees.items():
                 res = run_tree(code, args, profile=(r == 0), compiled=compiled)
                 for b in args.batches:
-                    times[name][b].append(res[str(b)]["step_s"])
+                    if r > 0 or args.rounds == 1:  # round 0 profiles (the compiled graph with kernel profiling)
+                        times[name][b].append(res[str(b)]["step_s"])
                     if r == 0:
                         prof.setdefault(name, {})[b] = {k: v for k, v in res[str(b)].items() if k != "step_s"}
 
-    print(f"random:overhead (24 layers, dim 128), one torch thread, {args.rounds} rounds x {args.steps} steps, "
+    timed = args.rounds - 1 if args.rounds > 1 else 1
+    print(f"random:overhead (24 layers, dim 128), one torch thread, {timed} timed rounds x {args.steps} steps"
+          f"{' after a profiled one' if args.rounds > 1 else ''}, "
           f"{'queries on images' if args.image else 'text-only queries'}")
     print("| batch | tree | step ms (median of rounds) | steps/s | kernels/step | aten calls | outside kernels | ratio to baseline |")
     print("|---|---|---|---|---|---|---|---|")
     out = {}
     for b in args.batches:
         base = statistics.median(times["baseline"][b]) if "baseline" in times else None
+        floor = prof["this"][b].get("kernel_floor_s")
+        if floor:  # the same for every tree: the model's kernels on this machine
+            print(f"| {b} | kernel floor | {floor * 1e3:.2f} | {1 / floor:.0f} | - | - | 0% | "
+                  f"{f'{floor / base:.2f}' if base else '-'} |")
+            out.setdefault(str(b), {})["kernel_floor"] = {"step_s": floor}
         for name in trees:
             t = statistics.median(times[name][b])
             p = prof[name][b]

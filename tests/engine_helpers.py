@@ -32,7 +32,9 @@ KV_LAYOUT_IDS = [f"blocks{b}-{a}" for b, a in KV_LAYOUTS]
 
 @functools.lru_cache(maxsize=None)
 def fixture_engine(set_name: str = "main"):
-    cfg = Config(model=os.path.join(CONFORMANCE, set_name), device="cpu", dtype="float32")
+    # COMPILE=on in the environment: the exactness tests with the compiled decode step (minutes of compiling)
+    cfg = Config(model=os.path.join(CONFORMANCE, set_name), device="cpu", dtype="float32",
+                 compile=os.environ.get("COMPILE", "auto"))
     return load_model(cfg)
 
 

@@ -49,6 +49,9 @@ def test_overhead_benchmark_runs(tmp_path, capsys):
     for batch in ("1", "8"):
         row = results[batch]["this"]
         assert row["step_s"] > 0 and row["kernels"] > 24 and 0 <= row["outside_kernels_share"] <= 1
+        # the kernels alone (linears, attentions) take part of a whole step, never more than all of it
+        assert 0 < results[batch]["kernel_floor"]["step_s"] < 2 * row["step_s"]
+    assert "| kernel floor |" in printed
 
 
 def test_throughput_benchmark_runs(tmp_path, capsys):

@@ -124,8 +124,11 @@ def schedulers():
 def test_case(schedulers, layout, set_name, index, case):
     image = fixture_image(set_name, case["image"]) if case["image"] else None
     request = request_from_case(case, image)
-    out = run_requests(schedulers(layout, set_name), [request], record=True)[request.request_id]
+    sched = schedulers(layout, set_name)
+    out = run_requests(sched, [request], record=True)[request.request_id]
     assert out.error is None, out.error
+    if sched.engine.compiled is not None:  # COMPILE=on (tests/engine_helpers.py): the graph served, never fell back
+        assert not sched.engine.compiled.broken
     rec = out.recording
     assert rec["feeds"][0] == case["prompt_tokens"] or (
         rec["feeds"][0] is None and case["args"].get("spatial_refs")), "prompt ids"
