@@ -191,10 +191,12 @@ def kernel_floor(engine, b: int, width: int = 48, reps: int = 40) -> float:
     import torch.nn.functional as F
 
     cfg, w = engine.config, engine.weights
-    x = torch.randn(b, cfg.dim)
-    hidden = torch.randn(b, w["text.blocks.0.mlp.fc1.weight"].shape[0])
-    q = torch.randn(b, cfg.n_heads, 1, cfg.head_dim)
-    kv = torch.randn(b, cfg.n_kv_heads, width, cfg.head_dim)
+    device, dtype = engine.device, engine.dtype
+    x = torch.randn(b, cfg.dim, device=device, dtype=dtype)
+    hidden = torch.randn(b, w["text.blocks.0.mlp.fc1.weight"].shape[0], device=device, dtype=dtype)
+    q = torch.randn(b, cfg.n_heads, 1, cfg.head_dim, device=device, dtype=dtype)
+    kv = torch.randn(b, cfg.n_kv_heads, width, cfg.head_dim, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
         for i in range(cfg.n_layers):
@@ -209,8 +211,10 @@ def kernel_floor(engine, b: int, width: int = 48, reps: int = 40) -> float:
         for _ in range(3):
             step()
         for _ in range(reps):
+            sync()
             t0 = time.perf_counter()
             step()
+            sync()
             out.append(time.perf_counter() - t0)
     return statistics.median(out)
 
