@@ -8,8 +8,12 @@
     python bench/overhead.py --image --baseline 3667eda   # rows on images (4 fixture images, cached)
 
 `random:overhead` is Moondream 2's text stack (24 layers, the same op graph) at tiny
-widths (dim 128), so its arithmetic is negligible and a step's time is Python,
-dispatch and per-op overhead: the part of a step a GPU cannot hide.  For each batch
+widths (dim 128), so a step's time is mostly Python, dispatch and per-op overhead: the
+part of a step a GPU cannot hide.  Not all of it: its 12.6 MB of float32 weights exceed
+a core's L2, and the script prints how long one read of them takes (the memory floor)
+and a kernel floor (the step's linears and attentions alone).  For the compiled step it
+also prints the host time per step outside the graph call, which is what a GPU running
+that graph as a CUDA graph would still wait on.  For each batch
 size the script fills an in-process Scheduler with text-only greedy queries, lets
 them reach steady-state decode (every row feeding one token) and times whole
 `Scheduler.step()` calls (forward, lm_head, sampling, the programs' bookkeeping),
@@ -133,19 +137,23 @@ def decoding(sched, b: int) -> bool:
     return len(sched.running) == b and all(s.feed.length == 1 for s in sched.running.values())
 
 
-def time_steps(engine, b: int, steps: int) -> list[float]:
-    """Seconds per steady-state Scheduler.step() at batch b (steps where a row finished are dropped)."""
+def time_steps(engine, b: int, steps: int, graph_timer=None) -> list[float]:
+    """Seconds per steady-state Scheduler.step() at batch b (steps where a row finished are dropped).
+    With a GraphCallTimer installed, each kept step's time outside the graph goes to its `outside`."""
     out = []
     while len(out) < steps:
         sched = steady_scheduler(engine, b, max_tokens=steps + 20)
         for _ in range(3):  # warm-up
             sched.step()
         while len(out) < steps and decoding(sched, b):
+            in_graph = graph_timer.total if graph_timer else 0.0
             t0 = time.perf_counter()
             sched.step()
             dt = time.perf_counter() - t0
             if sched.counters["last_batch"] == b and len(sched.running) == b:
                 out.append(dt)
+                if graph_timer:
+                    graph_timer.outside.append(dt - (graph_timer.total - in_graph))
         while sched.has_work():
             sched.step()
     return out
@@ -219,6 +227,50 @@ def kernel_floor(engine, b: int, width: int = 48, reps: int = 40) -> float:
     return statistics.median(out)
 
 
+def weight_read_floor(engine, reps: int = 40) -> float:
+    """Seconds to read every decoder and lm_head weight once, as one contiguous stream (a sum over
+    a copy of them all): the memory floor of a batch-1 step on this machine, as ~0.93 ms is the
+    full-size model's on an H100.  The tiny-width model's 96 linears hold 12.6 MB of float32, more
+    than a core's L2, so on the CPU even this model's step is not free of arithmetic and memory."""
+    import torch
+
+    weights = [t for name, t in engine.weights.items()
+               if name.startswith(("text.blocks.", "text.lm_head.")) and isinstance(t, torch.Tensor)]
+    stream = torch.cat([t.reshape(-1) for t in weights])
+    sync = torch.cuda.synchronize if stream.device.type == "cuda" else (lambda: None)
+    out = []
+    for i in range(reps + 3):
+        sync()
+        t0 = time.perf_counter()
+        stream.sum()
+        sync()
+        if i >= 3:
+            out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+class GraphCallTimer:
+    """Times every call into the compiled graph (CompiledDecode._run) while installed: on a GPU
+    that call is one CUDA graph replay, so a step's time outside it is the host time a GPU
+    would still wait on.  time_steps fills `outside`, one value per timed step."""
+
+    def __init__(self, compiled):
+        self.compiled, self.total, self.outside = compiled, 0.0, []
+        run = compiled._run
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = run(*args)
+            self.total += time.perf_counter() - t0
+            return out
+        compiled._run = timed  # an instance attribute: `del` restores the class's method
+
+    def remove(self) -> float:
+        """Uninstall; the median seconds per step outside the graph."""
+        del self.compiled._run
+        return statistics.median(self.outside) if self.outside else 0.0
+
+
 def worker(args) -> None:
     """Run in a subprocess with one code tree first on sys.path; print one JSON line."""
     sys.path.insert(0, args.code)
@@ -238,13 +290,17 @@ def worker(args) -> None:
         engine.use_compiled_decode()
     result = {}
     for b in args.batches:
-        times = time_steps(engine, b, args.steps)
+        timer = GraphCallTimer(engine.compiled) if args.compile else None
+        times = time_steps(engine, b, args.steps, timer)
         result[str(b)] = {"step_s": statistics.median(times), "steps": len(times)}
+        if timer is not None:
+            result[str(b)]["outside_graph_s"] = timer.remove()
         if args.compile and (engine.compiled.broken or not engine.compiled.compiled_calls):
             raise RuntimeError("the compiled decode step did not run")
         if args.profile:
             result[str(b)].update(profile_step(engine, b))
             result[str(b)]["kernel_floor_s"] = kernel_floor(engine, b)
+            result[str(b)]["weight_read_s"] = weight_read_floor(engine)
     print("RESULT " + json.dumps(result))
 
 
@@ -289,6 +345,7 @@ def main(argv=None) -> dict:
         if baseline:
             trees["baseline"] = (baseline, False)
         times = {name: {b: [] for b in args.batches} for name in trees}
+        outside_graph = {name: {b: [] for b in args.batches} for name in trees}  # compiled: host time per step
         prof = {}
         for r in range(args.rounds):
             for name, (code, compiled) in trees.items():
@@ -296,30 +353,41 @@ def main(argv=None) -> dict:
                 for b in args.batches:
                     if r > 0 or args.rounds == 1:  # round 0 profiles (the compiled graph with kernel profiling)
                         times[name][b].append(res[str(b)]["step_s"])
+                        if "outside_graph_s" in res[str(b)]:
+                            outside_graph[name][b].append(res[str(b)]["outside_graph_s"])
                     if r == 0:
-                        prof.setdefault(name, {})[b] = {k: v for k, v in res[str(b)].items() if k != "step_s"}
+                        prof.setdefault(name, {})[b] = {k: v for k, v in res[str(b)].items()
+                                                        if k not in ("step_s", "outside_graph_s")}
 
     timed = args.rounds - 1 if args.rounds > 1 else 1
     print(f"random:overhead (24 layers, dim 128), one torch thread, {timed} timed rounds x {args.steps} steps"
           f"{' after a profiled one' if args.rounds > 1 else ''}, "
           f"{'queries on images' if args.image else 'text-only queries'}")
-    print("| batch | tree | step ms (median of rounds) | steps/s | kernels/step | aten calls | outside kernels | ratio to baseline |")
-    print("|---|---|---|---|---|---|---|---|")
+    weight_read = prof["this"][args.batches[0]].get("weight_read_s")
+    if weight_read:
+        print(f"reading every weight once (the memory floor of a batch-1 step): {weight_read * 1e3:.2f} ms")
+    print("(host outside graph: a compiled step's time outside its graph call, what a CUDA graph replay leaves)")
+    print("| batch | tree | step ms (median of rounds) | steps/s | kernels/step | aten calls | outside kernels "
+          "| host outside graph ms | ratio to baseline |")
+    print("|---|---|---|---|---|---|---|---|---|")
     out = {}
     for b in args.batches:
         base = statistics.median(times["baseline"][b]) if "baseline" in times else None
         floor = prof["this"][b].get("kernel_floor_s")
         if floor:  # the same for every tree: the model's kernels on this machine
-            print(f"| {b} | kernel floor | {floor * 1e3:.2f} | {1 / floor:.0f} | - | - | 0% | "
+            print(f"| {b} | kernel floor | {floor * 1e3:.2f} | {1 / floor:.0f} | - | - | 0% | - | "
                   f"{f'{floor / base:.2f}' if base else '-'} |")
             out.setdefault(str(b), {})["kernel_floor"] = {"step_s": floor}
         for name in trees:
             t = statistics.median(times[name][b])
             p = prof[name][b]
             ratio = f"{t / base:.2f}" if base else "-"
+            host = statistics.median(outside_graph[name][b]) if outside_graph[name][b] else None
+            outside = f"{host * 1e3:.2f}" if host is not None else "-"
             print(f"| {b} | {name} | {t * 1e3:.2f} | {1 / t:.0f} | {p.get('kernels', '-')} | "
-                  f"{p.get('aten_calls', '-')} | {p.get('outside_kernels_share', 0):.0%} | {ratio} |")
-            out.setdefault(str(b), {})[name] = {"step_s": t, "rounds": times[name][b], **p}
+                  f"{p.get('aten_calls', '-')} | {p.get('outside_kernels_share', 0):.0%} | {outside} | {ratio} |")
+            out.setdefault(str(b), {})[name] = {"step_s": t, "rounds": times[name][b], **p,
+                                                **({"outside_graph_s": host} if host is not None else {})}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -51,7 +51,9 @@ def test_overhead_benchmark_runs(tmp_path, capsys):
         assert row["step_s"] > 0 and row["kernels"] > 24 and 0 <= row["outside_kernels_share"] <= 1
         # the kernels alone (linears, attentions) take part of a whole step, never more than all of it
         assert 0 < results[batch]["kernel_floor"]["step_s"] < 2 * row["step_s"]
-    assert "| kernel floor |" in printed
+        # one streaming read of the weights is below the kernels that read them one linear at a time
+        assert 0 < row["weight_read_s"] < results[batch]["kernel_floor"]["step_s"]
+    assert "| kernel floor |" in printed and "the memory floor of a batch-1 step" in printed
 
 
 def test_throughput_benchmark_runs(tmp_path, capsys):
