@@ -71,6 +71,15 @@ def test_compiled_decode_equals_eager():
     assert engine.compiled.compiled_calls == steps
     assert compiled == eager
 
+    # bench/overhead.py's split of a compiled step: time inside the graph call, host time outside it
+    from bench.overhead import GraphCallTimer, time_steps
+    timer = GraphCallTimer(engine.compiled)
+    step_times = time_steps(engine, 1, 3, timer)
+    outside = timer.remove()
+    assert len(timer.outside) == 3 and timer.total > 0 and not engine.compiled.broken
+    assert 0 < outside < max(step_times)
+    assert "_run" not in vars(engine.compiled)  # uninstalled: the class's method again
+
     # one step's hidden states, side by side: float32 within rounding
     sched = Scheduler(engine, max_batch=2, context=256)
     seq_kv = sched.cache.open_sequence(None, 32)
